@@ -1,0 +1,145 @@
+"""Training checkpoints written atomically: a temporary folder, filled, then renamed into place.
+
+A checkpoint folder ``output_dir/checkpoint-<step>`` holds::
+
+    adapter_config.json, adapter_model.safetensors   # the adapter, PEFT format (loads in PEFT)
+    trainable.safetensors                             # every trainable tensor, exactly as in memory
+    optimizer.pt, scheduler.pt                        # torch state dicts
+    rng_state_<rank>.pt                               # python / numpy / torch (/ cuda) RNG of each process
+    trainer_state.json                                # step, epoch, data position, metrics so far
+
+Rename is atomic on POSIX file systems, so a folder named ``checkpoint-<step>`` is always complete; a run
+killed while writing leaves only a ``.tmp-checkpoint-<step>`` folder, which is ignored and cleaned up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PREFIX = "checkpoint-"
+TMP_PREFIX = ".tmp-checkpoint-"
+STATE_FILE = "trainer_state.json"
+_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first (by step number)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _NAME.match(child.name)
+        if match and child.is_dir() and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    dirs = checkpoint_dirs(output_dir)
+    return dirs[-1] if dirs else None
+
+
+def temp_dir(output_dir: str | os.PathLike, step: int) -> Path:
+    """The temporary folder a checkpoint of `step` is written into (same name on every process)."""
+    return Path(output_dir) / f"{TMP_PREFIX}{step}"
+
+
+def begin(output_dir: str | os.PathLike, step: int) -> Path:
+    """Create an empty temporary folder for the checkpoint of `step` (main process only)."""
+    tmp = temp_dir(output_dir, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit(tmp: Path, state: dict[str, Any]) -> Path:
+    """Write trainer_state.json last, then rename `tmp` to ``checkpoint-<step>`` (main process only)."""
+    step = int(state["global_step"])
+    _write_json(tmp / STATE_FILE, state)
+    final = tmp.parent / f"{PREFIX}{step}"
+    if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
+        old = tmp.parent / f"{TMP_PREFIX}old-{step}"
+        os.replace(final, old)
+        shutil.rmtree(old)
+    os.replace(tmp, final)
+    return final
+
+
+def rotate(output_dir: str | os.PathLike, save_total_limit: int | None) -> list[Path]:
+    """Delete all but the newest `save_total_limit` checkpoints; returns what was deleted."""
+    if save_total_limit is None:
+        return []
+    dirs = checkpoint_dirs(output_dir)
+    doomed = dirs[: max(0, len(dirs) - save_total_limit)]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+def clean_temporaries(output_dir: str | os.PathLike) -> None:
+    """Remove half-written checkpoint folders left by a killed run."""
+    root = Path(output_dir)
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.name.startswith(TMP_PREFIX) and child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step may draw from (dropout uses torch's)."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_rng(directory: Path, rank: int) -> None:
+    torch.save(rng_state(), directory / f"rng_state_{rank}.pt")
+
+
+def load_rng(directory: Path, rank: int) -> None:
+    path = directory / f"rng_state_{rank}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: was the checkpoint written with a different number of "
+                                "processes? Resume with the same world size.")
+    set_rng_state(torch.load(path, weights_only=False))
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,112 @@
+"""Training metrics: `metrics.jsonl`, TensorBoard events (when installed), a PNG plot, peak memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+SUMMARY_FILE = "summary.json"
+
+
+def peak_memory_bytes() -> int:
+    """Peak memory of this process: CUDA allocator peak on a GPU, else the peak resident set size."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB, macOS bytes
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+class MetricsLogger:
+    """Append-only metric records on the main process; a no-op on the others.
+
+    Each record is one JSON line ``{"step": ..., "<name>": value, ...}``. On resume the file is cut back to
+    the checkpoint's step, so the log of a resumed run equals the log of an uninterrupted one.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, enabled: bool, tensorboard: bool,
+                 resume_step: int | None = None) -> None:
+        self.enabled = enabled
+        self.path = Path(output_dir) / METRICS_FILE
+        self.records: list[dict[str, Any]] = []
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.is_file():
+            lines = self.path.read_text().splitlines()
+            self.records = [r for r in map(json.loads, lines) if r["step"] <= resume_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("[lorakit] tensorboard is not installed: no TensorBoard events (metrics.jsonl still "
+                      "written). `pip install tensorboard` to get them.")
+            else:
+                self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "runs"))
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **values}
+        self.records.append(record)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for name, value in values.items():
+                if isinstance(value, int | float):
+                    self._tb.add_scalar(name.replace("_", "/", 1), value, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+    def plot(self, output_dir: str | os.PathLike) -> Path | None:
+        """Train/eval loss and learning rate against step, as PNG (None when matplotlib is missing)."""
+        if not self.enabled:
+            return None
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("[lorakit] matplotlib is not installed: no loss plot (`pip install matplotlib`).")
+            return None
+        series = {name: [(r["step"], r[name]) for r in self.records if name in r]
+                  for name in ("train_loss", "eval_loss", "learning_rate")}
+        fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+        for name in ("train_loss", "eval_loss"):
+            if series[name]:
+                xs, ys = zip(*series[name], strict=True)
+                ax_loss.plot(xs, ys, marker="o" if name == "eval_loss" else None, label=name)
+        ax_loss.set_ylabel("loss (per label token)")
+        ax_loss.legend()
+        ax_loss.grid(alpha=0.3)
+        if series["learning_rate"]:
+            xs, ys = zip(*series["learning_rate"], strict=True)
+            ax_lr.plot(xs, ys, color="tab:green")
+        ax_lr.set_ylabel("learning rate")
+        ax_lr.set_xlabel("optimizer step")
+        ax_lr.grid(alpha=0.3)
+        fig.tight_layout()
+        path = Path(output_dir) / PLOT_FILE
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path

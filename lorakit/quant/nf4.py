@@ -298,9 +298,7 @@ def _dequantize_4bit_reference(
     return out
 
 
-def _absmax_and_scale(
-    flat: torch.Tensor, blocksize: int, clamp_full_blocks: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _absmax_and_scale(flat: torch.Tensor, blocksize: int, clamp_full_blocks: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block absmax ``[nblocks]`` and ``clamp(a / absmax, -1, 1)`` ``(n,)`` with bitsandbytes' CPU quirks.
 
     Full blocks multiply by the reciprocal; a partial last block divides and stores absmax clamped to 1e-38

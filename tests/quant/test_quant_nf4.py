@@ -39,8 +39,9 @@ def _oracle_dequant(packed: torch.Tensor, state) -> torch.Tensor:
     absmax = state.absmax
     if state.nested:
         absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
-    return _dequantize_4bit_compute(_bytes(packed), absmax.float(), state.code, state.blocksize, state.shape,
-                                    state.dtype)
+    return _dequantize_4bit_compute(
+        _bytes(packed), absmax.float(), state.code, state.blocksize, state.shape, state.dtype
+    )
 
 
 def _sample(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -114,8 +115,9 @@ def test_double_quant_vs_bitsandbytes(dtype, quant_type):
     _assert_nested_codes_close(state.absmax, ref_state.absmax, fp32_absmax - state.offset, state)
     # With identical codes, the dequantized absmax and values are bit-exact: run the oracle on OUR state.
     bnb_state = bnbF.QuantState.from_dict(state.as_dict(packed=True), device=torch.device("cpu"))
-    assert torch.equal(dequantize_absmax(state), bnbF.dequantize_blockwise(bnb_state.absmax, bnb_state.state2)
-                       + bnb_state.offset)
+    assert torch.equal(
+        dequantize_absmax(state), bnbF.dequantize_blockwise(bnb_state.absmax, bnb_state.state2) + bnb_state.offset
+    )
     assert torch.equal(dequantize_4bit(packed, state), _oracle_dequant(packed, bnb_state))
 
 
@@ -132,8 +134,9 @@ def test_double_quant_many_blocks_partial_nested_block():
 def test_quant_storage_bf16(compress_statistics):
     A = _sample((64, 128), torch.bfloat16)
     packed, state = quantize_4bit(A, compress_statistics=compress_statistics, quant_storage=torch.bfloat16)
-    ref_packed, _ = bnbF.quantize_4bit(A, quant_type="nf4", compress_statistics=compress_statistics,
-                                       quant_storage=torch.bfloat16)
+    ref_packed, _ = bnbF.quantize_4bit(
+        A, quant_type="nf4", compress_statistics=compress_statistics, quant_storage=torch.bfloat16
+    )
     assert packed.dtype == torch.bfloat16 and packed.shape == ref_packed.shape == (64 * 128 // 4, 1)
     assert torch.equal(packed.view(torch.uint8), ref_packed.view(torch.uint8))
     uint8_packed, _ = quantize_4bit(A, compress_statistics=compress_statistics)
@@ -187,8 +190,12 @@ def test_small_example_and_code_books():
     dyn = create_dynamic_map()
     digest = hashlib.sha256(dyn.numpy().astype("<f4").tobytes()).hexdigest()
     assert digest == "e732639a65f497b4ad684bb166a4467708255edd5207757de8b8f0c7e1fda89c"
-    assert torch.equal(get_4bit_code("fp4")[:8], torch.tensor(
-        [0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408, 0.5, 0.1666666716337204, 0.25]))
+    assert torch.equal(
+        get_4bit_code("fp4")[:8],
+        torch.tensor(
+            [0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408, 0.5, 0.1666666716337204, 0.25]
+        ),
+    )
     assert get_4bit_code("nf4").shape == (16,) and get_4bit_code("nf4")[7] == 0
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
 from lorakit.train.data import DataConfig
 
 CONFIG_FILENAME = "train_config.yaml"  # the resolved config, written into output_dir
@@ -260,6 +261,11 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -350,7 +356,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
     """Set dotted keys in a parsed YAML mapping (a new dict; `raw` is not modified)."""
-    out = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
+    out = yaml.safe_load(yaml.safe_dump(raw, sort_keys=False))  # deep copy of plain data
     for text in overrides:
         parts, value = parse_override(text)
         node = out

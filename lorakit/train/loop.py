@@ -1,0 +1,386 @@
+"""The training loop of `lorakit train`: one function, read top to bottom.
+
+Runs on `accelerate.Accelerator`, so the same code runs on one CPU/GPU or under `torchrun` /
+`accelerate launch` with several processes (DDP). Every feature is switched by a field of
+`lorakit.train.config.TrainConfig` (named in brackets below).
+
+Loss normalization (token-level, not batch-level). One optimizer step sees the micro-batches
+``m = 1..A`` (gradient_accumulation_steps) on each of the ``P`` processes. With ``N`` the number of label
+tokens in all of them (summed over micro-batches and processes *before* the first backward) the step
+minimizes
+
+    loss = (1 / N) * sum_{p, m, t} CE(p, m, t)
+
+so every label token weighs the same whatever the batch shapes, packing, accumulation or world size
+(the fix of https://huggingface.co/blog/gradient_accumulation). Each process back-propagates
+``P * sum_t CE / N`` because DDP averages gradients over the ``P`` processes.
+
+Data order is a pure function of (seed, epoch, step): epoch ``e`` uses ``randperm(n, seed + e)``, cut into
+global micro-batches of ``per_device_train_batch_size * P`` examples (an incomplete last one is dropped),
+and process ``p`` takes its slice. So the data position is the step number, and a resumed run sees the
+same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorakit.train import checkpoint as ckpt
+from lorakit.train.config import TrainConfig
+from lorakit.train.data import IGNORE_INDEX, build_datasets, collate, pack_examples
+from lorakit.train.evaluate import (
+    exact_match,
+    generation_examples,
+    label_tokens,
+    load_base_model,
+    perplexity,
+)
+from lorakit.train.metrics import SUMMARY_FILE, MetricsLogger, format_bytes, peak_memory_bytes
+from lorakit.train.optim import build_optimizer, build_scheduler, param_groups
+
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+class CausalLMLoss(nn.Module):
+    """Wraps a (LoRA-wrapped) causal LM so that forward returns the *summed* token cross-entropy.
+
+    DDP wraps this module, so the decoder-only path below still syncs gradients. With `chunked` the LM
+    head and cross-entropy run in vocabulary chunks (`lorakit.kernels.chunked_ce`), never holding the
+    (B*T, V) logits; otherwise `F.cross_entropy` on the model's logits.
+    """
+
+    def __init__(self, model: nn.Module, chunked: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.chunked = chunked
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor) -> torch.Tensor:
+        kwargs = {"attention_mask": attention_mask, "position_ids": position_ids}
+        if self.chunked:
+            from lorakit.kernels.chunked_ce import causal_lm_loss
+
+            return causal_lm_loss(self.model, input_ids, labels, reduction="sum", **kwargs)
+        logits = self.model(input_ids=input_ids, use_cache=False, **kwargs).logits  # (B, T, V)
+        shifted = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T): t predicts t+1
+        return nn.functional.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(),
+                                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _chunked_loss_available(model: nn.Module) -> bool:
+    try:
+        from lorakit.kernels import chunked_ce  # noqa: F401
+    except ImportError:
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return hasattr(base, "get_decoder") and type(base.get_output_embeddings()) is nn.Linear
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    global_step: int
+    train_loss: float | None
+    eval_loss: float | None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _oom_message(err: BaseException) -> str:
+    return (f"out of memory ({err.__class__.__name__}). Try, in this order: a smaller "
+            "training.per_device_train_batch_size with a larger gradient_accumulation_steps (same global batch), "
+            "training.gradient_checkpointing=true, a shorter training.max_seq_length, quantization=nf4 (QLoRA), "
+            "bf16=true. `lorakit estimate MODEL --method qlora ...` shows where the memory goes.")
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
+    """Fine-tune `cfg.model` with the LoRA adapter `cfg.lora` on `cfg.data`; write everything to output_dir.
+
+    Steps: (1) accelerator and seed, (2) base model [quantization], (3) data [packing, max_seq_length],
+    (4) adapter [lora, model.adapter_name_or_path] and [gradient_checkpointing], (5) optimizer [optim,
+    weight_decay, adam_*] and schedule [lr_scheduler_type, warmup_ratio/steps], (6) resume [resume],
+    (7) exact match before training [evaluation.path], (8) the loop: token-normalized loss over
+    [gradient_accumulation_steps] and processes, autocast [bf16/fp16], clipping [max_grad_norm], logging
+    [logging_steps], eval loss and perplexity [eval_steps], checkpoints [save_steps, save_total_limit],
+    (9) final eval, adapter, tokenizer, plot and summary, exact match after training (reloaded from disk).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    t = cfg.training
+    resume = t.resume if resume is None else resume
+    out_dir = Path(t.output_dir)
+
+    # 1. accelerator, seed ------------------------------------------------------------------------------
+    if t.fp16 and not torch.cuda.is_available():
+        raise ValueError("training.fp16=true needs a CUDA GPU; on CPU use training.bf16=true")
+    precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "no"
+    accelerator = Accelerator(mixed_precision=precision)
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    set_seed(t.seed)
+    say = accelerator.print
+
+    # 2. base model -------------------------------------------------------------------------------------
+    m = cfg.model
+    model, tokenizer = load_base_model(m.name_or_path, m.torch_dtype, cfg.quantization, m.attn_implementation,
+                                       m.revision, m.trust_remote_code, device=accelerator.device)
+
+    # 3. data -------------------------------------------------------------------------------------------
+    train_ex, eval_ex, data_stats = build_datasets(cfg.data, tokenizer, t.max_seq_length)
+    if t.packing:
+        train_ex = pack_examples(train_ex, t.max_seq_length)
+        eval_ex = pack_examples(eval_ex, t.max_seq_length) if eval_ex else eval_ex
+    mask_dtype = next(model.parameters()).dtype if m.torch_dtype != "float32" else torch.float32
+    if not mask_dtype.is_floating_point:
+        mask_dtype = torch.float32
+    say(f"[lorakit] data: {data_stats['train_examples']} train examples ({data_stats['format']}), "
+        f"{data_stats['train_truncated']} truncated to {t.max_seq_length} tokens"
+        + (f", {len(train_ex)} packed rows" if t.packing else "")
+        + (f"; {len(eval_ex)} eval rows" if eval_ex else ""))
+
+    bs, accum = t.per_device_train_batch_size, t.gradient_accumulation_steps
+    global_micro = bs * world
+    micro_per_epoch = len(train_ex) // global_micro
+    if micro_per_epoch == 0:
+        raise ValueError(f"{len(train_ex)} training rows are fewer than one global batch "
+                         f"(per_device_train_batch_size={bs} x {world} processes)")
+    steps_per_epoch = math.ceil(micro_per_epoch / accum)
+    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
+    warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * total_steps)
+
+    # 4. adapter ----------------------------------------------------------------------------------------
+    from lorakit import PeftModel, get_peft_model
+
+    if t.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if m.adapter_name_or_path:
+        model = PeftModel.from_pretrained(model, m.adapter_name_or_path, is_trainable=True)
+    else:
+        model = get_peft_model(model, cfg.lora_config())
+    for p in model.parameters():  # adapters train in fp32 even on a bf16 / 4-bit base
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    n_trainable = sum(p.numel() for p in trainable.values())
+    n_all = sum(p.numel() for p in model.parameters())
+    say(f"[lorakit] trainable params: {n_trainable:,} || all params: {n_all:,} || "
+        f"trainable%: {100 * n_trainable / n_all:.4f}")
+
+    # 5. optimizer and schedule ---------------------------------------------------------------------------
+    chunked = t.use_chunked_loss and _chunked_loss_available(model)
+    loss_module = CausalLMLoss(model, chunked)
+    optimizer = build_optimizer(t.optim, param_groups(model, t.weight_decay), t.learning_rate,
+                                (t.adam_beta1, t.adam_beta2), t.adam_epsilon)
+    scheduler = build_scheduler(optimizer, total_steps, warmup, t.lr_scheduler_type)
+    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+
+    # 6. resume -----------------------------------------------------------------------------------------
+    start_step, resumed_from = 0, None
+    if main:
+        ckpt.clean_temporaries(out_dir)
+    if resume:
+        resumed_from = ckpt.latest_checkpoint(out_dir)
+        if resumed_from is None:
+            say(f"[lorakit] --resume: no complete checkpoint in {out_dir}; starting from step 0")
+        else:
+            state = ckpt.read_state(resumed_from)
+            saved = load_file(resumed_from / TRAINABLE_FILE)
+            if set(saved) != set(trainable):
+                raise ValueError(f"{resumed_from} does not match this config's adapter: trainable tensors "
+                                 f"differ (e.g. {sorted(set(saved) ^ set(trainable))[:3]})")
+            with torch.no_grad():
+                for name, value in saved.items():
+                    trainable[name].copy_(value)
+            optimizer.load_state_dict(torch.load(resumed_from / "optimizer.pt", weights_only=False))
+            scheduler.load_state_dict(torch.load(resumed_from / "scheduler.pt", weights_only=False))
+            ckpt.load_rng(resumed_from, rank)
+            start_step = state["global_step"]
+            say(f"[lorakit] resumed from {resumed_from} at step {start_step}/{total_steps}")
+    if main:
+        cfg.save(out_dir)
+    logger = MetricsLogger(out_dir, main, tensorboard=t.report_to != "none",
+                           resume_step=start_step if resumed_from else None)
+    if main and not resumed_from:
+        logger.log(0, {f"data_{k}": v for k, v in data_stats.items() if isinstance(v, int | float)})
+
+    # 7. exact match before training --------------------------------------------------------------------
+    ev = cfg.evaluation
+    gen_examples, before = None, None
+    if ev.path and main:
+        gen_examples = generation_examples(ev.path, cfg.data, tokenizer, ev.max_examples, t.max_seq_length)
+        if not resumed_from:
+            with model.disable_adapter():
+                before, _ = exact_match(model, tokenizer, gen_examples, ev.max_new_tokens, ev.batch_size)
+            say(f"[lorakit] exact match BEFORE training: {before:.1%} on {len(gen_examples)} held-out prompts")
+
+    def batch_of(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        batch = collate(rows, tokenizer.pad_token_id, t.packing, mask_dtype)
+        return {k: v.to(accelerator.device) for k, v in batch.items()}
+
+    def micro_batches(step: int) -> list[tuple[dict[str, torch.Tensor], int]]:
+        """This process's (micro-batch, real tokens) of optimizer step `step`: a function of (seed, step)."""
+        epoch, k = divmod(step, steps_per_epoch)
+        perm = torch.randperm(len(train_ex), generator=torch.Generator().manual_seed(t.seed + epoch))
+        out = []
+        for micro in range(k * accum, min((k + 1) * accum, micro_per_epoch)):
+            idx = perm[micro * global_micro + rank * bs : micro * global_micro + (rank + 1) * bs]
+            rows = [train_ex[i] for i in idx.tolist()]
+            out.append((batch_of(rows), sum(len(r["input_ids"]) for r in rows)))
+        return out
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        loss_module.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (sum CE, tokens)
+        rows = eval_ex[rank::world]
+        for start in range(0, len(rows), t.per_device_eval_batch_size):
+            batch = batch_of(rows[start : start + t.per_device_eval_batch_size])
+            with accelerator.autocast():
+                total[0] += loss_module(**batch).double()
+            total[1] += label_tokens(batch["labels"])
+        loss_module.train()
+        total = accelerator.reduce(total, "sum")
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    def save_checkpoint(step: int) -> None:
+        tmp = ckpt.temp_dir(out_dir, step)
+        if main:
+            ckpt.begin(out_dir, step)
+        accelerator.wait_for_everyone()
+        ckpt.save_rng(tmp, rank)
+        if main:
+            unwrapped = accelerator.unwrap_model(loss_module).model
+            unwrapped.save_pretrained(tmp)
+            save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()}, tmp / TRAINABLE_FILE)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            ckpt.commit(tmp, {"global_step": step, "epoch": step / steps_per_epoch, "total_steps": total_steps,
+                              "world_size": world, "tokens_seen": tokens_seen})
+            ckpt.rotate(out_dir, t.save_total_limit)
+        accelerator.wait_for_everyone()
+
+    # 8. the loop ---------------------------------------------------------------------------------------
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=start_step, disable=not main or t.disable_tqdm, dynamic_ncols=True,
+               desc="train")
+    loss_module.train()
+    tokens_seen = 0  # non-padding input tokens (prompts included) of this run, all processes
+    window = torch.zeros(2, dtype=torch.float64)  # (sum CE, label tokens) since the last log line
+    last_train_loss, eval_loss = None, None
+    t_start = time.perf_counter()
+    try:
+        for step in range(start_step, total_steps):
+            batches = micro_batches(step)
+            # N: label tokens of this step over all micro-batches and processes, before any backward
+            counts = torch.tensor([[label_tokens(b["labels"]), n] for b, n in batches]).sum(0)  # (labels, tokens)
+            n_global, n_tokens = accelerator.reduce(counts.to(accelerator.device), "sum").tolist()
+            tokens_seen += n_tokens
+            step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+            for i, (batch, _) in enumerate(batches):
+                last = i == len(batches) - 1
+                sync = contextlib.nullcontext() if last else accelerator.no_sync(loss_module)
+                with sync, accelerator.autocast():
+                    loss_sum = loss_module(**batch)  # sum of token CE on this micro-batch
+                    accelerator.backward(loss_sum * world / max(1, n_global))
+                step_loss += loss_sum.detach().double()
+            grad_norm = None
+            if t.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            step_loss = accelerator.reduce(step_loss, "sum").cpu()
+            window += torch.stack([step_loss, torch.tensor(float(n_global), dtype=torch.float64)])
+            done = step + 1
+            elapsed = time.perf_counter() - t_start
+            tok_s = tokens_seen / max(elapsed, 1e-9)
+            if done % t.logging_steps == 0 or done == total_steps:
+                last_train_loss = (window[0] / window[1].clamp(min=1)).item()
+                window.zero_()
+                record = {"train_loss": last_train_loss, "learning_rate": scheduler.get_last_lr()[0],
+                          "epoch": done / steps_per_epoch, "tokens_per_s": tok_s}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                logger.log(done, record)
+                bar.set_postfix(loss=f"{last_train_loss:.4f}", lr=f"{record['learning_rate']:.2e}",
+                                tok_s=f"{tok_s:.0f}", mem=format_bytes(peak_memory_bytes()), refresh=False)
+            if eval_ex and t.eval_steps and done % t.eval_steps == 0 and done != total_steps:
+                eval_loss = evaluate()
+                logger.log(done, {"eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)})
+                say(f"\n[lorakit] step {done}: eval_loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}")
+            if t.save_steps and done % t.save_steps == 0:
+                save_checkpoint(done)
+            bar.update(1)
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if _is_oom(err):
+            raise RuntimeError(_oom_message(err)) from err
+        raise
+    finally:
+        bar.close()
+    train_time = time.perf_counter() - t_start
+
+    # 9. final eval, adapter, tokenizer, plot, summary ----------------------------------------------------
+    if eval_ex:
+        eval_loss = evaluate()
+        logger.log(total_steps, {"eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)})
+    accelerator.wait_for_everyone()
+    summary: dict[str, Any] = {}
+    if main:
+        final = accelerator.unwrap_model(loss_module).model
+        final.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        logger.plot(out_dir)
+        summary = {
+            "global_step": total_steps, "train_steps_this_run": total_steps - start_step,
+            "train_time_s": round(train_time, 2), "tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1),
+            "peak_memory_bytes": peak_memory_bytes(), "final_train_loss": last_train_loss,
+            "final_eval_loss": eval_loss, "final_eval_perplexity": perplexity(eval_loss) if eval_loss else None,
+            "world_size": world, "trainable_params": n_trainable, "chunked_loss": chunked,
+            "resumed_from": str(resumed_from) if resumed_from else None,
+        }
+    logger.close()
+    if main and gen_examples is not None:
+        after, pairs = _exact_match_reloaded(cfg, out_dir, gen_examples, accelerator.device)
+        summary.update({"exact_match_before": before, "exact_match_after": after})
+        say(f"[lorakit] exact match AFTER training:  {after:.1%} on {len(gen_examples)} held-out prompts "
+            f"(before: {before:.1%})" if before is not None else
+            f"[lorakit] exact match AFTER training:  {after:.1%} on {len(gen_examples)} held-out prompts")
+        for gen, exp in pairs[: ev.generate_samples]:
+            say(f"    generated {gen.strip()!r:<40} expected {exp.strip()!r}")
+    if main:
+        (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        say(f"[lorakit] done: {total_steps - start_step} steps in {train_time:.1f} s, "
+            f"{summary['tokens_per_s']:.0f} tokens/s, peak memory {format_bytes(summary['peak_memory_bytes'])}, "
+            f"train loss {last_train_loss if last_train_loss is None else round(last_train_loss, 4)}, "
+            f"eval loss {eval_loss if eval_loss is None else round(eval_loss, 4)}; adapter in {out_dir}")
+    accelerator.wait_for_everyone()
+    return TrainResult(out_dir, total_steps, last_train_loss, eval_loss, summary)
+
+
+def _exact_match_reloaded(cfg: TrainConfig, out_dir: Path, examples: list, device: torch.device
+                          ) -> tuple[float, list[tuple[str, str]]]:
+    """Reload base + saved adapter from disk (what a user would do) and run the exact-match check."""
+    from lorakit import PeftModel
+
+    m = cfg.model
+    base, tokenizer = load_base_model(m.name_or_path, m.torch_dtype, cfg.quantization, m.attn_implementation,
+                                      m.revision, m.trust_remote_code, device=device)
+    model = PeftModel.from_pretrained(base, str(out_dir))
+    ev = cfg.evaluation
+    return exact_match(model, tokenizer, examples, ev.max_new_tokens, ev.batch_size)

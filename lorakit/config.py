@@ -1,0 +1,302 @@
+"""LoRA configuration with PEFT's field names, defaults and ``adapter_config.json`` format.
+
+LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) freezes a weight ``W`` (out, in) and learns
+``W + scaling * B @ A`` with ``A`` (r, in), ``B`` (out, r), ``scaling = lora_alpha / r``
+(or ``lora_alpha / sqrt(r)`` with rsLoRA, Kalajdzievski 2023, https://arxiv.org/abs/2312.03732).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import re
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+CONFIG_NAME = "adapter_config.json"
+
+#: Version of PEFT whose on-disk format we write (``peft_version`` key); PEFT only reads it for display.
+PEFT_FORMAT_VERSION = "0.21.2"
+
+#: ``init_lora_weights`` values implemented here; the others are accepted by name and raise
+#: ``NotImplementedError`` until the variants module implements them.
+INIT_METHODS_IMPLEMENTED = (True, False, "gaussian")
+INIT_METHODS_PLANNED = ("pissa", "olora", "loftq", "eva", "corda", "orthogonal")
+
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+class TaskType(str, enum.Enum):
+    """What the wrapped transformers model does; picks the ``PeftModelFor...`` class (as in PEFT)."""
+
+    CAUSAL_LM = "CAUSAL_LM"
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+class PeftType(str, enum.Enum):
+    """The adapter method. lorakit implements LoRA only."""
+
+    LORA = "LORA"
+
+
+# Keys PEFT 0.21.2 writes for LoRA that lorakit does not implement, with the value meaning "off".
+# A config file with the "off" value loads silently; any other value raises NotImplementedError naming the key.
+_UNSUPPORTED_PEFT_KEYS: dict[str, Any] = {
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "corda_config": None,
+    "ensure_weight_tying": False,
+    "eva_config": None,
+    "kasa_config": None,
+    "layer_replication": None,
+    "loftq_config": {},
+    "lora_ga_config": None,
+    "megatron_config": None,
+    "monteclora_config": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_bdlora": None,
+    "use_qalora": False,
+    "velora_config": None,
+}
+# Keys PEFT writes that carry no behaviour for us; written back with PEFT's values so PEFT reads our files cleanly.
+_PASSIVE_PEFT_KEYS: dict[str, Any] = {
+    "auto_mapping": None,
+    "megatron_core": "megatron.core",
+    "peft_version": PEFT_FORMAT_VERSION,
+    "qalora_group_size": 16,
+}
+
+
+def _is_valid_regex(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
+
+
+@dataclass
+class LoraConfig:
+    """Configuration of one LoRA adapter; field names and defaults are PEFT's ``LoraConfig``."""
+
+    r: int = 8
+    """Rank of the update ``B @ A``."""
+    target_modules: list[str] | str | None = None
+    """Module names (exact or ``.suffix`` match), a regex (``re.fullmatch`` on the full name), or ``"all-linear"``.
+    None picks the usual names for the model type (e.g. ``q_proj``, ``v_proj`` for Llama)."""
+    exclude_modules: list[str] | str | None = None
+    """Modules never adapted; same matching rules as ``target_modules``; checked first."""
+    lora_alpha: int | float = 8
+    """Numerator of ``scaling``."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter's input, in [0, 1)."""
+    fan_in_fan_out: bool = False
+    """True when the base stores its weight as (in, out), like GPT-2's ``Conv1D`` (set automatically for it)."""
+    bias: str = "none"
+    """Which biases train: ``"none"``, ``"all"`` (every bias of the model) or ``"lora_only"`` (adapted layers)."""
+    use_rslora: bool = False
+    """rsLoRA: ``scaling = lora_alpha / sqrt(r)``."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full (a trainable copy; the original is kept for disable/unload)."""
+    init_lora_weights: bool | str = True
+    """True: A Kaiming-uniform, B zeros. ``"gaussian"``: A ~ N(0, 1/r). False: B random too (tests only)."""
+    layers_to_transform: list[int] | int | None = None
+    """Only adapt layers with these indices (taken from names like ``model.layers.<i>.``)."""
+    layers_pattern: list[str] | str | None = None
+    """The name before the layer index (e.g. ``"layers"``, ``"h"``), for ``layers_to_transform``."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """{module-name regex or suffix: r} overriding ``r`` per module."""
+    alpha_pattern: dict[str, int | float] = field(default_factory=dict)
+    """{module-name regex or suffix: alpha} overriding ``lora_alpha`` per module."""
+    lora_bias: bool = False
+    """Give ``lora_B`` a trainable bias."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA, Liu et al. 2024, https://arxiv.org/abs/2402.09353)."""
+    task_type: TaskType | str | None = None
+    """The model's task (``TaskType``); picks the ``PeftModelFor...`` class."""
+    inference_mode: bool = False
+    """Frozen adapter (set when loading without ``is_trainable``; saved as True, like PEFT)."""
+    base_model_name_or_path: str | None = None
+    """Name or path of the base model, recorded on save."""
+    revision: str | None = None
+    """Revision of the base model on the Hub."""
+    peft_type: PeftType | str = PeftType.LORA
+    """Always ``"LORA"``."""
+
+    def __post_init__(self) -> None:
+        self.peft_type = PeftType(self.peft_type) if self.peft_type in ("LORA", PeftType.LORA) else self.peft_type
+        if self.peft_type != PeftType.LORA:
+            raise ValueError(f"peft_type={self.peft_type!r} is not supported: lorakit implements 'LORA' only.")
+        if isinstance(self.task_type, str) and not isinstance(self.task_type, TaskType):
+            try:
+                self.task_type = TaskType(self.task_type)
+            except ValueError:
+                allowed = ", ".join(t.value for t in TaskType)
+                raise ValueError(f"task_type={self.task_type!r} is not known; allowed: {allowed} or None.") from None
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r={self.r!r} is invalid: the rank must be a positive integer (e.g. 8, 16, 64).")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, int | float):
+            raise ValueError(f"lora_alpha={self.lora_alpha!r} is invalid: it must be a number.")
+        if not isinstance(self.lora_dropout, int | float) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout={self.lora_dropout!r} is invalid: it must be in [0, 1).")
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"bias={self.bias!r} is invalid; allowed: {', '.join(map(repr, BIAS_MODES))}.")
+        self.target_modules = self._check_names("target_modules", self.target_modules)
+        self.exclude_modules = self._check_names("exclude_modules", self.exclude_modules)
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
+                raise ValueError(
+                    f"modules_to_save={self.modules_to_save!r} is invalid: it must be a list of module names."
+                )
+            self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.layers_to_transform, list | tuple):
+            if not all(isinstance(i, int) and i >= 0 for i in self.layers_to_transform):
+                raise ValueError(
+                    f"layers_to_transform={self.layers_to_transform!r} is invalid: it must be a non-negative "
+                    "int or a list of them."
+                )
+            self.layers_to_transform = list(self.layers_to_transform)
+        elif self.layers_to_transform is not None and not isinstance(self.layers_to_transform, int):
+            raise ValueError(f"layers_to_transform={self.layers_to_transform!r} must be an int, a list or None.")
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ValueError("layers_pattern is only used with layers_to_transform; set layers_to_transform too.")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError(
+                "layers_to_transform cannot be used when target_modules is a regex string; "
+                "put the layer indices in the regex instead."
+            )
+        for name in ("rank_pattern", "alpha_pattern"):
+            pattern = getattr(self, name)
+            if not isinstance(pattern, dict):
+                raise ValueError(f"{name}={pattern!r} is invalid: it must be a dict {{module pattern: value}}.")
+            for key, value in pattern.items():
+                if not _is_valid_regex(key):
+                    raise ValueError(f"{name} key {key!r} is not a valid regular expression.")
+                if name == "rank_pattern" and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                    raise ValueError(f"rank_pattern[{key!r}]={value!r} is invalid: ranks must be positive integers.")
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern):
+            warnings.warn(
+                "use_rslora with rank_pattern/alpha_pattern: scaling is alpha / sqrt(r) with each module's own "
+                "r and alpha (as in PEFT).",
+                stacklevel=2,
+            )
+        init = self.init_lora_weights
+        if isinstance(init, str):
+            method = init.lower()
+            if method == "gaussian":
+                self.init_lora_weights = "gaussian"
+            elif method in INIT_METHODS_PLANNED or method.startswith("pissa_niter_"):
+                raise NotImplementedError(
+                    f"init_lora_weights={init!r} is not implemented yet in lorakit; available: True, False, "
+                    "'gaussian'."
+                )
+            else:
+                raise ValueError(
+                    f"init_lora_weights={init!r} is unknown; allowed: True, False, 'gaussian', "
+                    f"{', '.join(map(repr, INIT_METHODS_PLANNED))}, 'pissa_niter_<K>'."
+                )
+        elif not isinstance(init, bool):
+            raise ValueError(f"init_lora_weights={init!r} is invalid; allowed: True, False, 'gaussian'.")
+        if self.use_dora:
+            raise NotImplementedError("use_dora=True (DoRA) is not implemented yet in lorakit.")
+        for name in ("fan_in_fan_out", "use_rslora", "lora_bias", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: it must be true or false.")
+
+    @staticmethod
+    def _check_names(name: str, value: Any) -> list[str] | str | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            if value.lower() != "all-linear" and not _is_valid_regex(value):
+                raise ValueError(
+                    f"{name}={value!r} is not a valid regular expression; pass a list of module names, a regex "
+                    "(matched with re.fullmatch on the full module name) or 'all-linear'."
+                )
+            return value
+        if isinstance(value, list | tuple | set | frozenset) and all(isinstance(v, str) for v in value):
+            items = sorted(value) if isinstance(value, set | frozenset) else list(value)
+            if not items:
+                raise ValueError(f"{name}=[] is empty: name at least one module, use a regex or 'all-linear'.")
+            return items
+        raise ValueError(f"{name}={value!r} is invalid: it must be a list of names, a regex string or None.")
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        """PEFT's flag (read by transformers and TRL): LoRA is not prompt learning."""
+        return False
+
+    def scaling_for(self, r: int, alpha: float) -> float:
+        """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        return alpha / (r**0.5) if self.use_rslora else alpha / r
+
+    # ---- serialization -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The keys and values PEFT writes into ``adapter_config.json`` (enums as strings, lists for sets)."""
+        out: dict[str, Any] = dict(_UNSUPPORTED_PEFT_KEYS)
+        out.update(_PASSIVE_PEFT_KEYS)
+        for key, value in asdict(self).items():
+            if isinstance(value, enum.Enum):
+                value = value.value
+            out[key] = value
+        out["loftq_config"] = {}
+        return out
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``adapter_config.json`` into ``save_directory`` (atomically)."""
+        from lorakit.io.files import atomic_write_text
+
+        os.makedirs(save_directory, exist_ok=True)
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), text)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
+        """Build from a PEFT-style dict. Unknown keys (a newer PEFT) are dropped with a warning; known PEFT
+        features lorakit lacks raise ``NotImplementedError`` when switched on."""
+        data = dict(data)
+        peft_type = data.get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise ValueError(f"This adapter has peft_type={peft_type!r}; lorakit loads 'LORA' adapters only.")
+        own = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        unknown: list[str] = []
+        for key, value in data.items():
+            if key in own:
+                kwargs[key] = value
+            elif key in _UNSUPPORTED_PEFT_KEYS:
+                off = _UNSUPPORTED_PEFT_KEYS[key]
+                if value not in (off, None, {}, False, []):
+                    raise NotImplementedError(f"{key}={value!r} (a PEFT feature) is not implemented in lorakit.")
+            elif key not in _PASSIVE_PEFT_KEYS:
+                unknown.append(key)
+        if unknown:
+            warnings.warn(
+                f"adapter config has keys lorakit does not know (written by a newer PEFT?); ignored: "
+                f"{', '.join(sorted(unknown))}",
+                stacklevel=2,
+            )
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any) -> LoraConfig:
+        """Read ``adapter_config.json`` from a local folder or a Hub repo id."""
+        from lorakit.io.files import resolve_file
+
+        config_file = resolve_file(path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
+        if config_file is None:
+            where = os.path.join(str(path), subfolder or "")
+            raise FileNotFoundError(f"No {CONFIG_NAME} found in {where!r}: is this an adapter folder?")
+        with open(config_file, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{config_file} is not valid JSON: {e}") from e
+        return cls.from_dict(data)

@@ -1,0 +1,300 @@
+"""Target matching, adapter injection and ejection, and trainable-parameter marking.
+
+Matching follows PEFT's rules (``../shared/reference/peft-format.md``): a list matches a module whose full name
+equals an entry or ends with ``"." + entry``; a string is ``re.fullmatch``-ed against the full name;
+``"all-linear"`` takes every linear layer except the output layer; ``exclude_modules`` is checked first;
+modules in ``modules_to_save`` never get LoRA. Matching is linear in the number of modules: names are tested
+against a set of suffixes (O(depth) per module), never against every entry of the list.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+from lorakit.config import LoraConfig, TaskType
+from lorakit.layers import LORA_WRAPPERS, LoraEmbedding, LoraLinear, ModulesToSaveWrapper, _LoraWrapper
+
+#: PEFT's default ``target_modules`` per transformers ``model_type`` (used when ``target_modules`` is None).
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    **dict.fromkeys(
+        [
+            "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "bart", "opt",
+            "gptj", "stablelm", "mllama", "cohere", "granite",
+        ],
+        ["q_proj", "v_proj"],
+    ),
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "phi3": ["qkv_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "mpt": ["Wqkv"],
+}
+
+#: Classification heads (PEFT's ``SEQ_CLS`` head names): added to ``modules_to_save`` for SEQ_CLS.
+SEQ_CLS_HEAD_NAMES = ("classifier", "score")
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
+def linear_features(module: nn.Module) -> tuple[int, int, bool] | None:
+    """``(in_features, out_features, fan_in_fan_out)`` for a linear-like module, or None if it is not one."""
+    from lorakit import quant
+
+    conv1d = _conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        in_f, out_f = module.weight.shape  # Conv1D stores (in, out)
+        return in_f, out_f, True
+    if isinstance(module, nn.Linear) or quant.is_quantized_linear(module):
+        return module.in_features, module.out_features, False
+    return None
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, LoraLinear) or linear_features(module) is not None
+
+
+SUPPORTED_TYPES = (
+    "torch.nn.Linear, transformers' Conv1D (GPT-2), torch.nn.Embedding, lorakit/bitsandbytes 4-bit and 8-bit linear"
+)
+
+
+def _suffixes(name: str) -> Iterable[str]:
+    """All dotted suffixes of a module name: 'a.b.c' -> 'a.b.c', 'b.c', 'c'."""
+    parts = name.split(".")
+    for i in range(len(parts)):
+        yield ".".join(parts[i:])
+
+
+def _matches_names(name: str, names: set[str] | str) -> bool:
+    if isinstance(names, str):
+        return re.fullmatch(names, name) is not None
+    return any(s in names for s in _suffixes(name))
+
+
+def _layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def pattern_value(patterns: dict, name: str, default: float) -> float:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the first key ``k`` with ``re.match(f"(.*\\.)?({k})$")``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _output_layer_names(model: nn.Module, config: LoraConfig) -> set[str]:
+    """Names that ``all-linear`` leaves out: the output embedding, or for SEQ_CLS without one, the head."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return set()
+    ids = {id(m): n for n, m in model.named_modules()}
+    output = model.get_output_embeddings()
+    if output is not None:
+        return {ids[id(output)]} if id(output) in ids else set()
+    if config.task_type == TaskType.SEQ_CLS:
+        for head in SEQ_CLS_HEAD_NAMES:
+            module = getattr(model, head, None)
+            if module is not None and id(module) in ids:
+                return {ids[id(module)]}
+    return set()
+
+
+def resolve_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | str:
+    """The concrete ``target_modules`` for this model: PEFT's per-architecture default when None."""
+    if config.target_modules is not None:
+        return config.target_modules
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGET_MODULES:
+        return list(DEFAULT_TARGET_MODULES[model_type])
+    raise ValueError(
+        f"target_modules is None and lorakit has no default for model_type={model_type!r}: set target_modules "
+        "to a list of module names (see `lorakit inspect MODEL`), a regex, or 'all-linear'."
+    )
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Full names of the modules of ``model`` that ``config`` adapts, in module order (linear time)."""
+    target = resolve_target_modules(model, config)
+    all_linear = isinstance(target, str) and target.lower() == "all-linear"
+    target_set: set[str] | str = target if isinstance(target, str) else set(target)
+    exclude = config.exclude_modules
+    exclude_set: set[str] | str | None = exclude if isinstance(exclude, str) or exclude is None else set(exclude)
+    to_save = set(config.modules_to_save or [])
+    skip_output = _output_layer_names(model, config) if all_linear else set()
+    layer_ids = config.layers_to_transform
+    layer_ids = {layer_ids} if isinstance(layer_ids, int) else set(layer_ids) if layer_ids is not None else None
+
+    found: list[str] = []
+    inside: list[str] = []  # prefixes of wrappers; their internals (base_layer, adapters) never match
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if inside and name.startswith(inside[-1]):
+            continue
+        if isinstance(module, LORA_WRAPPERS + (ModulesToSaveWrapper,)):
+            inside.append(name + ".")
+        if exclude_set is not None and _matches_names(name, exclude_set):
+            continue
+        if to_save and any(f".{m}." in f".{name}." for m in to_save):
+            continue  # a module to save, or inside one (PEFT: never both LoRA and a full copy)
+        if all_linear:
+            if name in skip_output or not _is_linear(module):
+                continue
+        elif not _matches_names(name, target_set):
+            continue
+        if layer_ids is not None and not isinstance(target_set, str):
+            idx = _layer_index(name, config.layers_pattern)
+            if idx is None or idx not in layer_ids:
+                continue
+        found.append(name)
+    return found
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module, modules: dict[str, nn.Module]) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = modules[parent_name] if parent_name else model
+    setattr(parent, child, new)
+
+
+def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
+    """Add adapter ``adapter_name`` to every module ``config`` targets, wrapping plain layers as needed.
+
+    Returns the adapted module names. Raises ``ValueError`` if nothing matches or a matched module has a type
+    LoRA cannot wrap. New adapter parameters are trainable unless ``config.inference_mode``.
+    """
+    targets = find_targets(model, config)
+    if not targets:
+        target = resolve_target_modules(model, config)
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
+        raise ValueError(
+            f"target_modules={target!r} matched no module of the model "
+            f"(exclude_modules={config.exclude_modules!r}, layers_to_transform={config.layers_to_transform!r}). "
+            f"Linear layers of this model are named: {linear[:30]}; or use target_modules='all-linear'."
+        )
+    modules = dict(model.named_modules())
+    for name in targets:
+        module = modules[name]
+        if isinstance(module, LORA_WRAPPERS):
+            wrapper: _LoraWrapper = module
+        elif isinstance(module, nn.Embedding):
+            wrapper = LoraEmbedding(module)
+        else:
+            feats = linear_features(module)
+            if feats is None:
+                raise ValueError(
+                    f"module {name!r} ({type(module).__name__}) was targeted but LoRA supports only: "
+                    f"{SUPPORTED_TYPES}. Adjust target_modules (e.g. target a child layer of {name!r})."
+                )
+            in_f, out_f, is_conv1d = feats
+            if config.fan_in_fan_out != is_conv1d and not is_conv1d:
+                raise ValueError(
+                    f"fan_in_fan_out=True but {name!r} is {type(module).__name__}, which stores its weight as "
+                    "(out, in): set fan_in_fan_out=False."
+                )
+            wrapper = LoraLinear(module, in_f, out_f, fan_in_fan_out=is_conv1d)
+        if adapter_name in wrapper.adapters:
+            raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}.")
+        r = int(pattern_value(config.rank_pattern, name, config.r))
+        alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
+        adapter = wrapper.add_adapter(
+            adapter_name,
+            r,
+            alpha,
+            config.lora_dropout,
+            config.use_rslora,
+            config.lora_bias,
+            config.init_lora_weights,
+        )
+        adapter.requires_grad_(not config.inference_mode)
+        if wrapper is not module:
+            _set_submodule(model, name, wrapper, modules)
+    return targets
+
+
+def add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str, trainable: bool) -> list[str]:
+    """Wrap each module named in ``names`` (exact or ``.suffix``) in a ``ModulesToSaveWrapper`` and give it a
+    copy for ``adapter_name``. Returns the wrapped module names."""
+    wanted = set(names)
+    modules = dict(model.named_modules())
+    found = []
+    inside = ""
+    for name, module in list(modules.items()):
+        if not name or (inside and name.startswith(inside)):
+            continue
+        if isinstance(module, ModulesToSaveWrapper):
+            inside = name + "."
+        if any(s in wanted for s in _suffixes(name)) and not name.endswith(
+            (".original_module", ".modules_to_save", ".base_layer")
+        ):
+            wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
+            wrapper.add_adapter(adapter_name, trainable)
+            if wrapper is not module:
+                _set_submodule(model, name, wrapper, modules)
+                inside = name + "."
+            found.append(name)
+    return found
+
+
+def eject_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove ``adapter_name`` everywhere; wrappers left with no adapter are replaced by their base module,
+    so a model whose only adapter is ejected is exactly the model it was."""
+    modules = dict(model.named_modules())
+    for name, module in list(modules.items()):
+        if isinstance(module, LORA_WRAPPERS):
+            module.delete_adapter(adapter_name)
+            if len(module.adapters) == 0 and not module.merged_adapters:
+                _set_submodule(model, name, module.base_layer, modules)
+        elif isinstance(module, ModulesToSaveWrapper):
+            module.delete_adapter(adapter_name)
+            if len(module.modules_to_save) == 0:
+                _set_submodule(model, name, module.original_module, modules)
+
+
+def set_active_adapters(model: nn.Module, names: list[str]) -> None:
+    """Make ``names`` the active adapters of every wrapper (requires_grad is left as it is)."""
+    for module in model.modules():
+        if isinstance(module, LORA_WRAPPERS + (ModulesToSaveWrapper,)):
+            module.set_active(names)
+
+
+def mark_bias_trainable(model: nn.Module, bias: str) -> None:
+    """PEFT's bias modes: ``"all"`` trains every bias, ``"lora_only"`` the biases of adapted layers."""
+    if bias == "none":
+        return
+    if bias == "all":
+        for name, param in model.named_parameters():
+            if name.endswith("bias") and ".adapters." not in name and ".original_module." not in name:
+                param.requires_grad_(True)
+    elif bias == "lora_only":
+        for module in model.modules():
+            if isinstance(module, LORA_WRAPPERS) and getattr(module.base_layer, "bias", None) is not None:
+                module.base_layer.bias.requires_grad_(True)

@@ -1,0 +1,409 @@
+"""LoRA adapters and the wrapper modules that hold them around a frozen base layer.
+
+LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685): for a frozen base ``y = W x (+ b)`` with ``W`` (out, in),
+
+    y = W x (+ b) + scaling * B (A dropout(x)),   A: (r, in), B: (out, r), scaling = alpha / r  (rsLoRA: / sqrt(r))
+
+computed on activations: ``B @ A`` is never built in the forward. ``merge()`` folds ``scaling * B @ A`` into ``W``
+explicitly; nothing changes weights inside ``train()``, ``eval()`` or ``forward()``.
+
+A wrapper (``LoraLinear``, ``LoraEmbedding``) wraps the base layer it is given (``nn.Linear``, GPT-2 ``Conv1D``,
+a 4-bit/8-bit linear, ``nn.Embedding``) and holds one small module per named adapter in ``adapters``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Names an adapter may not take: they are attribute names inside wrappers, PEFT's file-key markers, or reserved.
+RESERVED_ADAPTER_NAMES = frozenset(
+    {
+        "base_layer",
+        "adapters",
+        "lora_A",
+        "lora_B",
+        "lora_embedding_A",
+        "lora_embedding_B",
+        "lora_magnitude_vector",
+        "modules_to_save",
+        "original_module",
+        "weight",
+        "bias",
+        "__base__",
+    }
+)
+
+
+def check_adapter_name(name: str) -> None:
+    """Reject adapter names that would collide with module attributes or file-key markers."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"adapter_name={name!r} is invalid: it must be a non-empty string.")
+    if "." in name or "/" in name or name in RESERVED_ADAPTER_NAMES or name.startswith("lora_"):
+        raise ValueError(
+            f"adapter_name={name!r} collides with lorakit's internal names: choose a name without '.' or '/', "
+            f"not starting with 'lora_' and not one of {sorted(RESERVED_ADAPTER_NAMES)}."
+        )
+
+
+def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Adapters train in fp32 over half-precision or quantized bases (PEFT's ``autocast_adapter_dtype``)."""
+    return base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class LoraAdapter(nn.Module):
+    """One named adapter of a linear layer: ``scaling * lora_B(lora_A(dropout(x)))``.
+
+    Shapes: ``lora_A.weight`` (r, in), ``lora_B.weight`` (out, r), ``lora_B.bias`` (out) with ``lora_bias``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        lora_bias: bool = False,
+        init_lora_weights: bool | str = True,
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, out_features, bias=lora_bias, device=device, dtype=dtype)
+        self.reset_parameters(init_lora_weights)
+
+    def reset_parameters(self, init_lora_weights: bool | str) -> None:
+        """PEFT's init: A Kaiming-uniform (a=sqrt(5)) and B = 0; ``"gaussian"``: A ~ N(0, 1/r);
+        ``False``: keep nn.Linear's random init for both (B != 0; for tests)."""
+        if init_lora_weights is False:
+            return
+        with torch.no_grad():
+            if init_lora_weights is True:
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            elif init_lora_weights == "gaussian":
+                nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+            else:
+                raise ValueError(f"init_lora_weights={init_lora_weights!r}; allowed: True, False, 'gaussian'.")
+            nn.init.zeros_(self.lora_B.weight)
+            if self.lora_B.bias is not None:
+                nn.init.zeros_(self.lora_B.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (..., in) -> (..., out). Under autocast the matmuls run in the autocast dtype; otherwise x is
+        # brought to the adapter's own dtype (no copy when the dtypes already agree, none when dropout is off).
+        if not torch.is_autocast_enabled(x.device.type) and x.dtype != self.lora_A.weight.dtype:
+            x = x.to(self.lora_A.weight.dtype)
+        return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A`` (out, in), in fp32 (the one place the full delta is built: merging)."""
+        a = self.lora_A.weight.float()  # (r, in)
+        b = self.lora_B.weight.float()  # (out, r)
+        return (b @ a) * self.scaling
+
+
+class LoraEmbeddingAdapter(nn.Module):
+    """One named adapter of an embedding: ``scaling * embed(ids, A^T) @ B^T``.
+
+    Shapes (PEFT's keys): ``lora_embedding_A`` (r, num_embeddings), ``lora_embedding_B`` (embedding_dim, r).
+    Default init is the reverse of the linear case (A = 0, B normal), as in PEFT and loralib.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        lora_bias: bool = False,
+        init_lora_weights: bool | str = True,
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if lora_bias:
+            raise ValueError("lora_bias=True is not supported for embedding layers (PEFT does not support it).")
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        # PEFT applies no dropout to embedding adapters; keep the attribute for a uniform interface.
+        self.dropout = nn.Identity()
+        self.lora_embedding_A = nn.Parameter(torch.empty(r, num_embeddings, device=device, dtype=dtype))
+        self.lora_embedding_B = nn.Parameter(torch.empty(embedding_dim, r, device=device, dtype=dtype))
+        with torch.no_grad():
+            if init_lora_weights is False:
+                nn.init.normal_(self.lora_embedding_A)
+                nn.init.normal_(self.lora_embedding_B)
+            else:
+                nn.init.zeros_(self.lora_embedding_A)
+                nn.init.normal_(self.lora_embedding_B)
+
+    def forward(self, ids: torch.Tensor, base: nn.Embedding) -> torch.Tensor:
+        # ids: (...) -> (..., dim)
+        after_a = F.embedding(
+            ids,
+            self.lora_embedding_A.T,  # (vocab, r)
+            base.padding_idx,
+            base.max_norm,
+            base.norm_type,
+            base.scale_grad_by_freq,
+            base.sparse,
+        )  # (..., r)
+        return (after_a @ self.lora_embedding_B.T) * self.scaling  # (..., dim)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * (B @ A)^T`` (num_embeddings, dim) in fp32."""
+        return (self.lora_embedding_B.float() @ self.lora_embedding_A.float()).T * self.scaling
+
+
+class _LoraWrapper(nn.Module):
+    """State shared by the wrappers: named adapters, which are active, merged, or disabled.
+
+    ``active_adapters`` lists the adapters added in the forward; ``merged_adapters`` those folded into the base
+    weight (skipped in the forward); ``disabled`` makes the forward return the base output alone.
+    """
+
+    adapter_type: type[nn.Module]
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    # ---- adapters -----------------------------------------------------------------------------------------
+    def _base_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        weight = getattr(self.base_layer, "weight", None)
+        if weight is None or not weight.is_floating_point():
+            device = weight.device if weight is not None else None
+            return device, torch.float32
+        return weight.device, _adapter_dtype(weight.dtype)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (it must not be merged)."""
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge it before deleting it.")
+        if name in self.adapters:
+            del self.adapters[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_active(self, names: list[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.adapters]
+
+    # ---- merging (written once, on the delta) ------------------------------------------------------------
+    def _base_weight_delta_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        """Bring a delta (out, in) to the layout of the base weight (overridden for (in, out) bases)."""
+        return delta
+
+    def _apply_delta(self, name: str, sign: float, safe_merge: bool) -> None:
+        from lorakit import quant
+
+        adapter = self.adapters[name]
+        delta = self._base_weight_delta_layout(adapter.delta_weight()) * sign
+        base = self.base_layer
+        if quant.is_quantized_linear(base):
+            weight = quant.dequantize_weight(base) + delta.to(torch.float32)
+            if safe_merge and not torch.isfinite(weight).all():
+                raise ValueError(f"merging adapter {name!r} would produce non-finite weights; merge aborted.")
+            quant.requantize_weight_(base, weight)
+            warnings.warn(
+                "Merging LoRA into a quantized base requantizes the weight, which drifts from the unmerged model. "
+                "For exact results merge onto the full-precision base: load it separately and call "
+                "PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().",
+                stacklevel=4,
+            )
+        else:
+            weight = base.weight
+            merged = (weight.data.float() + delta.to(weight.device)).to(weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"merging adapter {name!r} would produce non-finite weights; merge aborted.")
+            weight.data.copy_(merged)
+        lora_b = getattr(adapter, "lora_B", None)
+        if lora_b is not None and lora_b.bias is not None:
+            if base.bias is None:
+                raise ValueError(f"adapter {name!r} has lora_bias but the base layer has no bias to merge it into.")
+            base.bias.data += (lora_b.bias.float() * adapter.scaling * sign).to(base.bias.dtype)
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold ``scaling * B @ A`` of each named (default: active) adapter into the base weight. Idempotent:
+        an adapter already merged is skipped."""
+        for name in adapter_names if adapter_names is not None else list(self.active_adapters):
+            if name in self.adapters and name not in self.merged_adapters:
+                self._apply_delta(name, 1.0, safe_merge)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's delta again, newest first. Idempotent."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            self._apply_delta(name, -1.0, safe_merge=False)
+
+    def _adapters_to_run(self) -> list[nn.Module]:
+        if self.disabled:
+            return []
+        return [self.adapters[n] for n in self.active_adapters if n not in self.merged_adapters]
+
+    def __getattr__(self, name: str) -> Any:
+        # Attributes of the base layer (``weight``, ``in_features``, ``padding_idx`` ...) read through the
+        # wrapper, so model code that inspects its layers keeps working.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+
+class LoraLinear(_LoraWrapper):
+    """LoRA around a linear-like base: ``nn.Linear``, GPT-2 ``Conv1D`` (``fan_in_fan_out``), or a quantized
+    linear (lorakit's or bitsandbytes' 4-bit/8-bit)."""
+
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, fan_in_fan_out: bool) -> None:
+        super().__init__(base_layer)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.fan_in_fan_out = fan_in_fan_out
+
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        lora_bias: bool = False,
+        init_lora_weights: bool | str = True,
+    ) -> LoraAdapter:
+        device, dtype = self._base_device_dtype()
+        adapter = LoraAdapter(
+            self.in_features,
+            self.out_features,
+            r,
+            lora_alpha,
+            lora_dropout,
+            use_rslora,
+            lora_bias,
+            init_lora_weights,
+            device=device,
+            dtype=dtype,
+        )
+        self.adapters[name] = adapter
+        return adapter
+
+    def _base_weight_delta_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.T if self.fan_in_fan_out else delta  # Conv1D stores (in, out)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)  # (..., out)
+        for adapter in self._adapters_to_run():
+            result = result + adapter(x).to(result.dtype)
+        return result
+
+
+class LoraEmbedding(_LoraWrapper):
+    """LoRA around an ``nn.Embedding`` (PEFT's ``lora_embedding_A`` / ``lora_embedding_B``)."""
+
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        lora_bias: bool = False,
+        init_lora_weights: bool | str = True,
+    ) -> LoraEmbeddingAdapter:
+        device, dtype = self._base_device_dtype()
+        base = self.base_layer
+        adapter = LoraEmbeddingAdapter(
+            base.num_embeddings,
+            base.embedding_dim,
+            r,
+            lora_alpha,
+            lora_dropout,
+            use_rslora,
+            lora_bias,
+            init_lora_weights,
+            device=device,
+            dtype=dtype,
+        )
+        self.adapters[name] = adapter
+        return adapter
+
+    def forward(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(ids, *args, **kwargs)  # (..., dim)
+        for adapter in self._adapters_to_run():
+            result = result + adapter(ids, self.base_layer).to(result.dtype)
+        return result
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained in full: one trainable copy per adapter in ``modules_to_save``; ``original_module`` is
+    kept untouched and used when no adapter is active or adapters are disabled (PEFT's layout and keys)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+
+    def add_adapter(self, name: str, trainable: bool) -> None:
+        import copy
+
+        if name not in self.modules_to_save:
+            clone = copy.deepcopy(self.original_module)
+            clone.requires_grad_(trainable)
+            self.modules_to_save[name] = clone
+        self.original_module.requires_grad_(False)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def set_active(self, names: list[str]) -> None:
+        chosen = [n for n in names if n in self.modules_to_save]
+        if len(chosen) > 1:
+            raise ValueError(
+                f"modules_to_save: adapters {chosen} each have their own copy of this module; only one can be "
+                "active at a time."
+            )
+        self.active_adapter = chosen[0] if chosen else None
+
+    @property
+    def active_module(self) -> nn.Module:
+        if self.disabled or self.active_adapter is None:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.active_module(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save"):
+                raise
+            return getattr(self.active_module, name)
+
+
+LORA_WRAPPERS = (LoraLinear, LoraEmbedding)

@@ -1,0 +1,456 @@
+"""``PeftModel`` and its task classes: PEFT's public LoRA API over lorakit's layers.
+
+Layout, as in PEFT: ``peft_model.base_model`` is a ``LoraModel`` and ``peft_model.base_model.model`` the
+transformers model, adapted in place; parameter names read ``base_model.model.<path>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.config import LoraConfig, TaskType
+from lorakit.inject import (
+    SEQ_CLS_HEAD_NAMES,
+    add_modules_to_save,
+    eject_adapter,
+    find_targets,
+    inject_adapter,
+    mark_bias_trainable,
+    set_active_adapters,
+)
+from lorakit.io.adapter import check_and_copy, get_adapter_state_dict, load_adapter_weights, save_adapter_weights
+from lorakit.io.files import atomic_directory, atomic_write_text
+from lorakit.layers import LORA_WRAPPERS, ModulesToSaveWrapper, check_adapter_name
+
+
+def _condense_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    """Shortest names that match exactly ``targets`` (PEFT saves ``all-linear`` expanded this way)."""
+    suffixes = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    matched = {n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in suffixes}
+    return suffixes if matched == set(targets) else sorted(targets)
+
+
+class LoraModel(nn.Module):
+    """Holds the adapted model (``self.model``) and the adapters' configs; does the model-wide operations."""
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapters: list[str] = []
+        model.requires_grad_(False)
+        self.inject(config, adapter_name)
+        self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    # ---- adapters -----------------------------------------------------------------------------------------
+    def inject(self, config: LoraConfig, adapter_name: str) -> None:
+        """Add adapter ``adapter_name`` described by ``config`` (not activated). On any error the model is left
+        as it was."""
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; choose another name.")
+        config = copy.deepcopy(config)
+        if config.task_type == TaskType.SEQ_CLS:
+            extra = [h for h in SEQ_CLS_HEAD_NAMES if h not in (config.modules_to_save or [])]
+            config.modules_to_save = list(config.modules_to_save or []) + extra
+        if self.peft_config and config.bias != "none":
+            raise ValueError(
+                f"adapter {adapter_name!r} has bias={config.bias!r}: with several adapters, biases would be "
+                "shared between them; use bias='none' for all but one adapter (as PEFT requires)."
+            )
+        is_all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
+        try:
+            targets = inject_adapter(self.model, config, adapter_name)
+            if config.modules_to_save:
+                add_modules_to_save(self.model, config.modules_to_save, adapter_name, not config.inference_mode)
+        except BaseException:
+            eject_adapter(self.model, adapter_name)
+            raise
+        if is_all_linear:
+            config.target_modules = _condense_targets(self.model, targets)
+        if not config.inference_mode:
+            mark_bias_trainable(self.model, config.bias)
+        self.peft_config[adapter_name] = config
+        # Wrappers created now know only this adapter; keep the active set as it is.
+        set_active_adapters(self.model, self.active_adapters)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make ``adapter_name`` (or several) the active adapter(s). Does not change ``requires_grad``."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"adapter(s) {unknown} not found; available: {sorted(self.peft_config)}.")
+        self.active_adapters = names
+        set_active_adapters(self.model, names)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} not found; available: {sorted(self.peft_config)}.")
+        eject_adapter(self.model, adapter_name)
+        del self.peft_config[adapter_name]
+        remaining = [n for n in self.active_adapters if n != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self.active_adapters = remaining
+        set_active_adapters(self.model, remaining)
+
+    def _wrappers(self) -> Iterator[nn.Module]:
+        return (m for m in self.model.modules() if isinstance(m, LORA_WRAPPERS))
+
+    # ---- merging ------------------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the (active) adapters into the base weights, keeping the wrappers (undo with unmerge_adapter)."""
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        for module in self._wrappers():
+            module.merge(list(names), safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        for module in self._wrappers():
+            module.unmerge()
+
+    def _replace_wrappers(self, merge: bool, adapter_names: list[str] | None, safe_merge: bool) -> nn.Module:
+        modules = dict(self.model.named_modules())
+        for name, module in list(modules.items()):
+            if isinstance(module, LORA_WRAPPERS):
+                if merge:
+                    module.merge(adapter_names or list(self.active_adapters), safe_merge=safe_merge)
+                replacement = module.base_layer
+            elif isinstance(module, ModulesToSaveWrapper):
+                replacement = module.active_module if merge else module.original_module
+            else:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            setattr(modules[parent_name] if parent_name else self.model, child, replacement)
+        self.peft_config.clear()
+        self.active_adapters = []
+        return self.model
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge the adapters into the base weights and return the plain model (no wrappers left)."""
+        return self._replace_wrappers(True, adapter_names, safe_merge)
+
+    def unload(self) -> nn.Module:
+        """Return the plain base model without merging (adapters dropped)."""
+        return self._replace_wrappers(False, None, False)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the block. Merged adapters are unmerged on entry and merged back on
+        exit (explicit state changes, never inside forward)."""
+        merged = {}
+        for module in self._wrappers():
+            merged[module] = list(module.merged_adapters)
+            module.unmerge()
+        switches = [m for m in self.model.modules() if isinstance(m, LORA_WRAPPERS + (ModulesToSaveWrapper,))]
+        for module in switches:
+            module.disabled = True
+        try:
+            yield
+        finally:
+            for module in switches:
+                module.disabled = False
+            for module, names in merged.items():
+                module.merge(names)
+
+
+class PeftModel(nn.Module):
+    """A transformers (or any torch) model with LoRA adapters; PEFT's ``PeftModel`` API."""
+
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **_: Any) -> None:
+        super().__init__()
+        if not isinstance(peft_config, LoraConfig):
+            raise TypeError(f"peft_config must be a lorakit LoraConfig, got {type(peft_config).__name__}.")
+        if peft_config.base_model_name_or_path is None:
+            peft_config = copy.deepcopy(peft_config)
+            peft_config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+        self.base_model = LoraModel(model, peft_config, adapter_name)
+        checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5
+        if checkpointing is None:
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        if checkpointing and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()  # frozen embeddings + reentrant checkpointing need an input grad
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ---- pass-through -------------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get_base_model()(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get_base_model().generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        """The transformers model (adapted in place)."""
+        return self.base_model.model
+
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str:
+        return self.base_model.active_adapters[0] if self.base_model.active_adapters else ""
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.base_model.active_adapters)
+
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        return self.peft_config[self.active_adapter]
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Enable checkpointing on the base model and make the (frozen) embeddings' output require grad."""
+        base = self.get_base_model()
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        if hasattr(base, "enable_input_require_grads"):
+            base.enable_input_require_grads()
+
+    # ---- parameters ---------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, all)`` parameter counts; a packed 4-bit weight counts 2 parameters per byte (PEFT)."""
+        trainable = total = 0
+        for _, param in self.named_parameters():
+            n = param.numel()
+            if param.__class__.__name__ == "Params4bit":
+                storage = getattr(param, "quant_storage", None)
+                n *= 2 * (param.element_size() if storage is None else storage.itemsize)
+            total += n
+            if param.requires_grad:
+                trainable += n
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}"
+        )
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Explicitly (un)freeze the named adapters' parameters (nothing else flips them)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"adapter {name!r} not found; available: {sorted(self.peft_config)}.")
+        for module in self.get_base_model().modules():
+            if isinstance(module, LORA_WRAPPERS):
+                for name in names:
+                    if name in module.adapters:
+                        module.adapters[name].requires_grad_(requires_grad)
+            elif isinstance(module, ModulesToSaveWrapper):
+                for name in names:
+                    if name in module.modules_to_save:
+                        module.modules_to_save[name].requires_grad_(requires_grad)
+
+    # ---- adapters -----------------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add a new adapter (trainable unless ``peft_config.inference_mode``); the active adapter is unchanged."""
+        self.base_model.inject(peft_config, adapter_name)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    def disable_adapter(self) -> contextlib.AbstractContextManager[None]:
+        """Context manager: the base model's exact outputs inside the block."""
+        return self.base_model.disable_adapter()
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self.base_model.merge_adapter(adapter_names, safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge_adapter()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        return self.base_model.unload()
+
+    # ---- files --------------------------------------------------------------------------------------------
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Write PEFT's layout: ``default`` at the root, other adapters in subfolders; each folder written
+        atomically (an interrupted save never leaves a folder that loads as complete)."""
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory={save_directory!r} is a file; give a folder path.")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"selected_adapters {unknown} not found; available: {sorted(self.peft_config)}.")
+        if not is_main_process:
+            return
+        for name in names:
+            config = copy.deepcopy(self.peft_config[name])
+            config.inference_mode = True
+            state = get_adapter_state_dict(self, name, config.bias)
+            folder = save_directory if name == "default" else os.path.join(save_directory, name)
+            with atomic_directory(folder) as tmp:
+                save_adapter_weights(state, tmp, safe_serialization)
+                config.save_pretrained(tmp)
+        os.makedirs(save_directory, exist_ok=True)
+        card = os.path.join(save_directory, "README.md")
+        if not os.path.exists(card):
+            base = self.peft_config[names[0]].base_model_name_or_path if names else None
+            header = "---\nlibrary_name: peft\n" + (f"base_model: {base}\n" if base else "")
+            atomic_write_text(card, header + "tags:\n- lora\n- lorakit\n---\n\nLoRA adapter saved by lorakit.\n")
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        subfolder: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Load an adapter folder (PEFT's or ours) as ``adapter_name``; frozen unless ``is_trainable``. Other
+        adapters' ``requires_grad`` and the active adapter are untouched. On a mismatch the model is left as it was."""
+        config = LoraConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs)
+        config.inference_mode = not is_trainable
+        tensors = load_adapter_weights(os.fspath(model_id), subfolder=subfolder, **kwargs)
+        self.base_model.inject(config, adapter_name)
+        try:
+            check_and_copy(self, adapter_name, config.bias, tensors)
+        except BaseException:
+            self.base_model.delete_adapter(adapter_name)
+            raise
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: LoraConfig | None = None,
+        subfolder: str | None = None,
+        **kwargs: Any,
+    ) -> PeftModel:
+        """Wrap ``model`` and load the adapter in ``model_id`` (a folder or Hub repo) as ``adapter_name``.
+        On failure ``model`` is left exactly as it was."""
+        if config is None:
+            config = LoraConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs)
+        config = copy.deepcopy(config)
+        config.inference_mode = not is_trainable
+        tensors = load_adapter_weights(os.fspath(model_id), subfolder=subfolder, **kwargs)
+        klass = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel) if cls is PeftModel else cls
+        snapshot = {n: p.requires_grad for n, p in model.named_parameters()}
+        peft_model = klass(model, config, adapter_name)
+        try:
+            check_and_copy(peft_model, adapter_name, config.bias, tensors)
+        except BaseException:
+            eject_adapter(model, adapter_name)
+            for n, p in model.named_parameters():
+                p.requires_grad_(snapshot.get(n, p.requires_grad))
+            raise
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+
+class PeftModelForCausalLM(PeftModel):
+    """Causal language models (``TaskType.CAUSAL_LM``)."""
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """Sequence classification (``TaskType.SEQ_CLS``): the head (``classifier``/``score``) trains in full."""
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """Encoder-decoder models (``TaskType.SEQ_2_SEQ_LM``)."""
+
+
+class PeftModelForTokenClassification(PeftModel):
+    """Token classification (``TaskType.TOKEN_CLS``)."""
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """Extractive question answering (``TaskType.QUESTION_ANS``)."""
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """Feature extraction / embeddings (``TaskType.FEATURE_EXTRACTION``)."""
+
+
+MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType | None, type[PeftModel]] = {
+    None: PeftModel,
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}
+
+
+def get_peft_model(
+    model: nn.Module,
+    peft_config: LoraConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+) -> PeftModel:
+    """Wrap ``model`` with a new LoRA adapter; returns the ``PeftModelFor...`` class of ``peft_config.task_type``.
+
+    Adapters are created in fp32 over half-precision bases (PEFT's ``autocast_adapter_dtype=True``); with
+    ``autocast_adapter_dtype=False`` they take the base weight's dtype.
+    """
+    if mixed:
+        raise NotImplementedError("get_peft_model(mixed=True) (PeftMixedModel) is not implemented in lorakit.")
+    if revision is not None:
+        peft_config = copy.deepcopy(peft_config)
+        peft_config.revision = revision
+    klass = MODEL_TYPE_TO_PEFT_MODEL[peft_config.task_type]
+    peft_model = klass(model, peft_config, adapter_name)
+    if not autocast_adapter_dtype:
+        base_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        for module in model.modules():
+            if isinstance(module, LORA_WRAPPERS):
+                module.adapters[adapter_name].to(base_dtype)
+    return peft_model
+
+
+def inspect_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules ``config`` would adapt in ``model`` (nothing is changed)."""
+    return find_targets(model, config)
+

@@ -1,4 +1,7 @@
-"""lorakit: LoRA and QLoRA fine-tuning with PEFT's public LoRA API (``from peft import X`` -> ``from lorakit import X``)."""
+"""lorakit: LoRA and QLoRA fine-tuning with PEFT's public LoRA API.
+
+Code written for PEFT's LoRA runs after changing ``from peft import X`` to ``from lorakit import X``.
+"""
 
 from lorakit.config import LoraConfig, PeftType, TaskType
 from lorakit.model import (

@@ -136,7 +136,7 @@ def check_and_copy(root: nn.Module, adapter_name: str, bias: str, tensors: dict[
         have, want = tuple(tensors[fk].shape), tuple(state[mk].shape)
         if have != want:
             raise ValueError(
-                f"shape mismatch for module {_module_of(fk)!r} ({fk.rsplit('.', 2)[-2] if fk.endswith('.weight') else fk.rsplit('.', 1)[-1]}): "
+                f"shape mismatch for {fk!r} (module {_module_of(fk)!r}): "
                 f"the adapter file has {have}, the model expects {want}. The adapter was made for another base "
                 "model, or its rank differs from r/rank_pattern in its adapter_config.json."
             )

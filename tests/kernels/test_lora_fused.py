@@ -1,0 +1,169 @@
+"""Fused LoRA linear / MLP against the plain autograd formulas: values, gradients, dropout, saved memory."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorakit.kernels.lora_fused import (
+    LoraProjection,
+    lora_linear,
+    lora_linear_reference,
+    lora_mlp,
+    lora_mlp_reference,
+)
+
+DT = torch.float64  # float64 end to end: fused and plain agree to rounding (1e-10)
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+def _adapter(d_in, d_out, r=4, dtype=DT, bias=False):
+    # B != 0 so the adapter branch is live (PEFT's init sets B = 0).
+    a = (torch.randn(r, d_in, dtype=dtype) / d_in**0.5).requires_grad_()
+    b = torch.randn(d_out, r, dtype=dtype).requires_grad_()
+    bb = torch.randn(d_out, dtype=dtype).requires_grad_() if bias else None
+    return a, b, bb
+
+
+def _check_grads(out, ref, tensors, tol=TOL):
+    dy = torch.randn_like(out)
+    tensors = [t for t in tensors if t is not None]
+    g_out = torch.autograd.grad(out, tensors, dy)
+    g_ref = torch.autograd.grad(ref, tensors, dy)
+    for a, b in zip(g_out, g_ref, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("lora_bias", [False, True])
+@pytest.mark.parametrize("callable_weight", [False, True])
+def test_lora_linear_matches_reference(lora_bias, callable_weight):
+    x = torch.randn(2, 5, 24, dtype=DT, requires_grad=True)
+    w, bias = torch.randn(16, 24, dtype=DT), torch.randn(16, dtype=DT)
+    a, b, bb = _adapter(24, 16, bias=lora_bias)
+    calls = []
+
+    def weight_fn():
+        calls.append(1)
+        return w
+
+    weight = weight_fn if callable_weight else w
+    out = lora_linear(x, weight, bias, a, b, 0.5, lora_B_bias=bb)
+    ref = lora_linear_reference(x, w, bias, a, b, 0.5, lora_B_bias=bb)
+    torch.testing.assert_close(out, ref, **TOL)
+    _check_grads(out, ref, [x, a, b, bb])
+    if callable_weight:
+        assert len(calls) == 2  # forward once, backward once (the reference used w directly)
+
+
+def test_lora_linear_dropout_uses_one_mask_for_forward_and_backward():
+    x = torch.randn(6, 24, dtype=DT, requires_grad=True)
+    w = torch.randn(16, 24, dtype=DT)
+    a, b, _ = _adapter(24, 16)
+    p = 0.3
+    torch.manual_seed(7)
+    out = lora_linear(x, w, None, a, b, 2.0, dropout_p=p, training=True)
+    torch.manual_seed(7)  # the fused forward draws its mask first: replay it
+    mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+    ref = x @ w.t() + (x * mask / (1 - p)) @ a.t() @ b.t() * 2.0
+    torch.testing.assert_close(out, ref, **TOL)
+    _check_grads(out, ref, [x, a, b])
+    # Not training: no dropout at all.
+    torch.testing.assert_close(
+        lora_linear(x, w, None, a, b, 2.0, dropout_p=p, training=False),
+        lora_linear_reference(x, w, None, a, b, 2.0),
+        **TOL,
+    )
+
+
+def test_lora_linear_without_input_grad_and_frozen_checks():
+    x = torch.randn(4, 8, dtype=DT)  # e.g. the first layer over frozen embeddings
+    w = torch.randn(6, 8, dtype=DT)
+    a, b, _ = _adapter(8, 6)
+    out = lora_linear(x, w, None, a, b, 1.0)
+    _check_grads(out, lora_linear_reference(x, w, None, a, b, 1.0), [a, b])
+    with pytest.raises(ValueError, match="base weight requires grad"):
+        lora_linear(x, w.clone().requires_grad_(), None, a, b, 1.0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        lora_linear(x, w, None, a, b, 1.0, dropout_p=1.0)
+
+
+def test_lora_linear_bf16_autocast_returns_param_dtype_grads():
+    x = torch.randn(8, 32, requires_grad=True)
+    w = torch.randn(16, 32)
+    a, b, _ = _adapter(32, 16, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lora_linear(x, w, None, a, b, 0.5)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == a.grad.dtype == b.grad.dtype == torch.float32
+    ref = lora_linear_reference(x.detach(), w, None, a.detach(), b.detach(), 0.5)
+    # bf16 inputs and output: 2**-8 relative rounding, a few roundings deep.
+    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item())
+
+
+def _saved_bytes(fn):
+    total = []
+
+    def pack(t):
+        total.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(total)
+
+
+def test_lora_linear_saves_less_than_plain_autograd_with_dropout():
+    x = torch.randn(64, 128, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(128, 128, dtype=torch.bfloat16)
+    base = torch.nn.Linear(128, 128, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+    a, b, _ = _adapter(128, 128, r=8, dtype=torch.float32)
+    drop = torch.nn.Dropout(0.1)
+
+    def plain():  # lorakit's LoraLinear forward over a bf16 base: fp32 adapter on an fp32 copy of x
+        xf = x.float()
+        return base(x) + (F.linear(F.linear(drop(xf), a), b) * 0.5).to(x.dtype)
+
+    fused = _saved_bytes(lambda: lora_linear(x, w, None, a, b, 0.5, dropout_p=0.1, training=True))
+    # x (bf16, 2 B) + mask (1 B) + h (M, r) ~ 3 B per input element; the plain path saves x plus fp32 x_d.
+    assert fused < 0.5 * _saved_bytes(plain)
+
+
+def _mlp(h=16, i=24, with_up_adapter=True, bias=True, p=0.0):
+    wg, wu, wd = (torch.randn(i, h, dtype=DT) / 4, torch.randn(i, h, dtype=DT) / 4, torch.randn(h, i, dtype=DT) / 4)
+    ag, bg, bbg = _adapter(h, i, bias=bias)
+    au, bu, _ = _adapter(h, i) if with_up_adapter else (None, None, None)
+    ad, bd, _ = _adapter(i, h)
+    gate = LoraProjection(wg, None, ag, bg, 0.5, p, bbg)
+    up = LoraProjection(lambda: wu, None, au, bu, 2.0, p)
+    down = LoraProjection(wd, torch.randn(h, dtype=DT), ad, bd, 1.5, p)
+    return gate, up, down
+
+
+@pytest.mark.parametrize("with_up_adapter", [True, False])
+def test_lora_mlp_matches_reference(with_up_adapter):
+    gate, up, down = _mlp(with_up_adapter=with_up_adapter)
+    x = torch.randn(3, 4, 16, dtype=DT, requires_grad=True)
+    out = lora_mlp(x, gate, up, down, backend="torch")
+    ref = lora_mlp_reference(x, gate, up, down)
+    torch.testing.assert_close(out, ref, **TOL)
+    params = [x] + [t for p in (gate, up, down) for t in (p.lora_A, p.lora_B, p.lora_B_bias)]
+    _check_grads(out, ref, params)
+
+
+def test_lora_mlp_dropout_masks_replayed():
+    p = 0.25
+    gate, up, down = _mlp(bias=False, p=p)
+    x = torch.randn(5, 16, dtype=DT, requires_grad=True)
+    torch.manual_seed(3)
+    out = lora_mlp(x, gate, up, down, training=True)
+    torch.manual_seed(3)  # masks are drawn gate, up, then down (on the activation)
+    m_g = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+    m_u = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+    m_d = torch.empty(5, 24, dtype=torch.bool).bernoulli_(1 - p)
+
+    def proj(t, pr, m):
+        return F.linear(t, pr.base_weight(DT), pr.bias) + (t * m / (1 - p)) @ pr.lora_A.t() @ pr.lora_B.t() * pr.scaling
+
+    ref = proj(F.silu(proj(x, gate, m_g)) * proj(x, up, m_u), down, m_d)
+    torch.testing.assert_close(out, ref, **TOL)
+    _check_grads(out, ref, [x, gate.lora_A, gate.lora_B, up.lora_A, up.lora_B, down.lora_A, down.lora_B])

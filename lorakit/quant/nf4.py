@@ -222,12 +222,14 @@ def quantize_4bit(
     return packed, QuantState(qabsmax, A.shape, code, blocksize, quant_type, A.dtype, offset, state2)
 
 
-def dequantize_4bit(packed: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
+def dequantize_4bit(packed: torch.Tensor, quant_state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``code[q_i] * absmax[i // blocksize]`` in fp32, cast to ``quant_state.dtype``, in ``quant_state.shape``.
 
-    Uses the Triton kernel (``lorakit.kernels.nf4``) on CUDA when triton is installed, else this reference.
-    Also accepts a bitsandbytes ``QuantState`` (same attribute names).
+    ``dtype`` overrides the output dtype (one rounding from fp32, as bitsandbytes' matmul does for the compute
+    dtype). Uses the Triton kernel (``lorakit.kernels.nf4``) on CUDA when triton is installed, else this
+    reference. Also accepts a bitsandbytes ``QuantState`` (same attribute names).
     """
+    dtype = quant_state.dtype if dtype is None else dtype
     _check_state(quant_state)
     n = math.prod(quant_state.shape)
     data = packed if packed.dtype == torch.uint8 else packed.reshape(-1).view(torch.uint8)
@@ -241,10 +243,10 @@ def dequantize_4bit(packed: torch.Tensor, quant_state: QuantState) -> torch.Tens
     if data.is_cuda:
         from lorakit.kernels.nf4 import triton_dequantize_4bit
 
-        out = triton_dequantize_4bit(data, absmax, quant_state.code, quant_state.blocksize, n, quant_state.dtype)
+        out = triton_dequantize_4bit(data, absmax, quant_state.code, quant_state.blocksize, n, dtype)
         if out is not None:
             return out.reshape(quant_state.shape)
-    out = _dequantize_4bit_reference(data, absmax, quant_state.code, quant_state.blocksize, n, quant_state.dtype)
+    out = _dequantize_4bit_reference(data, absmax, quant_state.code, quant_state.blocksize, n, dtype)
     return out.reshape(quant_state.shape)
 
 

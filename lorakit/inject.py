@@ -10,6 +10,7 @@ against a set of suffixes (O(depth) per module), never against every entry of th
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable
 
 from torch import nn
@@ -215,10 +216,12 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
                     f"{SUPPORTED_TYPES}. Adjust target_modules (e.g. target a child layer of {name!r})."
                 )
             in_f, out_f, is_conv1d = feats
-            if config.fan_in_fan_out != is_conv1d and not is_conv1d:
-                raise ValueError(
-                    f"fan_in_fan_out=True but {name!r} is {type(module).__name__}, which stores its weight as "
-                    "(out, in): set fan_in_fan_out=False."
+            if config.fan_in_fan_out != is_conv1d:
+                # PEFT's behaviour: the layer type decides; say so once per mismatching layer.
+                warnings.warn(
+                    f"fan_in_fan_out={config.fan_in_fan_out} but {name!r} is {type(module).__name__}, which stores "
+                    f"its weight as {'(in, out)' if is_conv1d else '(out, in)'}: using fan_in_fan_out={is_conv1d}.",
+                    stacklevel=3,
                 )
             wrapper = LoraLinear(module, in_f, out_f, fan_in_fan_out=is_conv1d)
         if adapter_name in wrapper.adapters:
@@ -232,8 +235,13 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
             config.lora_dropout,
             config.use_rslora,
             config.lora_bias,
-            config.init_lora_weights,
+            config.init_lora_weights if config.init_lora_weights in (True, False, "gaussian") else True,
+            use_dora=config.use_dora,
         )
+        if config.init_lora_weights not in (True, False, "gaussian"):
+            from lorakit.variants.init import init_adapter
+
+            init_adapter(wrapper, adapter_name, config, name)
         adapter.requires_grad_(not config.inference_mode)
         if wrapper is not module:
             _set_submodule(model, name, wrapper, modules)

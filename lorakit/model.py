@@ -86,6 +86,9 @@ class LoraModel(nn.Module):
             raise
         if is_all_linear:
             config.target_modules = _condense_targets(self.model, targets)
+        modules = dict(self.model.named_modules())
+        if any(getattr(modules[t], "fan_in_fan_out", False) for t in targets):
+            config.fan_in_fan_out = True  # as PEFT records it for Conv1D bases
         if not config.inference_mode:
             mark_bias_trainable(self.model, config.bias)
         self.peft_config[adapter_name] = config

@@ -1,0 +1,162 @@
+"""`lorakit generate` and `lorakit chat`: a base model plus zero or more adapters, streamed output."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="base model (Hub id or folder)")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                   help="adapter folder; repeat for several (the first is active; name defaults to the folder)")
+    p.add_argument("--quantization", default="none", choices=["none", "nf4", "fp4", "int8"])
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--do-sample", action="store_true", help="sample (default: greedy)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
+
+
+def parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
+    """["name=path" | "path", ...] -> [(name, path)]; a bare path is named after its folder."""
+    out = []
+    for spec in specs:
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        name = name or Path(path.rstrip("/")).name or "default"
+        if name in {n for n, _ in out}:
+            raise ValueError(f"two adapters named {name!r}: name them with NAME=PATH")
+        out.append((name, path))
+    return out
+
+
+def load_with_adapters(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
+    """(model, tokenizer, adapter names): the base, then every adapter; the first one active."""
+    from lorakit.train.config import QuantizationConfig
+    from lorakit.train.evaluate import load_base_model
+
+    model, tokenizer = load_base_model(args.base, DTYPES[args.dtype], QuantizationConfig(method=args.quantization))
+    adapters = parse_adapters(args.adapter)
+    if adapters:
+        from lorakit import PeftModel
+
+        first_name, first_path = adapters[0]
+        model = PeftModel.from_pretrained(model, first_path, adapter_name=first_name)
+        for name, path in adapters[1:]:
+            model.load_adapter(path, adapter_name=name)
+        model.set_adapter(first_name)
+    model.eval()
+    return model, tokenizer, [n for n, _ in adapters]
+
+
+def _generation_kwargs(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
+                              "repetition_penalty": args.repetition_penalty,
+                              "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}
+    if args.do_sample:
+        kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    return kwargs
+
+
+def _generate(model: Any, tokenizer: Any, input_ids: Any, args: argparse.Namespace, out: TextIO,
+              adapter: str | None) -> str:
+    """Generate (streaming to `out` unless --no-stream) with `adapter` active, or the bare base if None."""
+    import contextlib
+
+    import torch
+    from transformers import TextStreamer
+
+    torch.manual_seed(args.seed)
+    streamer = None
+    if not args.no_stream:
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    if hasattr(model, "disable_adapter") and adapter is None:
+        ctx = model.disable_adapter()
+    else:
+        ctx = contextlib.nullcontext()
+        if adapter is not None:
+            model.set_adapter(adapter)
+    with ctx, torch.no_grad():
+        ids = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                             **_generation_kwargs(args, tokenizer))
+    text = tokenizer.decode(ids[0, input_ids.shape[1]:], skip_special_tokens=True)
+    if args.no_stream:
+        print(text, file=out)
+    return text
+
+
+def _encode(tokenizer: Any, messages: list[dict[str, str]] | None, prompt: str | None) -> Any:
+    if messages is not None:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                             return_dict=True)["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    model, tokenizer, names = load_with_adapters(args)
+    use_chat = not args.raw and getattr(tokenizer, "chat_template", None)
+    for prompt in args.prompt:
+        if use_chat:
+            ids = _encode(tokenizer, [{"role": "user", "content": prompt}], None)
+        else:
+            ids = _encode(tokenizer, None, prompt)
+        _generate(model, tokenizer, ids, args, sys.stdout, names[0] if names else None)
+    return 0
+
+
+CHAT_HELP = """commands:
+  /adapters        list adapters (* = active)
+  /adapter NAME    switch to adapter NAME; /adapter none uses the bare base model
+  /reset           forget the conversation
+  /quit            leave (also Ctrl-D)"""
+
+
+def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
+    """Read user turns from stdin; the conversation is rendered with the tokenizer's chat template."""
+    stdin = stdin or sys.stdin
+    model, tokenizer, names = load_with_adapters(args)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{args.base} has no chat template; use `lorakit generate --raw` instead")
+    active: str | None = names[0] if names else None
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    print(f"[lorakit chat] adapters: {names or 'none'}; active: {active}. /help for commands.")
+    while True:
+        print(f"[{active or 'base'}] you> ", end="", flush=True)
+        line = stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, rest = line.partition(" ")
+            if cmd == "/quit":
+                break
+            if cmd == "/help":
+                print(CHAT_HELP)
+            elif cmd == "/reset":
+                history = []
+            elif cmd == "/adapters":
+                print(", ".join(("*" if n == active else "") + n for n in names) or "(no adapters loaded)")
+            elif cmd == "/adapter" and (rest.strip() in names or rest.strip() == "none"):
+                active = None if rest.strip() == "none" else rest.strip()
+                print(f"[lorakit chat] active adapter: {active or 'none (base model)'}")
+            else:
+                print(f"unknown command or adapter {line!r}; adapters: {names}\n{CHAT_HELP}")
+            continue
+        history.append({"role": "user", "content": line})
+        ids = _encode(tokenizer, system + history, None)
+        print("assistant> ", end="", flush=True)
+        reply = _generate(model, tokenizer, ids, args, sys.stdout, active)
+        history.append({"role": "assistant", "content": reply})
+    return 0

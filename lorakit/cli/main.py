@@ -1,0 +1,143 @@
+"""The `lorakit` command: train, preprocess, merge, generate, chat, inspect, estimate.
+
+Each verb is a small function taking the parsed arguments; the heavy imports (torch, transformers) happen
+inside them so `lorakit --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from lorakit.cli.generate import add_generate_arguments, run_chat, run_generate
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lorakit.train.config import load_config
+    from lorakit.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, resume=True if args.resume else None)
+    return 0
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from lorakit.train.config import load_config
+    from lorakit.train.data import build_datasets, format_debug, pack_examples
+
+    cfg = load_config(args.config, args.overrides)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
+                                              trust_remote_code=cfg.model.trust_remote_code)
+    train_ex, eval_ex, stats = build_datasets(cfg.data, tokenizer, cfg.training.max_seq_length)
+    for key, value in stats.items():
+        print(f"{key:<28} {value}")
+    if cfg.training.packing:
+        packed = pack_examples(train_ex, cfg.training.max_seq_length)
+        print(f"{'train_packed_rows':<28} {len(packed)}  (packing into {cfg.training.max_seq_length} tokens)")
+    if args.debug:
+        for i, ex in enumerate(train_ex[: args.num_examples]):
+            print(f"\n=== train example {i} ===")
+            print(format_debug(ex["input_ids"], ex["labels"], tokenizer))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from lorakit.cli.merge import merge_to_disk
+
+    out = merge_to_disk(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    print(f"[lorakit] merged model written to {out}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from lorakit.cli.inspect import inspect_model
+
+    print(inspect_model(args.model, ranks=args.ranks, trust_remote_code=args.trust_remote_code))
+    return 0
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from lorakit.cli.inspect import estimate_report
+
+    print(estimate_report(args.model, args.method, args.seq_len, args.batch_size, args.r, args.target,
+                          args.dtype, chunked_loss=not args.no_chunked_loss, double_quant=args.double_quant))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA / QLoRA fine-tuning toolkit.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune a LoRA adapter from a YAML config")
+    p.add_argument("config", help="YAML config file (see examples/quickstart.yaml)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.learning_rate=1e-4")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("preprocess", help="tokenize the data of a config and report (--debug: token by token)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--debug", action="store_true", help="print the first examples token by token with labels")
+    p.add_argument("--num-examples", type=int, default=3)
+    p.set_defaults(func=_preprocess)
+
+    p = sub.add_parser("merge", help="fold an adapter into its full-precision base and save it")
+    p.add_argument("--base", required=True, help="base model (full precision, even for QLoRA adapters)")
+    p.add_argument("--adapter", required=True, help="adapter folder (PEFT format)")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"])
+    p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (transformers syntax)")
+    p.set_defaults(func=_merge)
+
+    p = sub.add_parser("generate", help="generate from a prompt with a base model and optional adapters")
+    add_generate_arguments(p)
+    p.add_argument("--prompt", required=True, action="append", help="a prompt (repeat for several)")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.set_defaults(func=run_generate)
+
+    p = sub.add_parser("chat", help="interactive chat; /adapter NAME switches adapters, /help lists commands")
+    add_generate_arguments(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(func=run_chat)
+
+    p = sub.add_parser("inspect", help="linear modules, suggested target_modules, LoRA parameters per rank")
+    p.add_argument("model", help="Hub id or folder with config.json (no weights are read)")
+    p.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("estimate", help="training memory: weights, adapters, gradients, optimizer, activations")
+    p.add_argument("model", help="Hub id or folder with config.json (no weights are read)")
+    p.add_argument("--method", required=True, choices=["full", "lora", "qlora"])
+    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--target", default="all-linear", help="all-linear | attention | one module name")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-chunked-loss", action="store_true", help="count the full (B*T, V) logits")
+    p.add_argument("--double-quant", action="store_true", help="qlora: double-quantized absmax")
+    p.set_defaults(func=_estimate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; user errors (bad config, missing file, unsupported option) print one line and exit 2.
+
+    Set LORAKIT_TRACEBACK=1 to see the full traceback instead.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as err:
+        if os.environ.get("LORAKIT_TRACEBACK"):
+            raise
+        print(f"lorakit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -134,7 +134,13 @@ def _load_dataset(path: str, split: str) -> Any:
             raise ValueError(
                 f"data file {path!r} has extension {ext!r}; allowed: {sorted(_FILE_BUILDERS)}"
             )
-        return datasets.load_dataset(_FILE_BUILDERS[ext], data_files=path, split="train")
+        with open(path, "rb") as f:
+            if not f.read(1 << 16).strip() and os.path.getsize(path) <= 1 << 16:
+                raise ValueError(f"dataset {path!r} is empty (no records)")
+        try:
+            return datasets.load_dataset(_FILE_BUILDERS[ext], data_files=path, split="train")
+        except Exception as e:
+            raise ValueError(f"could not read {path!r} as {ext} data: {type(e).__name__}: {e}") from e
     if os.path.isdir(path):
         return datasets.load_dataset(path, split=split)
     if ext in _FILE_BUILDERS or path.startswith((".", "/", "~")) or path.count("/") > 1:
@@ -415,6 +421,8 @@ def collate(
     """
     if not batch:
         raise ValueError("collate got an empty batch")
+    if packing and any("seq_lens" not in row for row in batch):
+        raise ValueError("collate(packing=True) needs rows from pack_examples (with 'seq_lens')")
     width = max(len(row["input_ids"]) for row in batch)
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
@@ -429,8 +437,6 @@ def collate(
             position_ids[b, :n] = torch.arange(n)
     out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
     if packing:
-        if any("seq_lens" not in row for row in batch):
-            raise ValueError("collate(packing=True) needs rows from pack_examples (with 'seq_lens')")
         out["attention_mask"] = block_causal_mask([row["seq_lens"] for row in batch], width, mask_dtype)
     else:
         lengths = torch.tensor([len(row["input_ids"]) for row in batch])

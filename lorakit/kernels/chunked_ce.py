@@ -42,15 +42,11 @@ def _check_args(
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be 2-D (N, H), got shape {tuple(hidden.shape)}")
     if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[1]:
-        raise ValueError(
-            f"lm_head_weight must be (V, H={hidden.shape[1]}), got shape {tuple(lm_head_weight.shape)}"
-        )
+        raise ValueError(f"lm_head_weight must be (V, H={hidden.shape[1]}), got shape {tuple(lm_head_weight.shape)}")
     if labels.shape != (hidden.shape[0],):
         raise ValueError(f"labels must be (N={hidden.shape[0]},), got shape {tuple(labels.shape)}")
     if lm_head_bias is not None and lm_head_bias.shape != (lm_head_weight.shape[0],):
-        raise ValueError(
-            f"lm_head_bias must be (V={lm_head_weight.shape[0]},), got shape {tuple(lm_head_bias.shape)}"
-        )
+        raise ValueError(f"lm_head_bias must be (V={lm_head_weight.shape[0]},), got shape {tuple(lm_head_bias.shape)}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if logit_softcap is not None and not logit_softcap > 0:
@@ -215,9 +211,7 @@ def causal_lm_hidden_states(
     if not hasattr(base, "get_decoder"):
         raise ValueError(f"{type(base).__name__} has no get_decoder(): not a transformers causal LM")
     if labels.shape != input_ids.shape:
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
-        )
+        raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
     out = base.get_decoder()(input_ids=input_ids, use_cache=False, **model_kwargs)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # (B, T, H)
     shifted = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # (B, T)

@@ -1,0 +1,99 @@
+"""The YAML schema: unknown keys, bad values, overrides, the resolved config, the shipped example configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorakit.train.config import (
+    CONFIG_FILENAME,
+    ConfigError,
+    apply_overrides,
+    build_config,
+    load_config,
+    parse_override,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = {"model": "m", "data": {"path": "d.jsonl"}}
+
+
+def build(**sections):
+    return build_config({**BASE, **sections})
+
+
+def test_defaults_and_shorthands():
+    cfg = build(quantization="nf4")
+    assert cfg.model.name_or_path == "m"
+    assert cfg.quantization.method == "nf4"
+    assert cfg.training.lr_scheduler_type == "linear" and cfg.training.optim == "adamw_torch"
+    assert cfg.lora_config().task_type in ("CAUSAL_LM", cfg.lora_config().task_type.CAUSAL_LM)
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ({"training": {"learnig_rate": 1e-4}}, "unknown key 'training.learnig_rate'; did you mean 'learning_rate'"),
+    ({"trainng": {}}, "unknown section 'trainng'; did you mean 'training'"),
+    ({"lora": {"lora_alhpa": 8}}, "unknown key 'lora.lora_alhpa'; did you mean 'lora_alpha'"),
+    ({"data": {"path": "x", "val_set_sise": 0.1}}, "did you mean 'val_set_size'"),
+    ({"model": {"name_or_path": "m", "torch_dtyp": "bfloat16"}}, "did you mean 'torch_dtype'"),
+])
+def test_unknown_key_names_the_closest(raw, expected):
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(".", r"\.")):
+        build_config({**BASE, **raw})
+
+
+@pytest.mark.parametrize(("section", "values", "expected"), [
+    ("training", {"lr_scheduler_type": "cosin"}, "training.lr_scheduler_type: 'cosin' is not allowed; "
+                                                 "allowed: cosine, linear, constant"),
+    ("training", {"optim": "adam"}, "allowed: adamw_torch, adamw_torch_fused, adamw_8bit"),
+    ("quantization", {"method": "nf3"}, "quantization.method: 'nf3' is not allowed; allowed: none, nf4"),
+    ("training", {"per_device_train_batch_size": "four"}, "per_device_train_batch_size: 'four' has the wrong "
+                                                          "type; expected int"),
+    ("training", {"per_device_train_batch_size": 0}, "per_device_train_batch_size must be >= 1"),
+    ("training", {"bf16": "yes"}, "training.bf16: 'yes' has the wrong type; expected bool"),
+    ("training", {"warmup_ratio": 1.5}, "warmup_ratio must be in"),
+    ("lora", {"r": "eight"}, "lora.r: 'eight' has the wrong type; expected int"),
+    ("lora", {"target_modules": 3}, "lora.target_modules"),
+])
+def test_bad_value_names_key_and_allowed(section, values, expected):
+    raw = {**BASE, section: values}
+    with pytest.raises(ConfigError) as info:
+        build_config(raw)
+    assert expected in str(info.value)
+
+
+def test_lora_values_checked_by_lora_config():
+    cfg = build(lora={"bias": "everything"})
+    with pytest.raises(ConfigError, match="bias"):
+        cfg.lora_config()
+
+
+def test_overrides():
+    assert parse_override("training.learning_rate=3e-4") == (["training", "learning_rate"], "3e-4")
+    raw = apply_overrides(BASE, ["training.learning_rate=3e-4", "lora.target_modules=[q_proj, v_proj]",
+                                 "model.torch_dtype=bfloat16", "quantization.method=nf4"])
+    cfg = build_config(raw)
+    assert cfg.training.learning_rate == pytest.approx(3e-4)  # YAML 1.1 reads 3e-4 as a string
+    assert cfg.lora["target_modules"] == ["q_proj", "v_proj"]
+    assert cfg.model.name_or_path == "m" and cfg.model.torch_dtype == "bfloat16"
+    assert BASE == {"model": "m", "data": {"path": "d.jsonl"}}  # not modified
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("learning_rate")
+
+
+def test_resolved_config_round_trip(tmp_path):
+    cfg = build(training={"output_dir": str(tmp_path), "max_steps": 7}, lora={"r": 4})
+    path = cfg.save(tmp_path)
+    assert path.name == CONFIG_FILENAME
+    again = load_config(path)
+    assert again.to_dict() == cfg.to_dict()
+    assert yaml.safe_load(path.read_text())["training"]["max_steps"] == 7
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_example_configs_validate(path):
+    cfg = load_config(path)
+    cfg.lora_config()
+    assert Path(cfg.model.name_or_path).exists() or "/" in cfg.model.name_or_path

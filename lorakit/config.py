@@ -204,9 +204,7 @@ class LoraConfig:
                 )
         elif not isinstance(init, bool):
             raise ValueError(f"init_lora_weights={init!r} is invalid; allowed: True, False, 'gaussian'.")
-        if self.use_dora:
-            raise NotImplementedError("use_dora=True (DoRA) is not implemented yet in lorakit.")
-        for name in ("fan_in_fan_out", "use_rslora", "lora_bias", "inference_mode"):
+        for name in ("fan_in_fan_out", "use_rslora", "lora_bias", "inference_mode", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: it must be true or false.")
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 #: Names an adapter may not take: they are attribute names inside wrappers, PEFT's file-key markers, or reserved.
 RESERVED_ADAPTER_NAMES = frozenset(
@@ -62,6 +63,9 @@ class LoraAdapter(nn.Module):
     Shapes: ``lora_A.weight`` (r, in), ``lora_B.weight`` (out, r), ``lora_B.bias`` (out) with ``lora_bias``.
     """
 
+    #: True for variants (DoRA) that transform the base output instead of adding to it.
+    wraps_base_output = False
+
     def __init__(
         self,
         in_features: int,
@@ -80,16 +84,21 @@ class LoraAdapter(nn.Module):
         self.lora_alpha = lora_alpha
         self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(r, out_features, bias=lora_bias, device=device, dtype=dtype)
-        self.reset_parameters(init_lora_weights)
+        # skip_init: allocate without nn.Linear's own init, which reset_parameters would overwrite anyway
+        # (it dominated injection time on models with thousands of targets).
+        self.lora_A = skip_init(nn.Linear, in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = skip_init(nn.Linear, r, out_features, bias=lora_bias, device=device, dtype=dtype)
+        if self.lora_A.weight.device.type != "meta":  # meta tensors hold no values to initialise
+            self.reset_parameters(init_lora_weights)
 
     def reset_parameters(self, init_lora_weights: bool | str) -> None:
         """PEFT's init: A Kaiming-uniform (a=sqrt(5)) and B = 0; ``"gaussian"``: A ~ N(0, 1/r);
-        ``False``: keep nn.Linear's random init for both (B != 0; for tests)."""
-        if init_lora_weights is False:
-            return
+        ``False``: nn.Linear's default random init for both (B != 0; for tests)."""
         with torch.no_grad():
+            if init_lora_weights is False:
+                self.lora_A.reset_parameters()
+                self.lora_B.reset_parameters()
+                return
             if init_lora_weights is True:
                 nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             elif init_lora_weights == "gaussian":
@@ -120,6 +129,8 @@ class LoraEmbeddingAdapter(nn.Module):
     Shapes (PEFT's keys): ``lora_embedding_A`` (r, num_embeddings), ``lora_embedding_B`` (embedding_dim, r).
     Default init is the reverse of the linear case (A = 0, B normal), as in PEFT and loralib.
     """
+
+    wraps_base_output = False
 
     def __init__(
         self,
@@ -186,6 +197,9 @@ class _LoraWrapper(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        #: Per-row adapter names of a mixed batch (``"__base__"``: none), set for one call by
+        #: ``lorakit.variants.mixed.mixed_batch``; None runs the active adapters on every row.
+        self.row_adapters: list[str] | None = None
 
     # ---- adapters -----------------------------------------------------------------------------------------
     def _base_device_dtype(self) -> tuple[torch.device, torch.dtype]:
@@ -215,7 +229,10 @@ class _LoraWrapper(nn.Module):
         from lorakit import quant
 
         adapter = self.adapters[name]
-        delta = self._base_weight_delta_layout(adapter.delta_weight()) * sign
+        if getattr(adapter, "wraps_base_output", False):  # DoRA: the delta depends on the base weight
+            delta = self._base_weight_delta_layout(adapter.merge_delta(self.dora_weight_delta_layout(), sign, self))
+        else:
+            delta = self._base_weight_delta_layout(adapter.delta_weight()) * sign
         base = self.base_layer
         if quant.is_quantized_linear(base):
             weight = quant.dequantize_weight(base) + delta.to(torch.float32)
@@ -289,9 +306,13 @@ class LoraLinear(_LoraWrapper):
         use_rslora: bool = False,
         lora_bias: bool = False,
         init_lora_weights: bool | str = True,
+        use_dora: bool = False,
     ) -> LoraAdapter:
         device, dtype = self._base_device_dtype()
-        adapter = LoraAdapter(
+        klass = LoraAdapter
+        if use_dora:
+            from lorakit.variants.dora import DoraLinearAdapter as klass
+        adapter = klass(
             self.in_features,
             self.out_features,
             r,
@@ -304,15 +325,37 @@ class LoraLinear(_LoraWrapper):
             dtype=dtype,
         )
         self.adapters[name] = adapter
+        if use_dora:
+            adapter.init_magnitude(self)
         return adapter
 
     def _base_weight_delta_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.T if self.fan_in_fan_out else delta  # Conv1D stores (in, out)
 
+    def dora_weight(self) -> tuple[torch.Tensor, bool]:
+        """The base weight as stored (dequantized for 4-bit/8-bit) and whether it is (in, out)."""
+        from lorakit import quant
+
+        if quant.is_quantized_linear(self.base_layer):
+            return quant.dequantize_weight(self.base_layer), False
+        return self.base_layer.weight, self.fan_in_fan_out
+
+    def dora_weight_delta_layout(self) -> torch.Tensor:
+        """The base weight (out, in) in fp32: the layout of ``delta_weight()``."""
+        weight, transposed = self.dora_weight()
+        return (weight.T if transposed else weight).float()
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)  # (..., out)
+        if self.row_adapters is not None and not self.disabled:
+            from lorakit.variants.mixed import mixed_linear_forward
+
+            return mixed_linear_forward(self, x, result)
         for adapter in self._adapters_to_run():
-            result = result + adapter(x).to(result.dtype)
+            if adapter.wraps_base_output:  # DoRA rescales the base output
+                result = adapter.forward_with_base(x, result, self)
+            else:
+                result = result + adapter(x).to(result.dtype)
         return result
 
 
@@ -328,10 +371,14 @@ class LoraEmbedding(_LoraWrapper):
         use_rslora: bool = False,
         lora_bias: bool = False,
         init_lora_weights: bool | str = True,
+        use_dora: bool = False,
     ) -> LoraEmbeddingAdapter:
         device, dtype = self._base_device_dtype()
         base = self.base_layer
-        adapter = LoraEmbeddingAdapter(
+        klass = LoraEmbeddingAdapter
+        if use_dora:
+            from lorakit.variants.dora import DoraEmbeddingAdapter as klass
+        adapter = klass(
             base.num_embeddings,
             base.embedding_dim,
             r,
@@ -344,12 +391,29 @@ class LoraEmbedding(_LoraWrapper):
             dtype=dtype,
         )
         self.adapters[name] = adapter
+        if use_dora:
+            adapter.init_magnitude(self)
         return adapter
+
+    def dora_weight(self) -> tuple[torch.Tensor, bool]:
+        """The weight (vocab, dim): the transpose of DoRA's (out=dim, in=vocab) orientation."""
+        return self.base_layer.weight, True
+
+    def dora_weight_delta_layout(self) -> torch.Tensor:
+        """The weight (vocab, dim) in fp32: the layout of ``delta_weight()``."""
+        return self.base_layer.weight.float()
 
     def forward(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(ids, *args, **kwargs)  # (..., dim)
+        if self.row_adapters is not None and not self.disabled:
+            from lorakit.variants.mixed import mixed_embedding_forward
+
+            return mixed_embedding_forward(self, ids, result)
         for adapter in self._adapters_to_run():
-            result = result + adapter(ids, self.base_layer).to(result.dtype)
+            if adapter.wraps_base_output:  # DoRA rescales the base output
+                result = adapter.forward_with_base(ids, result, self)
+            else:
+                result = result + adapter(ids, self.base_layer).to(result.dtype)
         return result
 
 

@@ -118,6 +118,12 @@ class LoraModel(nn.Module):
     def _wrappers(self) -> Iterator[nn.Module]:
         return (m for m in self.model.modules() if isinstance(m, LORA_WRAPPERS))
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any) -> None:
+        """PEFT's ``add_weighted_adapter``: see ``lorakit.merge.combine.add_weighted_adapter``."""
+        from lorakit.merge.combine import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs)
+
     # ---- merging ------------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the (active) adapters into the base weights, keeping the wrappers (undo with unmerge_adapter)."""

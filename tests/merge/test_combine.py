@@ -1,0 +1,90 @@
+"""``add_weighted_adapter`` against PEFT's for every combination type (seeded where random).
+
+Both sides start from the same three adapters (B != 0, copied through a saved folder), combine them, and the new
+adapter's A and B must agree to 1e-5 (fp32, same float ops; SVD on identical inputs with the same LAPACK).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+import transformers as tf
+
+import lorakit
+
+TOL = 1e-5
+TYPES = [
+    "svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd",
+    "magnitude_prune", "magnitude_prune_svd",
+]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    base = tf.LlamaForCausalLM(cfg).eval()
+    folder = tmp_path_factory.mktemp("adapters")
+    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw), adapter_name="a")
+    pm.add_adapter("b", peft.LoraConfig(**{**kw, "lora_alpha": 4}))
+    pm.add_adapter("c", peft.LoraConfig(**{**kw, "r": 2}))
+    pm.save_pretrained(folder, save_embedding_layers=False)
+    ours = lorakit.PeftModel.from_pretrained(copy.deepcopy(base), folder / "a", adapter_name="a")
+    ours.load_adapter(folder / "b", "b")
+    ours.load_adapter(folder / "c", "c")
+    return pm, ours
+
+
+def _factors(model, name, lorakit_side):
+    out = {}
+    for key, p in model.named_parameters():
+        if f".{name}." in key or key.endswith(f".{name}"):
+            k = key.replace(f".adapters.{name}.", ".") if lorakit_side else key.replace(f".{name}", "")
+            out[k] = p.detach()
+    return out
+
+
+@pytest.mark.parametrize("combination_type", TYPES)
+def test_add_weighted_adapter_equals_peft(pair, combination_type):
+    pm, ours = pair
+    new = f"m_{combination_type}"
+    kwargs = dict(combination_type=combination_type, density=0.5)
+    if combination_type.endswith("svd"):
+        kwargs["svd_rank"] = 3
+    torch.manual_seed(1)
+    pm.add_weighted_adapter(["a", "b"], [0.7, -0.4], new, **kwargs)
+    torch.manual_seed(1)
+    ours.add_weighted_adapter(["a", "b"], [0.7, -0.4], new, **kwargs)
+    want = _factors(pm, new, False)
+    got = _factors(ours, new, True)
+    assert set(got) == set(want) and got
+    for key in want:
+        assert want[key].abs().max() > 0
+        torch.testing.assert_close(got[key], want[key], atol=TOL, rtol=TOL, msg=key)
+    assert not any(p.requires_grad for p in got.values())
+    assert ours.peft_config[new].r == pm.peft_config[new].r
+
+
+def test_cat_and_svd_of_different_ranks_are_exact(pair):
+    """cat: B A = sum_i w_i s_i B_i A_i exactly; svd at full rank (r_a + r_c) reproduces it too."""
+    _, ours = pair
+    ours.add_weighted_adapter(["a", "c"], [1.0, 0.5], "cat_ac", combination_type="cat")
+    ours.add_weighted_adapter(["a", "c"], [1.0, 0.5], "svd_ac", combination_type="svd", svd_rank=6)
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    want = layer.adapters["a"].delta_weight() + 0.5 * layer.adapters["c"].delta_weight()
+    torch.testing.assert_close(layer.adapters["cat_ac"].delta_weight(), want, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(layer.adapters["svd_ac"].delta_weight(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_unequal_ranks_error_names_adapters_and_ranks(pair):
+    _, ours = pair
+    with pytest.raises(ValueError, match=r"'a': r=4, 'c': r=2"):
+        ours.add_weighted_adapter(["a", "c"], [1.0, 1.0], "bad", combination_type="linear")
+    assert "bad" not in ours.peft_config

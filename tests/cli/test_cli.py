@@ -1,0 +1,111 @@
+"""The `lorakit` command: parsing, error messages, inspect, estimate, preprocess, merge, generate, chat."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorakit.cli.generate import parse_adapters, run_chat
+from lorakit.cli.main import build_parser, main
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "examples" / "tiny_model"
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(tmp_path_factory, tiny_model_dir):
+    """A 3-step adapter on the tiny model, trained through `lorakit train`."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("adapter")
+    cfg = {"model": str(tiny_model_dir), "lora": {"r": 4, "target_modules": "all-linear"},
+           "data": {"path": str(REPO / "examples/data/reverse_messages_train.jsonl"), "max_examples": 16},
+           "training": {"output_dir": str(root / "out"), "max_steps": 3, "learning_rate": 0.05,
+                        "disable_tqdm": True, "report_to": "none", "max_seq_length": 64}}
+    (root / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(root / "c.yaml")]) == 0
+    return root / "out"
+
+
+def test_train_reports_config_errors(tmp_path, capsys, tiny_model_dir, config_writer):
+    cfg = config_writer(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "out")
+    assert main(["train", str(cfg), "training.learnig_rate=1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'training.learnig_rate'; did you mean 'learning_rate'" in err
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_parser_verbs():
+    parser = build_parser()
+    args = parser.parse_args(["train", "c.yaml", "training.max_steps=3", "--resume"])
+    assert args.overrides == ["training.max_steps=3"] and args.resume
+    args = parser.parse_args(["merge", "--base", "b", "--adapter", "a", "--out", "o", "--dtype", "bf16"])
+    assert args.dtype == "bf16"
+    assert parse_adapters(["x/ad1", "two=x/ad2"]) == [("ad1", "x/ad1"), ("two", "x/ad2")]
+
+
+def test_inspect_from_config_only(tmp_path, capsys):
+    (tmp_path / "config.json").write_text((TINY / "config.json").read_text())  # no weights
+    assert main(["inspect", str(tmp_path), "--ranks", "4", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "q_proj" in out and "down_proj" in out
+    assert "['q_proj', 'k_proj', 'v_proj', 'o_proj']" in out
+    # r * sum(in + out): attention of 4 layers = 4 * (256 + 192 + 192 + 256) = 3584 per unit rank
+    assert f"{4 * 3584:,}" in out and f"{64 * 3584:,}" in out
+
+
+def test_estimate_terms(tmp_path, capsys):
+    (tmp_path / "config.json").write_text((TINY / "config.json").read_text())
+    assert main(["estimate", str(tmp_path), "--method", "lora", "--seq-len", "64", "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    for term in ("weights", "adapters", "gradients", "optimizer states", "activations (gradient checkpointing)"):
+        assert term in out
+    with pytest.raises(SystemExit):
+        main(["estimate", str(tmp_path), "--method", "lorra", "--seq-len", "8", "--batch-size", "1"])
+
+
+def test_preprocess_debug_marks_masked_tokens(tmp_path, capsys, tiny_model_dir, config_writer):
+    cfg = config_writer(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "out", fmt="messages")
+    assert main(["preprocess", str(cfg), "--debug", "--num-examples", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "train_examples" in out and "(masked)" in out and "label=" in out
+
+
+def test_merge_loads_in_transformers(tmp_path, trained_adapter, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit import PeftModel
+
+    out = tmp_path / "merged"
+    assert main(["merge", "--base", str(tiny_model_dir), "--adapter", str(trained_adapter), "--out", str(out),
+                 "--max-shard-size", "20KB"]) == 0
+    assert len(list(out.glob("*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    AutoTokenizer.from_pretrained(out)
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                         str(trained_adapter)).eval()
+    ids = torch.randint(2, 400, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, unmerged(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_and_chat_switch_adapters(trained_adapter, tiny_model_dir, capsys):
+    assert main(["generate", "--base", str(tiny_model_dir), "--adapter", f"mine={trained_adapter}",
+                 "--prompt", "reverse: cat dog", "--max-new-tokens", "4", "--no-stream"]) == 0
+    args = build_parser().parse_args(["chat", "--base", str(tiny_model_dir), "--adapter", f"a={trained_adapter}",
+                                      "--adapter", f"b={trained_adapter}", "--max-new-tokens", "3"])
+    stdin = io.StringIO("/adapters\n/adapter b\nreverse: cat dog\n/adapter none\nhello\n/quit\n")
+    assert run_chat(args, stdin=stdin) == 0
+    out = capsys.readouterr().out
+    assert "*a, b" in out and "active adapter: b" in out and "active adapter: none" in out
+    assert out.count("assistant> ") == 2
+
+
+def test_summary_of_cli_training(trained_adapter):
+    summary = json.loads((trained_adapter / "summary.json").read_text())
+    assert summary["global_step"] == 3

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lorakit.quant.matmul import dequant_linear
-from lorakit.quant.nf4 import QuantState, dequantize_4bit, quantize_4bit
+from lorakit.quant.nf4 import QuantState, dequantize_4bit, quantize_4bit, zeros_4bit
 
 _QUANT_STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
@@ -102,10 +102,9 @@ class Linear4bit(nn.Module):
         self.blocksize = blocksize
         self.compress_statistics = compress_statistics
         self.quant_storage = quant_storage
-        packed, state = quantize_4bit(
-            torch.zeros(out_features, in_features, device=device), blocksize, quant_type, compress_statistics,
-            quant_storage,
-        )  # fmt: skip
+        packed, state = zeros_4bit(
+            (out_features, in_features), blocksize, quant_type, compress_statistics, quant_storage, device=device
+        )
         self.weight = Params4bit(packed, False, state, quant_storage)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
 

@@ -151,6 +151,8 @@ class Linear8bitLt(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if not isinstance(self.weight, Int8Params):  # load_state_dict(assign=True) made it a plain Parameter
+            self.weight = Int8Params(self.weight.data)
 
     def extra_repr(self) -> str:
         return (

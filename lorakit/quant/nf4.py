@@ -222,6 +222,35 @@ def quantize_4bit(
     return packed, QuantState(qabsmax, A.shape, code, blocksize, quant_type, A.dtype, offset, state2)
 
 
+def zeros_4bit(
+    shape: tuple[int, ...] | torch.Size,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    compress_statistics: bool = False,
+    quant_storage: torch.dtype = torch.uint8,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, QuantState]:
+    """The packed form of an all-zero tensor, built without quantizing (cheap; works on the meta device).
+
+    Without double quantization it equals ``quantize_4bit(torch.zeros(shape, dtype=dtype), ...)``.
+    """
+    _check_quant_type(quant_type)
+    n = math.prod(shape)
+    nblocks = -(-n // blocksize)
+    zero = 7 if quant_type == "nf4" else 0  # the code of 0.0
+    packed = torch.full(((n + 1) // 2, 1), (zero << 4) | zero, dtype=torch.uint8, device=device)
+    packed = _view_storage(packed, quant_storage)
+    code = get_4bit_code(quant_type, device)
+    if not compress_statistics:
+        absmax = torch.zeros(nblocks, device=device)
+        return packed, QuantState(absmax, torch.Size(shape), code, blocksize, quant_type, dtype)
+    codes = torch.full((nblocks,), 127, dtype=torch.uint8, device=device)  # dynamic map [127] == 0
+    state2 = NestedState(torch.zeros(-(-nblocks // NESTED_BLOCKSIZE), device=device), create_dynamic_map(device))
+    offset = torch.zeros((), device=device)
+    return packed, QuantState(codes, torch.Size(shape), code, blocksize, quant_type, dtype, offset, state2)
+
+
 def dequantize_4bit(packed: torch.Tensor, quant_state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``code[q_i] * absmax[i // blocksize]`` in fp32, cast to ``quant_state.dtype``, in ``quant_state.shape``.
 

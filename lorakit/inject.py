@@ -14,7 +14,9 @@ import warnings
 from collections.abc import Iterable
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
+from lorakit import quant
 from lorakit.config import LoraConfig, TaskType
 from lorakit.layers import LORA_WRAPPERS, LoraEmbedding, LoraLinear, ModulesToSaveWrapper, _LoraWrapper
 
@@ -47,20 +49,9 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")
 
 
-def _conv1d_type() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return None
-    return Conv1D
-
-
 def linear_features(module: nn.Module) -> tuple[int, int, bool] | None:
     """``(in_features, out_features, fan_in_fan_out)`` for a linear-like module, or None if it is not one."""
-    from lorakit import quant
-
-    conv1d = _conv1d_type()
-    if conv1d is not None and isinstance(module, conv1d):
+    if isinstance(module, Conv1D):
         in_f, out_f = module.weight.shape  # Conv1D stores (in, out)
         return in_f, out_f, True
     if isinstance(module, nn.Linear) or quant.is_quantized_linear(module):

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import skip_init
 
 #: Names an adapter may not take: they are attribute names inside wrappers, PEFT's file-key markers, or reserved.
 RESERVED_ADAPTER_NAMES = frozenset(
@@ -57,6 +56,20 @@ def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     return base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def _empty_linear(
+    in_features: int, out_features: int, bias: bool, device: torch.device | None, dtype: torch.dtype
+) -> nn.Linear:
+    """An ``nn.Linear`` with uninitialised storage. ``nn.Linear(...)`` runs its own random init, which the
+    adapter's init overwrites at once; on models with thousands of targets (and on the meta device, where
+    random init goes through slow decompositions) that wasted init dominated injection time."""
+    linear = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(linear)
+    linear.in_features, linear.out_features = in_features, out_features
+    linear.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+    linear.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+    return linear
+
+
 class LoraAdapter(nn.Module):
     """One named adapter of a linear layer: ``scaling * lora_B(lora_A(dropout(x)))``.
 
@@ -84,10 +97,8 @@ class LoraAdapter(nn.Module):
         self.lora_alpha = lora_alpha
         self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        # skip_init: allocate without nn.Linear's own init, which reset_parameters would overwrite anyway
-        # (it dominated injection time on models with thousands of targets).
-        self.lora_A = skip_init(nn.Linear, in_features, r, bias=False, device=device, dtype=dtype)
-        self.lora_B = skip_init(nn.Linear, r, out_features, bias=lora_bias, device=device, dtype=dtype)
+        self.lora_A = _empty_linear(in_features, r, False, device, dtype)
+        self.lora_B = _empty_linear(r, out_features, lora_bias, device, dtype)
         if self.lora_A.weight.device.type != "meta":  # meta tensors hold no values to initialise
             self.reset_parameters(init_lora_weights)
 

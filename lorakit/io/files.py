@@ -70,7 +70,7 @@ def resolve_file(
     if os.path.isdir(os.fspath(path_or_repo)):
         return local if os.path.isfile(local) else None
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
 
     allowed = {"revision", "cache_dir", "token", "local_files_only", "force_download"}
     kwargs = {k: v for k, v in hub_kwargs.items() if k in allowed}
@@ -78,7 +78,9 @@ def resolve_file(
         return hf_hub_download(str(path_or_repo), filename, subfolder=subfolder or None, **kwargs)
     except EntryNotFoundError:
         return None
-    except RepositoryNotFoundError as e:
+    except (HFValidationError, LocalEntryNotFoundError, OSError) as e:
+        # RepositoryNotFoundError and network errors are OSErrors too.
         raise FileNotFoundError(
-            f"{str(path_or_repo)!r} is neither a local folder nor a Hub repository that could be reached."
+            f"{str(path_or_repo)!r} is not a local folder, and no Hub repository of that name could be read "
+            f"({type(e).__name__}). Check the path, or the repo id and your network/cache."
         ) from e

@@ -1,0 +1,92 @@
+"""LoraConfig: PEFT's defaults and keys, JSON round trip, forward compatibility, validation errors."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+
+from lorakit import LoraConfig, TaskType
+from lorakit.config import CONFIG_NAME
+
+
+def test_defaults_equal_peft() -> None:
+    ours = LoraConfig().to_dict()
+    theirs = peft.LoraConfig().to_dict()
+    for key in ("r", "lora_alpha", "lora_dropout", "bias", "fan_in_fan_out", "use_rslora", "init_lora_weights",
+                "lora_bias", "use_dora", "inference_mode", "rank_pattern", "alpha_pattern", "target_modules",
+                "modules_to_save", "layers_to_transform", "layers_pattern", "exclude_modules", "task_type"):
+        assert ours[key] == theirs[key], key
+
+
+def test_written_keys_equal_peft(tmp_path) -> None:
+    LoraConfig(target_modules=["q_proj"], task_type="CAUSAL_LM").save_pretrained(tmp_path)
+    data = json.loads((tmp_path / CONFIG_NAME).read_text())
+    peft_keys = set(peft.LoraConfig(target_modules=["q_proj"]).to_dict())
+    assert set(data) == peft_keys
+    assert data["peft_type"] == "LORA" and data["task_type"] == "CAUSAL_LM"
+    assert data["target_modules"] == ["q_proj"]
+    # PEFT reads it back
+    assert peft.LoraConfig.from_pretrained(str(tmp_path)).target_modules == {"q_proj"}
+
+
+def test_round_trip(tmp_path) -> None:
+    cfg = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.1, bias="lora_only",
+                     use_rslora=True, rank_pattern={"v_proj": 4}, alpha_pattern={"q_proj": 8},
+                     layers_to_transform=[0], layers_pattern="layers", task_type=TaskType.SEQ_CLS,
+                     modules_to_save=["score"])
+    cfg.save_pretrained(tmp_path)
+    assert LoraConfig.from_pretrained(tmp_path) == cfg
+
+
+def test_peft_written_config_loads(tmp_path) -> None:
+    peft.LoraConfig(r=4, target_modules=["c_attn"], task_type="CAUSAL_LM").save_pretrained(str(tmp_path))
+    cfg = LoraConfig.from_pretrained(tmp_path)
+    assert cfg.r == 4 and cfg.target_modules == ["c_attn"] and cfg.task_type == TaskType.CAUSAL_LM
+
+
+def test_unknown_keys_dropped_with_warning() -> None:
+    data = LoraConfig(target_modules=["q"]).to_dict() | {"shiny_new_option": 3}
+    with pytest.warns(UserWarning, match="shiny_new_option"):
+        cfg = LoraConfig.from_dict(data)
+    assert cfg.target_modules == ["q"]
+
+
+def test_unsupported_peft_feature_switched_on_raises() -> None:
+    data = LoraConfig().to_dict() | {"layer_replication": [[0, 2]]}
+    with pytest.raises(NotImplementedError, match="layer_replication"):
+        LoraConfig.from_dict(data)
+
+
+def test_missing_folder() -> None:
+    with pytest.raises(FileNotFoundError, match="not a local folder"):
+        LoraConfig.from_pretrained("/nonexistent/dir/for/sure")
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"r": 0}, "r=0"),
+        ({"r": -3}, "r=-3"),
+        ({"r": 2.5}, "r=2.5"),
+        ({"lora_dropout": 1.0}, "lora_dropout=1.0"),
+        ({"lora_dropout": -0.1}, "lora_dropout=-0.1"),
+        ({"bias": "some"}, "bias='some'"),
+        ({"target_modules": "q_proj(["}, "target_modules"),
+        ({"target_modules": []}, "target_modules"),
+        ({"task_type": "CAUSAL"}, "task_type='CAUSAL'"),
+        ({"init_lora_weights": "uniform"}, "init_lora_weights='uniform'"),
+        ({"rank_pattern": {"q": 0}}, "rank_pattern"),
+        ({"layers_pattern": "layers"}, "layers_pattern"),
+    ],
+)
+def test_invalid_values_name_the_field(kwargs, field) -> None:
+    with pytest.raises(ValueError) as err:
+        LoraConfig(**kwargs)
+    assert field in str(err.value)
+
+
+def test_rslora_scaling() -> None:
+    assert LoraConfig(r=16, lora_alpha=8, use_rslora=True).scaling_for(16, 8) == 2.0
+    assert LoraConfig(r=16, lora_alpha=8).scaling_for(16, 8) == 0.5

@@ -1,0 +1,141 @@
+"""LoRA adapters and wrappers: the forward formula, dtypes, merging (idempotent, exact), Conv1D and Embedding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lorakit.layers import LoraEmbedding, LoraLinear, check_adapter_name
+
+
+def _linear_wrapper(bias: bool = True, lora_bias: bool = False, dropout: float = 0.0) -> LoraLinear:
+    base = nn.Linear(6, 5, bias=bias)
+    w = LoraLinear(base, 6, 5, fan_in_fan_out=False)
+    w.add_adapter("a", r=3, lora_alpha=6, lora_dropout=dropout, lora_bias=lora_bias, init_lora_weights=False)
+    w.set_active(["a"])
+    return w
+
+
+def test_forward_formula() -> None:
+    w = _linear_wrapper()
+    x = torch.randn(4, 6)
+    ad = w.adapters["a"]
+    expected = w.base_layer(x) + (x @ ad.lora_A.weight.T @ ad.lora_B.weight.T) * 2.0  # scaling = 6 / 3
+    torch.testing.assert_close(w(x), expected)
+    assert (w(x) - w.base_layer(x)).abs().max() > 1e-3
+
+
+def test_rslora_scaling_used() -> None:
+    base = nn.Linear(4, 4)
+    w = LoraLinear(base, 4, 4, fan_in_fan_out=False)
+    assert w.add_adapter("a", r=16, lora_alpha=8, use_rslora=True).scaling == 2.0
+
+
+def test_default_init_is_identity_and_gaussian() -> None:
+    w = LoraLinear(nn.Linear(6, 5), 6, 5, fan_in_fan_out=False)
+    ad = w.add_adapter("a", r=4, lora_alpha=4)
+    assert torch.count_nonzero(ad.lora_B.weight) == 0 and torch.count_nonzero(ad.lora_A.weight) > 0
+    g = w.add_adapter("g", r=4, lora_alpha=4, init_lora_weights="gaussian")
+    assert torch.count_nonzero(g.lora_B.weight) == 0
+    assert abs(g.lora_A.weight.std().item() - 0.25) < 0.15  # N(0, 1/r), r = 4; 24 samples
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("lora_bias", [False, True])
+def test_merge_equals_unmerged_and_is_idempotent(bias: bool, lora_bias: bool) -> None:
+    if lora_bias and not bias:
+        pytest.skip("lora_bias merges into the base bias")
+    w = _linear_wrapper(bias=bias, lora_bias=lora_bias)
+    if lora_bias:
+        nn.init.normal_(w.adapters["a"].lora_B.bias)
+    x = torch.randn(4, 6)
+    before = w(x)
+    w0 = w.base_layer.weight.detach().clone()
+    w.merge()
+    torch.testing.assert_close(w(x), before, atol=1e-6, rtol=0)
+    w.merge()  # twice: nothing changes
+    torch.testing.assert_close(w(x), before, atol=1e-6, rtol=0)
+    assert w.merged_adapters == ["a"]
+    w.unmerge()
+    torch.testing.assert_close(w.base_layer.weight, w0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(w(x), before, atol=1e-6, rtol=0)
+
+
+def test_safe_merge_refuses_non_finite() -> None:
+    w = _linear_wrapper()
+    with torch.no_grad():
+        w.adapters["a"].lora_B.weight[0, 0] = float("inf")
+    w0 = w.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="non-finite"):
+        w.merge(safe_merge=True)
+    torch.testing.assert_close(w.base_layer.weight, w0)
+
+
+def test_conv1d_fan_in_fan_out() -> None:
+    base = Conv1D(5, 6)  # nf=5 outputs, nx=6 inputs; weight (6, 5)
+    nn.init.normal_(base.weight)
+    w = LoraLinear(base, 6, 5, fan_in_fan_out=True)
+    w.add_adapter("a", r=2, lora_alpha=4, init_lora_weights=False)
+    w.set_active(["a"])
+    x = torch.randn(3, 6)
+    out = w(x)
+    ad = w.adapters["a"]
+    torch.testing.assert_close(out, base(x) + 2.0 * (x @ ad.lora_A.weight.T @ ad.lora_B.weight.T))
+    w.merge()
+    torch.testing.assert_close(w(x), out, atol=1e-5, rtol=0)
+
+
+def test_embedding_adapter_and_merge() -> None:
+    base = nn.Embedding(11, 4, padding_idx=0)
+    w = LoraEmbedding(base)
+    ad = w.add_adapter("a", r=2, lora_alpha=2, init_lora_weights=False)
+    w.set_active(["a"])
+    ids = torch.tensor([[1, 2, 3, 0]])
+    out = w(ids)
+    expected = base(ids) + ad.lora_embedding_A.T[ids] @ ad.lora_embedding_B.T
+    torch.testing.assert_close(out, expected)
+    w.merge()
+    torch.testing.assert_close(w(ids), out, atol=1e-5, rtol=0)
+
+
+def test_adapters_keep_fp32_over_bf16_base_and_autocast() -> None:
+    base = nn.Linear(8, 8).to(torch.bfloat16)
+    w = LoraLinear(base, 8, 8, fan_in_fan_out=False)
+    ad = w.add_adapter("a", r=2, lora_alpha=2, init_lora_weights=False)
+    w.set_active(["a"])
+    assert ad.lora_A.weight.dtype == torch.float32
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    assert w(x).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = w(x.float())
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert ad.lora_A.weight.grad is not None and ad.lora_A.weight.grad.dtype == torch.float32
+
+
+def test_no_input_copy_without_dropout() -> None:
+    """With dropout 0 the adapter sees the very tensor the base sees (no copy)."""
+    w = _linear_wrapper(dropout=0.0)
+    seen = []
+    w.adapters["a"].lora_A.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x = torch.randn(2, 6)
+    w(x)
+    assert seen[0] is x
+
+
+def test_disabled_and_inactive_return_base() -> None:
+    w = _linear_wrapper()
+    x = torch.randn(2, 6)
+    w.disabled = True
+    torch.testing.assert_close(w(x), w.base_layer(x))
+    w.disabled = False
+    w.set_active([])
+    torch.testing.assert_close(w(x), w.base_layer(x))
+
+
+@pytest.mark.parametrize("name", ["", "a.b", "lora_x", "base_layer", "adapters", "__base__", "weight"])
+def test_reserved_adapter_names_rejected(name: str) -> None:
+    with pytest.raises(ValueError, match="adapter_name"):
+        check_adapter_name(name)

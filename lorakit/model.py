@@ -208,11 +208,21 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
     # ---- pass-through -------------------------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.get_base_model()(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The model's forward; ``adapter_names`` (one per row, ``"__base__"`` for none) mixes adapters in a batch."""
+        with self._mixed_batch(adapter_names):
+            return self.get_base_model()(*args, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.get_base_model().generate(*args, **kwargs)
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        with self._mixed_batch(adapter_names):
+            return self.get_base_model().generate(*args, **kwargs)
+
+    def _mixed_batch(self, adapter_names: list[str] | None) -> contextlib.AbstractContextManager[None]:
+        if adapter_names is None:
+            return contextlib.nullcontext()
+        from lorakit.variants.mixed import mixed_batch
+
+        return mixed_batch(self.get_base_model(), adapter_names, list(self.peft_config))
 
     def get_base_model(self) -> nn.Module:
         """The transformers model (adapted in place)."""

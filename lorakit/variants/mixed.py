@@ -1,0 +1,147 @@
+"""Mixed-adapter batches: each row of a batch runs its own adapter (``"__base__"``: none).
+
+``PeftModel.forward/generate(..., adapter_names=[...])`` sets the row names on every wrapper for the duration of
+the call (``mixed_batch``); the wrappers then gather each row's factors and run batched matmuls instead of
+looping over adapters with masked copies (PEFT). With ``n`` adapters of ranks ``r_i`` padded to ``R = max r_i``
+(zero rows of A and zero columns of B add nothing) and slot 0 all zeros for ``"__base__"``:
+
+    A_all (n+1, R, in),  B_all (n+1, out, R) = s_i B_i,   idx (batch,) row -> slot
+    h = bmm(x, A_all[idx]^T)        (batch, T, R)
+    y = result + bmm(h, B_all[idx]^T)                       (batch, T, out)
+    DoRA: y = (result - b + bmm(...)) * g_all[idx] + b,     g_all (n+1, out) = m / ||W + s B A||_c, 1 for LoRA rows
+
+Gathering keeps autograd, so mixed batches train. Per-row dropout uses each adapter's own ``p``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.layers import LORA_WRAPPERS, LoraEmbeddingAdapter, ModulesToSaveWrapper
+
+BASE = "__base__"
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names: list[str], known: list[str]) -> Iterator[None]:
+    """Within the block, row ``i`` of every batch uses adapter ``adapter_names[i]`` in every wrapper of ``model``."""
+    names = list(adapter_names)
+    unknown = sorted({n for n in names if n != BASE and n not in known})
+    if unknown:
+        raise ValueError(f"adapter_names has unknown adapters {unknown}; available: {sorted(known)} or {BASE!r}.")
+    wrappers = []
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper) and set(names) & set(module.modules_to_save):
+            raise NotImplementedError("adapter_names= with modules_to_save adapters is not implemented in lorakit.")
+        if isinstance(module, LORA_WRAPPERS):
+            merged = set(module.merged_adapters)
+            if merged:
+                raise ValueError(f"adapter_names= needs unmerged adapters; {sorted(merged)} are merged: unmerge first.")
+            wrappers.append(module)
+    for module in wrappers:
+        module.row_adapters = names
+    try:
+        yield
+    finally:
+        for module in wrappers:
+            module.row_adapters = None
+
+
+def _slots(wrapper: nn.Module, batch: int, device: torch.device) -> tuple[list[nn.Module], torch.Tensor]:
+    """The adapters present in the batch (slot i+1) and the slot of each row (batch,); slot 0 is "no adapter"."""
+    names = wrapper.row_adapters
+    if batch != len(names):
+        if batch % len(names):
+            raise ValueError(f"adapter_names has {len(names)} entries for a batch of {batch} rows.")
+        names = [n for n in names for _ in range(batch // len(names))]  # generate() expands rows in place
+    present = list(dict.fromkeys(n for n in names if n in wrapper.adapters))
+    slot = {n: i + 1 for i, n in enumerate(present)}
+    idx = torch.tensor([slot.get(n, 0) for n in names], device=device)
+    return [wrapper.adapters[n] for n in present], idx
+
+
+def _stack_factors(adapters: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A_all`` (n+1, R, in) and ``B_all`` (n+1, out, R) with the scaling folded into B; slot 0 zeros."""
+    rank = max(ad.r for ad in adapters)
+    a_list, b_list = [], []
+    for ad in adapters:
+        if isinstance(ad, LoraEmbeddingAdapter):
+            a, b = ad.lora_embedding_A, ad.lora_embedding_B
+        else:
+            a, b = ad.lora_A.weight, ad.lora_B.weight
+        a_list.append(F.pad(a, (0, 0, 0, rank - ad.r)))  # (R, in)
+        b_list.append(F.pad(b * ad.scaling, (0, rank - ad.r)))  # (out, R)
+    a_all = torch.stack([torch.zeros_like(a_list[0])] + a_list)
+    b_all = torch.stack([torch.zeros_like(b_list[0])] + b_list)
+    return a_all, b_all
+
+
+def _magnitudes(wrapper: nn.Module, adapters: list[nn.Module], b_all: torch.Tensor) -> torch.Tensor | None:
+    """``g_all`` (n+1, out): DoRA's ``m / ||W + s B A||_c`` per slot, 1 for LoRA slots; None without DoRA."""
+    if not any(ad.wraps_base_output for ad in adapters):
+        return None
+    ones = torch.ones(b_all.shape[1], device=b_all.device, dtype=b_all.dtype)  # (out,)
+    rows = [ones] + [
+        ad.lora_magnitude_vector / ad.row_norm(wrapper) if ad.wraps_base_output else ones for ad in adapters
+    ]
+    return torch.stack(rows)
+
+
+def _dropped(x: torch.Tensor, adapters: list[nn.Module], idx: torch.Tensor, training: bool) -> torch.Tensor:
+    """Each row dropped out with its own adapter's ``p`` (batch, T, in)."""
+    if not training:
+        return x
+    out = x
+    for slot, ad in enumerate(adapters, start=1):
+        if isinstance(ad.dropout, nn.Dropout):
+            rows = (idx == slot).view(-1, *([1] * (x.dim() - 1)))
+            out = torch.where(rows, ad.dropout(x), out)
+    return out
+
+
+def mixed_linear_forward(wrapper: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """``result`` (batch, ..., out) plus each row's adapter on ``x`` (batch, ..., in)."""
+    adapters, idx = _slots(wrapper, x.shape[0], x.device)
+    if not adapters:
+        return result
+    a_all, b_all = _stack_factors(adapters)
+    if not torch.is_autocast_enabled(x.device.type) and x.dtype != a_all.dtype:
+        x = x.to(a_all.dtype)
+    x3 = _dropped(x, adapters, idx, wrapper.training).reshape(x.shape[0], -1, x.shape[-1])  # (batch, T, in)
+    h = torch.bmm(x3, a_all[idx].transpose(1, 2))  # (batch, T, R)
+    lora = torch.bmm(h, b_all[idx].transpose(1, 2)).reshape(result.shape).to(result.dtype)  # (batch, ..., out)
+    if any(getattr(ad.lora_B, "bias", None) is not None for ad in adapters):
+        zeros = torch.zeros(result.shape[-1], device=x.device, dtype=a_all.dtype)
+        biases = torch.stack([zeros] + [ad.lora_B.bias * ad.scaling if ad.lora_B.bias is not None else zeros
+                                        for ad in adapters])  # (n+1, out)
+        lora = lora + biases[idx].view(x.shape[0], *([1] * (result.dim() - 2)), -1).to(result.dtype)
+    g_all = _magnitudes(wrapper, adapters, b_all)
+    if g_all is None:
+        return result + lora
+    g = g_all[idx].view(x.shape[0], *([1] * (result.dim() - 2)), -1).to(result.dtype)  # (batch, 1.., out)
+    bias = getattr(wrapper.base_layer, "bias", None)
+    if bias is None:
+        return (result + lora) * g
+    bias = bias.to(result.dtype)
+    return (result - bias + lora) * g + bias
+
+
+def mixed_embedding_forward(wrapper: nn.Module, ids: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """``result`` (batch, T, dim) plus each row's embedding adapter on ``ids`` (batch, T)."""
+    adapters, idx = _slots(wrapper, ids.shape[0], ids.device)
+    if not adapters:
+        return result
+    a_all, b_all = _stack_factors(adapters)  # (n+1, R, vocab), (n+1, dim, R)
+    ids2 = ids.reshape(ids.shape[0], -1)  # (batch, T)
+    h = a_all.transpose(1, 2)[idx[:, None], ids2]  # (batch, T, R)
+    lora = torch.bmm(h, b_all[idx].transpose(1, 2)).reshape(result.shape).to(result.dtype)  # (batch, T, dim)
+    g_all = _magnitudes(wrapper, adapters, b_all)
+    if g_all is None:
+        return result + lora
+    g = g_all[idx].view(ids.shape[0], *([1] * (result.dim() - 2)), -1).to(result.dtype)
+    return (result + lora) * g

@@ -1,0 +1,117 @@
+"""Mixed-adapter batches (``adapter_names=``): each row equals a single-adapter run of that row (1e-5, fp32),
+in eval and in training (gradients), with adapters of different ranks, DoRA, an embedding adapter and
+``"__base__"``; and equal to PEFT's ``adapter_names`` path for LoRA adapters.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+import transformers as tf
+
+import lorakit
+
+TOL = 1e-5
+ROWS = ["a", "b", "__base__", "c", "a"]
+
+
+def _base():
+    cfg = tf.LlamaConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+def _model(dora_c: bool = True):
+    model = lorakit.get_peft_model(
+        _base(), lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], init_lora_weights=False),
+        adapter_name="a",
+    )
+    model.add_adapter("b", lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"],
+                                              init_lora_weights=False))
+    model.add_adapter("c", lorakit.LoraConfig(r=4, target_modules=["v_proj", "down_proj"], use_dora=dora_c,
+                                              init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.2)
+    return model
+
+
+def _row(model, ids, name):
+    if name == "__base__":
+        with model.disable_adapter():
+            return model(ids).logits
+    model.set_adapter(name)
+    return model(ids).logits
+
+
+def test_mixed_batch_equals_per_row_runs():
+    model = _model().eval()
+    ids = torch.randint(0, 61, (len(ROWS), 6))
+    with torch.no_grad():
+        got = model(ids, adapter_names=ROWS).logits
+        rows = [_row(model, ids[i : i + 1], n) for i, n in enumerate(ROWS)]
+    assert all(w.row_adapters is None for w in model.modules() if hasattr(w, "row_adapters"))
+    for i, want in enumerate(rows):
+        torch.testing.assert_close(got[i : i + 1], want, atol=TOL, rtol=TOL)
+    assert (rows[0] - rows[2]).abs().max() > 1e-3  # adapters change the outputs
+
+
+def test_mixed_batch_trains():
+    model = _model()
+    model.train()
+    ids = torch.randint(0, 61, (len(ROWS), 6))
+    weights = torch.randn(len(ROWS), 6, 61)
+    (model(ids, adapter_names=ROWS).logits * weights).sum().backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    mixed = {n: p.grad.clone() for n, p in trainable.items()}
+    model.zero_grad()
+    for i, name in enumerate(ROWS):
+        if name != "__base__":  # the base row has no trainable path
+            (_row(model, ids[i : i + 1], name) * weights[i : i + 1]).sum().backward()
+    for n, p in trainable.items():
+        torch.testing.assert_close(mixed[n], p.grad, atol=TOL, rtol=1e-4, msg=n)
+
+
+def test_mixed_batch_generate_equals_per_row():
+    model = _model().eval()
+    ids = torch.randint(1, 61, (len(ROWS), 5))
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    got = model.generate(input_ids=ids, adapter_names=ROWS, **kw)
+    for i, name in enumerate(ROWS):
+        if name == "__base__":
+            with model.disable_adapter():
+                want = model.generate(input_ids=ids[i : i + 1], **kw)
+        else:
+            model.set_adapter(name)
+            want = model.generate(input_ids=ids[i : i + 1], **kw)
+        n = want.shape[1]  # a row that hit EOS is padded in the batch
+        assert torch.equal(got[i : i + 1, :n], want) and (got[i, n:] == 0).all()
+
+
+def test_mixed_batch_equals_peft(tmp_path):
+    ours = _model(dora_c=False).eval()
+    ours.save_pretrained(tmp_path)
+    base = _base()
+    ours_base = copy.deepcopy(base)
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "a", adapter_name="a").eval()
+    ours = lorakit.PeftModel.from_pretrained(ours_base, tmp_path / "a", adapter_name="a")
+    for name in ("b", "c"):
+        theirs.load_adapter(tmp_path / name, name)
+        ours.load_adapter(tmp_path / name, name)
+    ids = torch.randint(0, 61, (len(ROWS), 6))
+    with torch.no_grad():
+        want = theirs(input_ids=ids, adapter_names=ROWS).logits
+        got = ours(ids, adapter_names=ROWS).logits
+    torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+
+
+def test_unknown_adapter_name_is_refused():
+    model = _model()
+    with pytest.raises(ValueError, match="unknown adapters"):
+        model(torch.zeros(1, 3, dtype=torch.long), adapter_names=["nope"])

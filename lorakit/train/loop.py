@@ -128,7 +128,8 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     if t.fp16 and not torch.cuda.is_available():
         raise ValueError("training.fp16=true needs a CUDA GPU; on CPU use training.bf16=true")
     precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "no"
-    accelerator = Accelerator(mixed_precision=precision)
+    # cpu=True on a machine without CUDA: accelerate only enters MULTI_CPU (gloo) mode under torchrun with it
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     set_seed(t.seed)
     say = accelerator.print
@@ -215,7 +216,7 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     logger = MetricsLogger(out_dir, main, tensorboard=t.report_to != "none",
                            resume_step=start_step if resumed_from else None)
     if main and not resumed_from:
-        logger.log(0, {f"data_{k}": v for k, v in data_stats.items() if isinstance(v, int | float)})
+        logger.log(0, {f"data_{k}": v for k, v in data_stats.items()})
 
     # 7. exact match before training --------------------------------------------------------------------
     ev = cfg.evaluation

@@ -247,7 +247,10 @@ class PeftModel(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Enable checkpointing on the base model and make the (frozen) embeddings' output require grad."""
         base = self.get_base_model()
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
         if hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
 
@@ -337,10 +340,17 @@ class PeftModel(nn.Module):
             raise ValueError(f"selected_adapters {unknown} not found; available: {sorted(self.peft_config)}.")
         if not is_main_process:
             return
+        initial = kwargs.pop("path_initial_model_for_weight_conversion", None)
         for name in names:
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
             state = get_adapter_state_dict(self, name, config.bias)
+            if initial is not None:  # a plain rank-2r LoRA for the original base (pissa/olora/...)
+                from lorakit.variants.init import convert_to_plain_lora, converted_config
+
+                sub = None if name == "default" else name
+                state = convert_to_plain_lora(state, load_adapter_weights(os.fspath(initial), subfolder=sub))
+                config = converted_config(config)
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
             with atomic_directory(folder) as tmp:
                 save_adapter_weights(state, tmp, safe_serialization)

@@ -22,8 +22,8 @@ PEFT_FORMAT_VERSION = "0.21.2"
 
 #: ``init_lora_weights`` values implemented here; the others are accepted by name and raise
 #: ``NotImplementedError`` until the variants module implements them.
-INIT_METHODS_IMPLEMENTED = (True, False, "gaussian")
-INIT_METHODS_PLANNED = ("pissa", "olora", "loftq", "eva", "corda", "orthogonal")
+INIT_METHODS_IMPLEMENTED = (True, False, "gaussian", "pissa", "olora")  # and "pissa_niter_<K>"
+INIT_METHODS_PLANNED = ("loftq", "eva", "corda", "orthogonal")
 
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -190,12 +190,16 @@ class LoraConfig:
         init = self.init_lora_weights
         if isinstance(init, str):
             method = init.lower()
-            if method == "gaussian":
-                self.init_lora_weights = "gaussian"
-            elif method in INIT_METHODS_PLANNED or method.startswith("pissa_niter_"):
+            if method in ("gaussian", "pissa", "olora"):
+                self.init_lora_weights = method
+            elif method.startswith("pissa_niter_"):
+                if not method.removeprefix("pissa_niter_").isdigit():
+                    raise ValueError(f"init_lora_weights={init!r}: write 'pissa_niter_<K>' with K an integer.")
+                self.init_lora_weights = method
+            elif method in INIT_METHODS_PLANNED:
                 raise NotImplementedError(
                     f"init_lora_weights={init!r} is not implemented yet in lorakit; available: True, False, "
-                    "'gaussian'."
+                    "'gaussian', 'pissa', 'pissa_niter_<K>', 'olora'."
                 )
             else:
                 raise ValueError(

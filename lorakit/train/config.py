@@ -214,6 +214,7 @@ _SECTIONS: dict[str, type] = {
     "evaluation": GenerationEvalConfig,
 }
 _ALL_SECTIONS = ("model", "quantization", "lora", "data", "training", "evaluation")
+_SHORTHANDS = {"model": "name_or_path", "quantization": "method"}  # `model: path`, `quantization: nf4`
 
 
 def _closest(name: str, valid: typing.Iterable[str]) -> str:
@@ -349,7 +350,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     key, value = text.split("=", 1)
     parts = key.strip().split(".")
-    if len(parts) < 2 or not all(parts):
+    if (len(parts) < 2 and parts[0] not in _SHORTHANDS) or not all(parts):
         raise ConfigError(f"override {text!r}: the key must be section.key (e.g. training.learning_rate)")
     return parts, yaml.safe_load(value) if value.strip() else None
 
@@ -359,10 +360,12 @@ def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dic
     out = yaml.safe_load(yaml.safe_dump(raw, sort_keys=False))  # deep copy of plain data
     for text in overrides:
         parts, value = parse_override(text)
+        if len(parts) == 1 and isinstance(out.get(parts[0]), dict):  # `quantization=nf4` keeps the other keys
+            parts = [parts[0], _SHORTHANDS[parts[0]]]
         node = out
         for part in parts[:-1]:
-            if isinstance(node.get(part), str) and part in ("model", "quantization"):
-                node[part] = {"name_or_path" if part == "model" else "method": node[part]}
+            if isinstance(node.get(part), str) and part in _SHORTHANDS:
+                node[part] = {_SHORTHANDS[part]: node[part]}
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: '{part}' is not a section")

@@ -21,18 +21,22 @@ def load_base_model(name_or_path: str, torch_dtype: str = "float32", quantizatio
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if quantization is not None and quantization.method != "none":
-        from lorakit.quant import BitsAndBytesConfig, load_model
+        from lorakit.quant.config import BitsAndBytesConfig
+        from lorakit.quant.load import load_model
 
         q = quantization
         bnb = BitsAndBytesConfig(
             load_in_4bit=q.method in ("nf4", "fp4"), load_in_8bit=q.method == "int8",
             bnb_4bit_quant_type=q.method if q.method in ("nf4", "fp4") else "nf4",
             bnb_4bit_compute_dtype=DTYPES[q.bnb_4bit_compute_dtype],
-            bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+            bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant, bnb_4bit_quant_storage=q.bnb_4bit_quant_storage,
             llm_int8_threshold=q.llm_int8_threshold, llm_int8_skip_modules=q.llm_int8_skip_modules,
         )
-        model, tokenizer = load_model(name_or_path, quantization_config=bnb, torch_dtype=DTYPES[torch_dtype],
-                                      device=device)
+        dtype = None if torch_dtype == "auto" else DTYPES[torch_dtype]
+        model, tokenizer = load_model(name_or_path, quantization_config=bnb, torch_dtype=dtype, device=device)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision,
+                                                      trust_remote_code=trust_remote_code)
     else:
         kwargs: dict[str, Any] = {"dtype": DTYPES[torch_dtype], "revision": revision,
                                   "trust_remote_code": trust_remote_code}

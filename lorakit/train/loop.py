@@ -165,7 +165,12 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     # 4. adapter ----------------------------------------------------------------------------------------
     from lorakit import PeftModel, get_peft_model
 
-    if t.gradient_checkpointing:
+    if cfg.quantization.method != "none":  # freeze, norms to fp32 (lorakit.quant.prepare)
+        from lorakit.quant.prepare import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing,
+                                        gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif t.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if m.adapter_name_or_path:

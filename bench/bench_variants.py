@@ -1,0 +1,105 @@
+"""DoRA training step and mixed-adapter batches, lorakit vs PEFT, on CPU.
+
+Model: a random Llama (hidden 256, intermediate 688, 2 layers, vocab 1024), LoRA r=16 on all linear layers.
+Times are medians over ``--reps`` runs after 2 warm-ups (1 thread).
+
+    python bench/bench_variants.py [--reps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import peft
+import torch
+import transformers as tf
+
+import lorakit
+
+
+def _base():
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4,
+    )
+    return tf.LlamaForCausalLM(cfg)
+
+
+def _median(fn, reps: int) -> float:
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _step(model, ids):
+    def run():
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return run
+
+
+def bench_dora(reps: int) -> None:
+    base = _base()
+    ids = torch.randint(0, 1024, (4, 128))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    print("| dropout | lorakit LoRA | lorakit DoRA | PEFT DoRA | ours/PEFT DoRA | DoRA/LoRA (ours) |")
+    print("|---|---|---|---|---|---|")
+    for p in (0.0, 0.05):
+        kw = dict(r=16, lora_alpha=32, target_modules=targets, lora_dropout=p)
+        lora = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(**kw)).train()
+        dora = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(use_dora=True, **kw)).train()
+        ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(use_dora=True, **kw)).train()
+        t_lora, t_dora, t_ref = (_median(_step(m, ids), reps) for m in (lora, dora, ref))
+        print(
+            f"| {p} | {t_lora * 1e3:.1f} ms | {t_dora * 1e3:.1f} ms | {t_ref * 1e3:.1f} ms | "
+            f"{t_dora / t_ref:.2f}x | {t_dora / t_lora:.2f}x |"
+        )
+
+
+def bench_mixed(reps: int) -> None:
+    base = _base().eval()
+    ids = torch.randint(0, 1024, (32, 64))
+    kw = dict(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], init_lora_weights=False)
+    names = [f"a{i}" for i in range(8)]
+    ours = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(**kw), adapter_name=names[0])
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw), adapter_name=names[0])
+    for n in names[1:]:
+        ours.add_adapter(n, lorakit.LoraConfig(**kw))
+        ref.add_adapter(n, peft.LoraConfig(**kw))
+    ours.eval()
+    ref.eval()
+    rows = [names[i % 8] for i in range(32)]
+    with torch.no_grad():
+        single = _median(lambda: ours(input_ids=ids), reps)
+        mixed = _median(lambda: ours(input_ids=ids, adapter_names=rows), reps)
+        peft_mixed = _median(lambda: ref(input_ids=ids, adapter_names=rows), reps)
+    print("| single adapter (ours) | 8 adapters mixed (ours) | 8 adapters mixed (PEFT) | mixed/single | PEFT/ours |")
+    print("|---|---|---|---|---|")
+    print(
+        f"| {single * 1e3:.1f} ms | {mixed * 1e3:.1f} ms | {peft_mixed * 1e3:.1f} ms | {mixed / single:.2f}x | "
+        f"{peft_mixed / mixed:.2f}x |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--reps", type=int, default=10)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    bench_dora(args.reps)
+    print()
+    bench_mixed(args.reps)
+
+
+if __name__ == "__main__":
+    main()

@@ -79,6 +79,10 @@ def test_overrides():
     assert cfg.lora["target_modules"] == ["q_proj", "v_proj"]
     assert cfg.model.name_or_path == "m" and cfg.model.torch_dtype == "bfloat16"
     assert BASE == {"model": "m", "data": {"path": "d.jsonl"}}  # not modified
+    assert build_config(apply_overrides(BASE, ["quantization=nf4"])).quantization.method == "nf4"
+    raw = apply_overrides({**BASE, "quantization": {"method": "nf4", "bnb_4bit_use_double_quant": True}},
+                          ["quantization=fp4"])
+    assert raw["quantization"] == {"method": "fp4", "bnb_4bit_use_double_quant": True}
     with pytest.raises(ConfigError, match="section.key=value"):
         parse_override("learning_rate")
 

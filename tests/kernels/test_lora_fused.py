@@ -167,3 +167,65 @@ def test_lora_mlp_dropout_masks_replayed():
     ref = proj(F.silu(proj(x, gate, m_g)) * proj(x, up, m_u), down, m_d)
     torch.testing.assert_close(out, ref, **TOL)
     _check_grads(out, ref, [x, gate.lora_A, gate.lora_B, up.lora_A, up.lora_B, down.lora_A, down.lora_B])
+
+
+# ---- wiring into lorakit's wrappers: the exact calls LoraLinear / an MLP wrapper make --------------------------
+
+
+def _fused_projection(layer, compute_dtype):
+    """LoraProjection for a lorakit LoraLinear (or a plain nn.Linear without adapter) - the wrapper's call."""
+    from functools import partial
+
+    from lorakit.layers import LoraLinear
+
+    base = layer.base_layer if isinstance(layer, LoraLinear) else layer
+    # A 4-bit base (lorakit's Linear4bit) is dequantized on demand into the compute dtype, never saved.
+    weight = partial(base.dequantize, compute_dtype) if hasattr(base, "dequantize") else base.weight
+    if not isinstance(layer, LoraLinear):
+        return LoraProjection(weight, base.bias)
+    (adapter,) = [layer.adapters[n] for n in layer.active_adapters]
+    p = adapter.dropout.p if isinstance(adapter.dropout, torch.nn.Dropout) else 0.0
+    return LoraProjection(
+        weight, base.bias, adapter.lora_A.weight, adapter.lora_B.weight, adapter.scaling, p, adapter.lora_B.bias
+    )
+
+
+def _tiny_peft_llama(quantize):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit import LoraConfig, get_peft_model
+
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    if quantize:
+        from lorakit.quant.config import BitsAndBytesConfig
+        from lorakit.quant.load import quantize_model
+
+        quantize_model(model, BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "down_proj", "q_proj"], init_lora_weights=False)
+    return get_peft_model(model, lora)
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_fused_paths_match_lorakit_wrappers(quantize):
+    model = _tiny_peft_llama(quantize)
+    layer = model.get_base_model().model.layers[0]
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    # LoRA linear: LoraLinear(x) == lora_linear(x, ...) with the wrapper's tensors.
+    q = layer.self_attn.q_proj
+    p = _fused_projection(q, torch.float32)
+    ref = q(x)
+    out = lora_linear(x, p.weight, p.bias, p.lora_A, p.lora_B, p.scaling, p.dropout_p, False, p.lora_B_bias)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # fp32: matmul order only
+    _check_grads(out, ref, [x, p.lora_A, p.lora_B], tol=dict(rtol=1e-4, atol=1e-5))
+    # LoRA MLP: LlamaMLP with gate/down wrapped (up left plain) == lora_mlp over its projections.
+    mlp = layer.mlp
+    ref = mlp(x)
+    gate, up, down = (_fused_projection(m, torch.float32) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    out = lora_mlp(x, gate, up, down, training=False)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    params = [x, gate.lora_A, gate.lora_B, down.lora_A, down.lora_B]
+    _check_grads(out, ref, params, tol=dict(rtol=1e-4, atol=1e-5))

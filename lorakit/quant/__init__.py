@@ -110,4 +110,7 @@ def _bnb_cpu_layout_restored(module: nn.Module) -> QuantState:
     """
     if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
         module.state_dict()
+        state = module.weight.quant_state
+        if state.absmax.dim() == 2:  # without double quant it leaves absmax as (in / blocksize, out), bf16
+            state.absmax = state.absmax.T.reshape(-1).float()
     return module.weight.quant_state

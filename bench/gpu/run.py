@@ -204,11 +204,16 @@ def tables(report: dict[str, Any]) -> str:
 
 def header(report: dict[str, Any]) -> str:
     env = report["env"]
+    where = (
+        f"{env.get('device_name')} (driver {report['driver']}, CUDA {env.get('cuda')})"
+        if report["device"] == "cuda"
+        else "CPU, toy size (a smoke test of the scripts: its figures say nothing about GPU speed)"
+    )
+    peak = f"Peak used for MFU: {report['peak_tflops']} TFLOP/s." if report["peak_tflops"] else "No MFU (no peak)."
     return (
-        f"Run {report['date']} on {env.get('device_name')} (driver {report['driver']}, CUDA {env.get('cuda')}): "
-        f"`{report['command']}`. torch {env.get('torch')}, transformers {env.get('transformers')}, "
-        f"peft {env.get('peft')}, bitsandbytes {env.get('bitsandbytes')}, triton {env.get('triton')}, "
-        f"lorakit {env.get('lorakit')}. Peak used for MFU: {report['peak_tflops']} TFLOP/s."
+        f"Run {report['date']} on {where}: `{report['command']}`. torch {env.get('torch')}, "
+        f"transformers {env.get('transformers')}, peft {env.get('peft')}, bitsandbytes {env.get('bitsandbytes')}, "
+        f"triton {env.get('triton')}, lorakit {env.get('lorakit')}. {peak}"
     )
 
 

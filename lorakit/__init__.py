@@ -4,6 +4,7 @@ Code written for PEFT's LoRA runs after changing ``from peft import X`` to ``fro
 """
 
 from lorakit.config import LoraConfig, PeftType, TaskType
+from lorakit.hotswap import hotswap_adapter
 from lorakit.model import (
     LoraModel,
     PeftModel,
@@ -15,10 +16,14 @@ from lorakit.model import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
+from lorakit.quant.config import BitsAndBytesConfig
+from lorakit.quant.load import load_model, quantize_model
+from lorakit.quant.prepare import prepare_model_for_kbit_training
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BitsAndBytesConfig",
     "LoraConfig",
     "LoraModel",
     "PeftModel",
@@ -31,4 +36,8 @@ __all__ = [
     "PeftType",
     "TaskType",
     "get_peft_model",
+    "hotswap_adapter",
+    "load_model",
+    "prepare_model_for_kbit_training",
+    "quantize_model",
 ]

@@ -1,0 +1,201 @@
+"""Quantization benchmarks, side by side in one run (CPU).
+
+1. dequant: lorakit's pure-PyTorch NF4 dequantization vs bitsandbytes' CPU C++ kernel (same weight).
+2. load: peak RSS of ``lorakit.load_model(..., load_in_4bit)`` on a locally generated Llama-shaped
+   checkpoint (random weights, sharded safetensors), in a fresh process, against the target
+   ``1.3 x quantized size + largest tensor``; bits per parameter of the quantized linear weights.
+3. prepare: bytes cast to fp32 by lorakit's prepare_model_for_kbit_training vs PEFT's on that model.
+
+    python bench/bench_quant.py --rows 4096 --cols 14336 --hidden 1024 --layers 4 --vocab 32000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+
+def bench_dequant(rows: int, cols: int, repeats: int) -> None:
+    import bitsandbytes.functional as bnbF
+
+    from lorakit.quant.nf4 import dequantize_4bit, quantize_4bit
+
+    A = torch.randn(rows, cols, dtype=torch.bfloat16)
+    packed, state = quantize_4bit(A, compress_statistics=True)
+    bnb_packed, bnb_state = bnbF.quantize_4bit(A, quant_type="nf4", compress_statistics=True)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    ours = best(lambda: dequantize_4bit(packed, state))
+    theirs = best(lambda: bnbF.dequantize_4bit(bnb_packed, bnb_state))
+    n = A.numel()
+    print(f"dequant NF4 -> bf16, {rows}x{cols}, double quant, best of {repeats}, {torch.get_num_threads()} threads")
+    print(f"  lorakit (PyTorch)      {ours * 1e3:8.1f} ms  {n / ours / 1e6:8.0f} Melem/s")
+    print(f"  bitsandbytes (C++ CPU) {theirs * 1e3:8.1f} ms  {n / theirs / 1e6:8.0f} Melem/s")
+    print(f"  ratio lorakit / bitsandbytes time: {ours / theirs:.2f}x")
+
+
+def make_checkpoint(path: Path, hidden: int, layers: int, vocab: int, intermediate: int) -> dict:
+    """A Llama-shaped model with random bf16 weights, saved as sharded safetensors (no full model in RAM)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256), tie_word_embeddings=False,
+        max_position_embeddings=2048, dtype="bfloat16",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path, max_shard_size="200MB")
+    sizes = [p.numel() for p in model.parameters()]
+    return {"params": sum(sizes), "largest_tensor_bytes": max(sizes) * 2}
+
+
+def load_worker(path: str) -> None:
+    """Runs in a fresh process: load in 4-bit (nf4, double quant), report peak RSS and sizes as JSON."""
+    import accelerate  # noqa: F401  (imported before the baseline RSS is taken)
+    import transformers  # noqa: F401
+
+    from lorakit.quant import Linear4bit
+    from lorakit.quant.config import BitsAndBytesConfig
+    from lorakit.quant.load import load_model
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )  # fmt: skip
+    rss_before = _current_rss()
+    peak_box = [rss_before]
+    done = threading.Event()
+
+    def sample() -> None:  # ru_maxrss is a lifetime high-water mark (imports), so sample VmRSS instead
+        while not done.is_set():
+            peak_box[0] = max(peak_box[0], _current_rss())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    t0 = time.perf_counter()
+    model, _ = load_model(path, config, torch_dtype=torch.bfloat16)
+    seconds = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    peak = max(peak_box[0], _current_rss())
+    state = model.state_dict()
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    quant_bits = quant_params = 0
+    for name, module in model.named_modules():
+        if isinstance(module, Linear4bit):
+            quant_params += module.in_features * module.out_features
+            quant_bits += 8 * sum(
+                t.numel() * t.element_size() for k, t in state.items() if k.startswith(f"{name}.weight")
+            )
+    print(json.dumps({
+        "rss_before_load": rss_before, "peak_rss": peak, "quantized_model_bytes": size, "seconds": seconds,
+        "bits_per_param": quant_bits / quant_params, "quantized_params": quant_params,
+    }))  # fmt: skip
+
+
+def _current_rss() -> int:
+    """Resident set size now, in bytes (Linux /proc/self/status VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("VmRSS not found in /proc/self/status")
+
+
+def bench_load(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        info = make_checkpoint(Path(tmp), args.hidden, args.layers, args.vocab, args.intermediate)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", tmp], capture_output=True, text=True, check=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        )  # fmt: skip
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        ckpt_bytes = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
+    mib = 2**20
+    target = 1.3 * report["quantized_model_bytes"] + info["largest_tensor_bytes"]
+    growth = report["peak_rss"] - report["rss_before_load"]
+    print(f"load_model 4-bit (nf4, double quant), Llama hidden={args.hidden} layers={args.layers} "
+          f"vocab={args.vocab} intermediate={args.intermediate}: {info['params'] / 1e6:.0f}M params")  # fmt: skip
+    print(f"  checkpoint (bf16 safetensors)     {ckpt_bytes / mib:8.0f} MiB")
+    print(f"  quantized model (state dict)      {report['quantized_model_bytes'] / mib:8.0f} MiB")
+    print(f"  largest tensor (bf16)             {info['largest_tensor_bytes'] / mib:8.0f} MiB")
+    print(f"  RSS before load (imports done)    {report['rss_before_load'] / mib:8.0f} MiB")
+    print(f"  peak RSS during load (5 ms polls) {report['peak_rss'] / mib:8.0f} MiB "
+          f"(growth {growth / mib:.0f} MiB)")  # fmt: skip
+    print(f"  target 1.3 x quantized + largest  {target / mib:8.0f} MiB -> growth/target = {growth / target:.2f}")
+    print(f"  load time {report['seconds']:.1f} s; bits/param of quantized linears: {report['bits_per_param']:.4f}")
+
+
+def bench_prepare(args: argparse.Namespace) -> None:
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.quant.config import BitsAndBytesConfig
+    from lorakit.quant.load import quantize_model
+    from lorakit.quant.prepare import prepare_model_for_kbit_training
+
+    def build():
+        config = LlamaConfig(
+            vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+            num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, tie_word_embeddings=False,
+        )  # fmt: skip
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        return quantize_model(model, BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+
+    def param_bytes(model) -> int:
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
+    ours, theirs = build(), build()
+    before = param_bytes(ours)
+    prepare_model_for_kbit_training(ours)
+    peft.prepare_model_for_kbit_training(theirs)
+    mib = 2**20
+    print(f"prepare_model_for_kbit_training, same 4-bit model: parameter bytes before {before / mib:.0f} MiB")
+    print(f"  lorakit {param_bytes(ours) / mib:8.0f} MiB   PEFT {param_bytes(theirs) / mib:8.0f} MiB   "
+          f"saving {(param_bytes(theirs) - param_bytes(ours)) / mib:.0f} MiB")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--cols", type=int, default=14336)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--intermediate", type=int, default=4096)
+    parser.add_argument("--only", choices=["dequant", "load", "prepare"])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        load_worker(args.worker)
+        return
+    print(f"torch {torch.__version__}")
+    if args.only in (None, "dequant"):
+        bench_dequant(args.rows, args.cols, args.repeats)
+    if args.only in (None, "load"):
+        bench_load(args)
+    if args.only in (None, "prepare"):
+        bench_prepare(args)
+
+
+if __name__ == "__main__":
+    main()

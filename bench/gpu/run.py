@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="probe lorakit without activation offloading",
     )
     p.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 dense TFLOP/s for MFU")
+    p.add_argument("--jobs", type=int, default=1, help="workers at once; >1 only with --cpu-toy (GPU peaks would mix)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
     p.add_argument("--out", type=Path, default=None, help="JSON file (default bench/gpu/results-{gpu,cpu-toy}.json)")
     p.add_argument("--write-docs", action="store_true", help="fill the results block of docs/benchmarks.md")
@@ -274,7 +276,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not toy and args.device == "cuda" and _driver() is None:
         print("warning: nvidia-smi not found; is there a CUDA GPU? (use --cpu-toy on CPU)", file=sys.stderr)
 
-    results = [_run_worker(argv, args.timeout) for argv in _plan(args)]
+    if args.jobs > 1 and not toy:
+        raise ValueError(f"--jobs {args.jobs}: on a GPU the workers must run one at a time (memory peaks would mix)")
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # each worker is its own process
+        results = list(pool.map(lambda argv: _run_worker(argv, args.timeout), _plan(args)))
     env = next((r["env"] for r in results if "env" in r), {})
     report = {
         "date": datetime.date.today().isoformat(),

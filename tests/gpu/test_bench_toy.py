@@ -1,7 +1,7 @@
 """The GPU benchmark's scripts at toy size on CPU (not a GPU test: it keeps bench/gpu/ working in CI).
 
-One worker process per implementation (lorakit, transformers + PEFT + bitsandbytes), QLoRA, 1 step: about
-14 s of CPU time, most of it importing torch/transformers in the two workers.
+One worker process per implementation (lorakit, transformers + PEFT + bitsandbytes), QLoRA, 1 step, the two
+workers side by side (--jobs 2): about 14 s of CPU time, most of it importing torch/transformers.
 """
 
 import importlib.util
@@ -29,7 +29,7 @@ def test_cpu_toy_runs_both_sides(tmp_path):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "toy.json"
     cmd = [sys.executable, "bench/gpu/run.py", "--cpu-toy", "--modes", "qlora", "--seqs", "32", "--steps", "1",
-           "--warmup", "0", "--probe-seqs", "--out", str(out)]  # fmt: skip
+           "--warmup", "0", "--probe-seqs", "--jobs", "2", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())

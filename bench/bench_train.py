@@ -79,12 +79,61 @@ def run_trl(n: int, out: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def estimate_check(ckpt: bool) -> None:
+    """`lorakit estimate` vs measured peak RSS growth of LoRA training steps on CPU (fp32, eager)."""
+    import gc
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit import LoraConfig, get_peft_model
+    from lorakit.train.estimate import estimate_memory
+    from lorakit.train.loop import CausalLMLoss
+
+    seq, batch = 256, 8
+    config = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=seq)
+    for _ in range(1):  # one setting per process: ru_maxrss only grows
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(model, LoraConfig(r=16, target_modules="all-linear"))
+        loss_fn = CausalLMLoss(model, chunked=True)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        ids = torch.randint(0, config.vocab_size, (batch, seq))
+        gc.collect()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        for _ in range(2):
+            loss_fn(ids, ids, torch.ones_like(ids), torch.arange(seq).expand(batch, -1)).backward()
+            opt.step()
+            opt.zero_grad()
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        est = estimate_memory(model.get_base_model(), "lora", seq, batch, r=16, dtype="float32")
+        predicted = est.total(ckpt) - est.weights
+        print(f"checkpointing={ckpt}: predicted {predicted / 2**20:.1f} MiB (adapters+grads+optimizer+"
+              f"activations+loss), measured peak RSS growth {grown / 2**20:.1f} MiB, "
+              f"error {100 * (predicted - grown) / grown:+.0f}%")
+        del model, loss_fn, opt
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--examples", type=int, default=320)
     p.add_argument("--worker", choices=["trl"])
     p.add_argument("--out")
+    p.add_argument("--estimate-check", action="store_true", help="check `lorakit estimate` against peak RSS")
+    p.add_argument("--checkpointing", type=int, default=-1)
     args = p.parse_args()
+    if args.estimate_check and args.checkpointing >= 0:
+        estimate_check(bool(args.checkpointing))
+        return
+    if args.estimate_check:
+        for ckpt in (0, 1):
+            proc = subprocess.run([sys.executable, __file__, "--estimate-check", "--checkpointing", str(ckpt)],
+                                  check=True, capture_output=True, text=True)
+            print(proc.stdout.strip().splitlines()[-1])
+        return
     if args.worker:
         trl_worker(args.examples, args.out)
         return

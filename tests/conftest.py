@@ -9,14 +9,14 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def make_tiny_llama(layers: int = 2, vocab: int = 97, seed: int = 0):
+def make_tiny_llama(layers: int = 2, vocab: int = 97, seed: int = 0, hidden: int = 32):
     """A tiny LlamaForCausalLM built from a config (no download); fp32, eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,

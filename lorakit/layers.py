@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit import quant
+
 #: Names an adapter may not take: they are attribute names inside wrappers, PEFT's file-key markers, or reserved.
 RESERVED_ADAPTER_NAMES = frozenset(
     {
@@ -245,7 +247,7 @@ class _LoraWrapper(nn.Module):
         return delta
 
     def _apply_delta(self, name: str, sign: float, safe_merge: bool) -> None:
-        from lorakit import quant
+
 
         adapter = self.adapters[name]
         if getattr(adapter, "wraps_base_output", False):  # DoRA: the delta depends on the base weight
@@ -353,7 +355,7 @@ class LoraLinear(_LoraWrapper):
 
     def dora_weight(self) -> tuple[torch.Tensor, bool]:
         """The base weight as stored (dequantized for 4-bit/8-bit) and whether it is (in, out)."""
-        from lorakit import quant
+
 
         if quant.is_quantized_linear(self.base_layer):
             return quant.dequantize_weight(self.base_layer), False
@@ -364,7 +366,39 @@ class LoraLinear(_LoraWrapper):
         weight, transposed = self.dora_weight()
         return (weight.T if transposed else weight).float()
 
+    #: Opt-in fused autograd (``lorakit.kernels.lora_fused``): set by ``PeftModel.enable_fused_lora``.
+    use_fused: bool = False
+
+    def _fused_weight(self, x: torch.Tensor) -> Any:
+        """The frozen base weight (out, in) for the fused path, or a callable that dequantizes it on demand."""
+        base = self.base_layer
+        if isinstance(base, quant.Linear4bit | quant.Linear8bitLt):  # dequantize in forward and backward, unsaved
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            return lambda: base.dequantize(dtype)
+        return base.weight.T if self.fan_in_fan_out else base.weight
+
+    def _can_fuse(self, adapters: list[nn.Module], args: tuple, kwargs: dict) -> bool:
+        if not (self.use_fused and len(adapters) == 1 and type(adapters[0]) is LoraAdapter) or args or kwargs:
+            return False
+        base = self.base_layer
+        bias = getattr(base, "bias", None)
+        weight = getattr(base, "weight", None)
+        frozen = weight is not None and not weight.requires_grad and (bias is None or not bias.requires_grad)
+        return frozen and (isinstance(base, quant.Linear4bit | quant.Linear8bitLt) or weight.is_floating_point())
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.use_fused and self.row_adapters is None:
+            adapters = self._adapters_to_run()
+            if self._can_fuse(adapters, args, kwargs):
+                from lorakit.kernels.lora_fused import lora_linear
+
+                a = adapters[0]
+                p = a.dropout.p if isinstance(a.dropout, nn.Dropout) else 0.0
+                bias = self.base_layer.bias
+                return lora_linear(
+                    x, self._fused_weight(x), bias, a.lora_A.weight, a.lora_B.weight, a.scaling, p, self.training,
+                    a.lora_B.bias,
+                )
         result = self.base_layer(x, *args, **kwargs)  # (..., out)
         if self.row_adapters is not None and not self.disabled:
             from lorakit.variants.mixed import mixed_linear_forward

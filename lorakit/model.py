@@ -254,6 +254,16 @@ class PeftModel(nn.Module):
         if hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
 
+    def enable_fused_lora(self, enabled: bool = True) -> None:
+        """Use the fused LoRA autograd (``lorakit.kernels.lora_fused.lora_linear``) in linear layers with one
+        plain active adapter over a frozen base: it saves only x, the dropout mask and x A^T for backward and
+        dequantizes 4-bit weights on demand instead of keeping them. It runs the adapter in the compute dtype
+        (not an fp32 copy of x), so over half-precision bases outputs differ from the default path by rounding.
+        Not part of PEFT's API; off by default."""
+        for module in self.get_base_model().modules():
+            if isinstance(module, LORA_WRAPPERS) and hasattr(module, "use_fused"):
+                module.use_fused = enabled
+
     # ---- parameters ---------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, all)`` parameter counts; a packed 4-bit weight counts 2 parameters per byte (PEFT)."""

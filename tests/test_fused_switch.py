@@ -48,10 +48,11 @@ def test_fused_equals_plain(quantized: bool, input_ids) -> None:
 
 
 def test_fused_falls_back_with_two_active_adapters(input_ids) -> None:
-    plain, fused = _pair(False)
-    for m in (plain, fused):
-        m.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
-        m.set_adapter(["default", "b"])
+    plain, _ = _pair(False)
+    plain.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    plain.set_adapter(["default", "b"])
+    fused = copy.deepcopy(plain)
+    fused.enable_fused_lora()
     from lorakit.kernels import lora_fused
 
     calls = []

@@ -127,6 +127,10 @@ class TrainingConfig:
     """Continue from the newest complete checkpoint in output_dir (same as `--resume`)."""
     report_to: Literal["all", "tensorboard", "none"] = "all"
     """"all" writes TensorBoard events when tensorboard is importable; "none" writes only metrics.jsonl."""
+    fused_lora: bool = False
+    """Fused LoRA autograd in linear layers (saves fewer activations; 4-bit weights dequantized on demand)."""
+    offload_activations: bool = False
+    """Move saved activations to pinned CPU memory on a side stream (CUDA; for long contexts)."""
     use_chunked_loss: bool = True
     """Compute the LM-head cross-entropy in vocabulary chunks (no full logits tensor) when available."""
     disable_tqdm: bool = False

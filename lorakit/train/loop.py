@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lorakit.kernels.offload import offload_activations
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.config import TrainConfig
 from lorakit.train.data import IGNORE_INDEX, build_datasets, collate, pack_examples
@@ -110,10 +111,11 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     """Fine-tune `cfg.model` with the LoRA adapter `cfg.lora` on `cfg.data`; write everything to output_dir.
 
     Steps: (1) accelerator and seed, (2) base model [quantization], (3) data [packing, max_seq_length],
-    (4) adapter [lora, model.adapter_name_or_path] and [gradient_checkpointing], (5) optimizer [optim,
+    (4) adapter [lora, model.adapter_name_or_path], [gradient_checkpointing], [fused_lora], (5) optimizer [optim,
     weight_decay, adam_*] and schedule [lr_scheduler_type, warmup_ratio/steps], (6) resume [resume],
     (7) exact match before training [evaluation.path], (8) the loop: token-normalized loss over
-    [gradient_accumulation_steps] and processes, autocast [bf16/fp16], clipping [max_grad_norm], logging
+    [gradient_accumulation_steps] and processes, autocast [bf16/fp16], [offload_activations], clipping
+    [max_grad_norm], logging
     [logging_steps], eval loss and perplexity [eval_steps], checkpoints [save_steps, save_total_limit],
     (9) final eval, adapter, tokenizer, plot and summary, exact match after training (reloaded from disk).
     """
@@ -171,12 +173,16 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing,
                                         gradient_checkpointing_kwargs={"use_reentrant": False})
     elif t.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it (and its kwarg)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if m.adapter_name_or_path:
         model = PeftModel.from_pretrained(model, m.adapter_name_or_path, is_trainable=True)
     else:
         model = get_peft_model(model, cfg.lora_config())
+    if t.fused_lora:
+        model.enable_fused_lora()
     for p in model.parameters():  # adapters train in fp32 even on a bf16 / 4-bit base
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
@@ -300,7 +306,7 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
             for i, (batch, _) in enumerate(batches):
                 last = i == len(batches) - 1
                 sync = contextlib.nullcontext() if last else accelerator.no_sync(loss_module)
-                with sync, accelerator.autocast():
+                with sync, accelerator.autocast(), offload_activations(enabled=t.offload_activations):
                     loss_sum = loss_module(**batch)  # sum of token CE on this micro-batch
                     accelerator.backward(loss_sum * world / max(1, n_global))
                 step_loss += loss_sum.detach().double()

@@ -156,3 +156,17 @@ def test_qlora_nf4_run(config_writer, tmp_path, tiny_model_dir):
     result, out = _run(config_writer, tmp_path, tiny_model_dir, overrides=["quantization.method=nf4"],
                        training={"max_steps": 3})
     assert result.train_loss is not None and (out / "adapter_model.safetensors").is_file()
+
+
+def test_memory_switches_keep_the_loss_curve(config_writer, tmp_path, tiny_model_dir):
+    """gradient_checkpointing, fused_lora and offload_activations change memory, not the maths (fp32, no dropout)."""
+    no_dropout = {"lora_dropout": 0.0}
+    _, plain = _run(config_writer, tmp_path, tiny_model_dir, "plain", lora=no_dropout, training={"max_steps": 2})
+    switches = {"max_steps": 2, "gradient_checkpointing": True, "fused_lora": True, "offload_activations": True}
+    _, fast = _run(config_writer, tmp_path, tiny_model_dir, "fast", lora=no_dropout, training=switches)
+    assert len(_losses(plain)) == 2
+    for step, loss in _losses(plain).items():
+        assert _losses(fast)[step] == pytest.approx(loss, rel=1e-5)
+    wa, wb = load_file(plain / "adapter_model.safetensors"), load_file(fast / "adapter_model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)

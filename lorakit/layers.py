@@ -271,7 +271,8 @@ class _LoraWrapper(nn.Module):
             merged = (weight.data.float() + delta.to(weight.device)).to(weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"merging adapter {name!r} would produce non-finite weights; merge aborted.")
-            weight.data.copy_(merged)
+            with torch.no_grad():  # not through ``.data``: the write must bump the version (DoRA's norm cache)
+                weight.copy_(merged)
         lora_b = getattr(adapter, "lora_B", None)
         if lora_b is not None and lora_b.bias is not None:
             if base.bias is None:

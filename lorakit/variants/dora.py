@@ -37,32 +37,71 @@ on the adapter module).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorakit.layers import LoraAdapter, LoraEmbeddingAdapter
 
 
 def dora_row_norm(
-    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, transposed: bool
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    transposed: bool,
+    weight_sq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``||W + scaling * B @ A||`` of each output row (out,), detached, in ``lora_A``'s dtype.
 
     ``weight`` is ``W`` (out, in), or (in, out) when ``transposed`` (GPT-2 Conv1D, embeddings); ``lora_A`` (r, in),
-    ``lora_B`` (out, r). Never builds ``B @ A``.
+    ``lora_B`` (out, r). ``weight_sq``: ``||W_o||^2`` (out,) when the caller has it cached (frozen ``W``). Never
+    builds ``B @ A``.
     """
     with torch.no_grad():
         dtype = lora_A.dtype
         w = weight.to(dtype)
         a, b = lora_A.detach(), lora_B.detach()
-        if transposed:
-            wa = (a @ w).T  # (out, r)
-            w_sq = (w * w).sum(dim=0)  # (out,)
-        else:
-            wa = w @ a.T  # (out, r)
-            w_sq = (w * w).sum(dim=1)  # (out,)
+        wa = (a @ w).T if transposed else w @ a.T  # (out, r)
+        if weight_sq is None:
+            weight_sq = weight_row_sq(w, transposed)
         cross = (wa * b).sum(dim=1)  # (out,)
         ba_sq = ((b @ (a @ a.T)) * b).sum(dim=1)  # (out,)
-        return (w_sq + 2 * scaling * cross + scaling * scaling * ba_sq).clamp_min(0).sqrt()
+        return (weight_sq.to(dtype) + 2 * scaling * cross + scaling * scaling * ba_sq).clamp_min(0).sqrt()
+
+
+def weight_row_sq(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``||W_o||^2`` for each output row (out,) of ``W`` (out, in), or of ``W^T`` when ``transposed``."""
+    with torch.no_grad():
+        return torch.linalg.vector_norm(weight, dim=0 if transposed else 1).square()
+
+
+class _RowSqCache:
+    """``||W_o||^2`` of a frozen base weight, recomputed only when the weight changes.
+
+    The key is the tensor's storage pointer, version counter and shape: an in-place write through autograd-visible
+    ops (``copy_`` under ``no_grad``, ``load_state_dict``, merging) bumps the version. Writes through ``.data`` do
+    not, so lorakit's own weight writes go through the parameter itself. A dequantized weight (4-bit/8-bit base) is
+    a fresh tensor on each call and is never cached.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.value: torch.Tensor | None = None
+
+    def get(self, weight: torch.Tensor, transposed: bool, cacheable: bool) -> torch.Tensor | None:
+        if not cacheable:
+            return None
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, transposed)
+        if key != self.key:
+            self.key, self.value = key, weight_row_sq(weight.float(), transposed)
+        return self.value
+
+
+def _dora_weight(adapter: nn.Module, wrapper: nn.Module) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
+    """The base weight, whether it is (in, out), and its cached ``||W_o||^2`` (None for quantized bases)."""
+    weight, transposed = wrapper.dora_weight()
+    frozen = weight is getattr(wrapper.base_layer, "weight", None) and not weight.requires_grad
+    return weight, transposed, adapter._row_sq.get(weight, transposed, frozen)
 
 
 def _merge_delta(
@@ -91,10 +130,11 @@ class DoraLinearAdapter(LoraAdapter):
             torch.ones(out_features, device=self.lora_A.weight.device, dtype=self.lora_A.weight.dtype)
         )
         self._merged_norm: torch.Tensor | None = None
+        self._row_sq = _RowSqCache()
 
     def row_norm(self, wrapper: nn.Module) -> torch.Tensor:
-        weight, transposed = wrapper.dora_weight()
-        return dora_row_norm(weight, self.lora_A.weight, self.lora_B.weight, self.scaling, transposed)
+        weight, transposed, weight_sq = _dora_weight(self, wrapper)
+        return dora_row_norm(weight, self.lora_A.weight, self.lora_B.weight, self.scaling, transposed, weight_sq)
 
     def init_magnitude(self, wrapper: nn.Module) -> None:
         """``m = ||W + s B A||_c`` so that the adapted layer starts equal to LoRA's (PEFT's init)."""
@@ -102,14 +142,26 @@ class DoraLinearAdapter(LoraAdapter):
             self.lora_magnitude_vector.copy_(self.row_norm(wrapper))
 
     def forward_with_base(self, x: torch.Tensor, result: torch.Tensor, wrapper: nn.Module) -> torch.Tensor:
-        """``g * (result - b + s B A d(x)) + b`` with ``result = W x + b`` (..., out) from the base layer."""
+        """``g * (result - b + s B A d(x)) + b`` with ``result = W x + b`` (..., out) from the base layer.
+
+        Written as one matmul and one fused elementwise op on (..., out) tensors: ``g`` and ``s`` are folded into
+        ``B`` (an (out, r) product) and ``(1 - g) b`` into that matmul's bias,
+
+            y = addcmul(A d(x) (s g B)^T + (1 - g) b,  result, g)
+
+        which has the same value and the same gradients for A, B and ``m`` as the formula above.
+        """
         g = self.lora_magnitude_vector / self.row_norm(wrapper)  # (out,); the norm is a constant (detached)
-        lora = self(x).to(result.dtype)  # (..., out) = s B A d(x)
+        if not torch.is_autocast_enabled(x.device.type) and x.dtype != self.lora_A.weight.dtype:
+            x = x.to(self.lora_A.weight.dtype)
+        b_scaled = self.lora_B.weight * (self.scaling * g).unsqueeze(1)  # (out, r)
         bias = getattr(wrapper.base_layer, "bias", None)
-        if bias is None:
-            return (result + lora) * g.to(result.dtype)
-        bias = bias.to(result.dtype)
-        return (result - bias + lora) * g.to(result.dtype) + bias
+        lora_bias = self.lora_B.bias * (self.scaling * g) if self.lora_B.bias is not None else None
+        if bias is not None:
+            shift = (1 - g) * bias.to(g.dtype)  # (out,)
+            lora_bias = shift if lora_bias is None else lora_bias + shift
+        h = F.linear(self.lora_A(self.dropout(x)), b_scaled, lora_bias)  # (..., out)
+        return torch.addcmul(h.to(result.dtype), result, g.to(result.dtype))
 
     def merge_delta(self, weight: torch.Tensor, sign: float, wrapper: nn.Module) -> torch.Tensor:
         """Signed change of ``weight`` (out, in) for merging (sign > 0) or unmerging (sign < 0)."""
@@ -134,10 +186,13 @@ class DoraEmbeddingAdapter(LoraEmbeddingAdapter):
             torch.ones(embedding_dim, device=self.lora_embedding_A.device, dtype=self.lora_embedding_A.dtype)
         )
         self._merged_norm: torch.Tensor | None = None
+        self._row_sq = _RowSqCache()
 
     def row_norm(self, wrapper: nn.Module) -> torch.Tensor:
-        weight, transposed = wrapper.dora_weight()
-        return dora_row_norm(weight, self.lora_embedding_A, self.lora_embedding_B, self.scaling, transposed)
+        weight, transposed, weight_sq = _dora_weight(self, wrapper)
+        return dora_row_norm(
+            weight, self.lora_embedding_A, self.lora_embedding_B, self.scaling, transposed, weight_sq
+        )
 
     def init_magnitude(self, wrapper: nn.Module) -> None:
         with torch.no_grad():

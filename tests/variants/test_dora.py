@@ -173,3 +173,24 @@ def test_dora_dropout_runs_base_once_and_matches_expectation():
         g = adapter.lora_magnitude_vector / torch.linalg.norm(w, dim=1)
         want = x @ (g[:, None] * w).T + lin.bias
         torch.testing.assert_close(pm(x), want, atol=TOL, rtol=TOL)
+
+
+def test_cached_weight_norm_follows_in_place_weight_changes():
+    """``||W||^2`` is cached for the frozen base; a merge or an in-place write to W must invalidate it."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    cfg = lorakit.LoraConfig(r=2, target_modules=["0"], use_dora=True, init_lora_weights=False)
+    pm = lorakit.get_peft_model(model, cfg)
+    pm.add_adapter("other", lorakit.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    wrapper = pm.base_model.model[0]
+    adapter = wrapper.adapters["default"]
+
+    def direct():
+        w = wrapper.base_layer.weight + adapter.scaling * adapter.lora_B.weight @ adapter.lora_A.weight
+        return torch.linalg.norm(w, dim=1)
+
+    torch.testing.assert_close(adapter.row_norm(wrapper), direct())
+    wrapper.merge(["other"])  # changes W in place
+    torch.testing.assert_close(adapter.row_norm(wrapper), direct())
+    with torch.no_grad():
+        wrapper.base_layer.weight.mul_(2.0)
+    torch.testing.assert_close(adapter.row_norm(wrapper), direct())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -184,6 +185,9 @@ class LoraModel(nn.Module):
 
 class PeftModel(nn.Module):
     """A transformers (or any torch) model with LoRA adapters; PEFT's ``PeftModel`` API."""
+
+    #: Read by transformers' Trainer: a quantized model with adapters attached may be fine-tuned.
+    _hf_peft_config_loaded = True
 
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **_: Any) -> None:
         super().__init__()
@@ -425,28 +429,67 @@ class PeftModel(nn.Module):
         return peft_model
 
 
+def _task_forward(*inputs: str) -> Any:
+    """A ``forward`` whose signature names ``inputs``, passing everything on to ``PeftModel.forward``.
+
+    transformers' Trainer drops dataset columns that the model's forward signature does not name (it looks through
+    only PEFT's own classes to the base model), so each task class names its inputs, as PEFT's task classes do.
+    """
+
+    def forward(self: PeftModel, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        return PeftModel.forward(self, *args, adapter_names=adapter_names, **kwargs)
+
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter("self", kind)]
+        + [inspect.Parameter(name, kind, default=None) for name in inputs]
+        + [
+            inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None),
+            inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+        ]
+    )
+    return forward
+
+
+_TEXT = ("input_ids", "attention_mask", "inputs_embeds")
+
+
 class PeftModelForCausalLM(PeftModel):
     """Causal language models (``TaskType.CAUSAL_LM``)."""
+
+    forward = _task_forward(*_TEXT, "labels", "position_ids")
 
 
 class PeftModelForSequenceClassification(PeftModel):
     """Sequence classification (``TaskType.SEQ_CLS``): the head (``classifier``/``score``) trains in full."""
 
+    forward = _task_forward(*_TEXT, "labels", "token_type_ids", "position_ids")
+
 
 class PeftModelForSeq2SeqLM(PeftModel):
     """Encoder-decoder models (``TaskType.SEQ_2_SEQ_LM``)."""
+
+    forward = _task_forward(
+        *_TEXT, "decoder_input_ids", "decoder_attention_mask", "decoder_inputs_embeds", "labels"
+    )
 
 
 class PeftModelForTokenClassification(PeftModel):
     """Token classification (``TaskType.TOKEN_CLS``)."""
 
+    forward = _task_forward(*_TEXT, "labels", "token_type_ids", "position_ids")
+
 
 class PeftModelForQuestionAnswering(PeftModel):
     """Extractive question answering (``TaskType.QUESTION_ANS``)."""
 
+    forward = _task_forward(*_TEXT, "token_type_ids", "position_ids", "start_positions", "end_positions")
+
 
 class PeftModelForFeatureExtraction(PeftModel):
     """Feature extraction / embeddings (``TaskType.FEATURE_EXTRACTION``)."""
+
+    forward = _task_forward(*_TEXT, "token_type_ids", "position_ids")
 
 
 MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType | None, type[PeftModel]] = {

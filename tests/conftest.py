@@ -1,7 +1,13 @@
-"""Shared test settings: small thread count and fixed seeds so CPU runs are quick and repeatable."""
+"""Shared fixtures: seeds, tiny models built from configs, and training-config writers (CPU, repeatable)."""
+
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "examples" / "data"
 
 
 @pytest.fixture(autouse=True)
@@ -33,3 +39,46 @@ def tiny_llama():
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     return torch.randint(2, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+
+def make_tiny_model(out: Path) -> Path:
+    """hidden 32, 2 layers, the tokenizer of examples/tiny_model; seeded, so every test sees the same model."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "examples" / "tiny_model")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=None, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def write_config(path: Path, model_dir: Path, output_dir: Path, fmt: str = "prompt_completion",
+                 **sections: dict) -> Path:
+    """A small training config on examples/data; `sections` update the defaults section by section."""
+    raw = {
+        "model": {"name_or_path": str(model_dir)},
+        "lora": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "lora_dropout": 0.1},
+        "data": {"path": str(DATA / f"reverse_{fmt}_train.jsonl"), "max_examples": 32,
+                 "validation_path": str(DATA / f"reverse_{fmt}_eval.jsonl")},
+        "training": {"output_dir": str(output_dir), "max_steps": 4, "per_device_train_batch_size": 4,
+                     "per_device_eval_batch_size": 16, "learning_rate": 1e-2, "logging_steps": 1,
+                     "max_seq_length": 64, "disable_tqdm": True, "report_to": "none"},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture
+def config_writer():
+    """`write_config` as a fixture (test modules cannot import a conftest by name)."""
+    return write_config

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import os
 import re
 import warnings
@@ -22,8 +23,8 @@ PEFT_FORMAT_VERSION = "0.21.2"
 
 #: ``init_lora_weights`` values implemented here; the others are accepted by name and raise
 #: ``NotImplementedError`` until the variants module implements them.
-INIT_METHODS_IMPLEMENTED = (True, False, "gaussian", "pissa", "olora")  # and "pissa_niter_<K>"
-INIT_METHODS_PLANNED = ("loftq", "eva", "corda", "orthogonal")
+INIT_METHODS_IMPLEMENTED = (True, False, "gaussian", "pissa", "olora", "loftq", "eva", "corda")  # + "pissa_niter_<K>"
+INIT_METHODS_PLANNED = ("orthogonal",)
 
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -50,12 +51,9 @@ class PeftType(str, enum.Enum):
 _UNSUPPORTED_PEFT_KEYS: dict[str, Any] = {
     "alora_invocation_tokens": None,
     "arrow_config": None,
-    "corda_config": None,
     "ensure_weight_tying": False,
-    "eva_config": None,
     "kasa_config": None,
     "layer_replication": None,
-    "loftq_config": {},
     "lora_ga_config": None,
     "megatron_config": None,
     "monteclora_config": None,
@@ -72,6 +70,74 @@ _PASSIVE_PEFT_KEYS: dict[str, Any] = {
     "peft_version": PEFT_FORMAT_VERSION,
     "qalora_group_size": 16,
 }
+
+
+@dataclass
+class LoftQConfig:
+    """LoftQ (Li et al. 2023, https://arxiv.org/abs/2310.08659) settings, PEFT's ``LoftQConfig``; stored on
+    ``LoraConfig.loftq_config`` as a dict with these keys."""
+
+    loftq_bits: int = 4
+    """Bits of the quantized base: 4 (NF4, blocksize 64) or 8 (row-wise int8)."""
+    loftq_iter: int = 1
+    """Alternating quantize / SVD steps (>= 1)."""
+
+    def __post_init__(self) -> None:
+        if self.loftq_bits not in (4, 8):
+            raise ValueError(f"loftq_bits={self.loftq_bits!r} is invalid; allowed: 4 (NF4), 8 (int8).")
+        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) or self.loftq_iter < 1:
+            raise ValueError(f"loftq_iter={self.loftq_iter!r} is invalid: it must be an integer >= 1.")
+
+
+@dataclass
+class EvaConfig:
+    """EVA (Paischer et al. 2024, https://arxiv.org/abs/2410.07170) settings, PEFT's ``EvaConfig``."""
+
+    rho: float = 2.0
+    """A layer may get up to ``round(r * rho)`` ranks in the redistribution (>= 1; 1 = no redistribution)."""
+    tau: float = 0.99
+    """Stop when the cosine similarity of each kept component between two batches is >= tau (in [0, 1])."""
+    use_label_mask: bool = True
+    """Leave out positions whose label is ``label_mask_value``."""
+    label_mask_value: int = -100
+    """The ignored label value."""
+    whiten: bool = False
+    """Divide each component by the square root of its singular value."""
+    adjust_scaling_factors: bool = True
+    """``lora_alpha *= new_r / r`` for layers whose rank changed (keeps ``alpha / r``)."""
+
+    def __post_init__(self) -> None:
+        if not self.rho >= 1.0:
+            raise ValueError(f"rho={self.rho!r} is invalid: it must be >= 1.0.")
+        if not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"tau={self.tau!r} is invalid: it must be in [0, 1].")
+
+
+@dataclass
+class CordaConfig:
+    """CorDA (Yang et al. 2024, https://arxiv.org/abs/2406.05223) settings, PEFT's ``CordaConfig``."""
+
+    cache_file: str | None = None
+    """File for the per-layer SVD of ``W C`` (reused when it exists)."""
+    covariance_file: str | None = None
+    """File for the per-layer input covariance ``C`` (reused when it exists)."""
+    corda_method: str = "ipm"
+    """``"ipm"``: the top-r components (instruction-previewed); ``"kpm"``: the last r (knowledge-preserved)."""
+    verbose: bool = False
+    """Print progress."""
+    use_float16_for_covariance: bool = False
+    """Accumulate the covariance in the inputs' dtype instead of fp32."""
+    prune_temporary_fields: bool = True
+    """Accepted for PEFT compatibility; lorakit keeps no temporary fields on the modules."""
+
+    def __post_init__(self) -> None:
+        if self.corda_method not in ("ipm", "kpm"):
+            raise ValueError(f"corda_method={self.corda_method!r} is invalid; allowed: 'ipm', 'kpm'.")
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
+    """``alpha / r`` (Hu et al. 2021), or ``alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023, arXiv 2312.03732)."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
 def _is_valid_regex(pattern: str) -> bool:
@@ -119,6 +185,12 @@ class LoraConfig:
     """Give ``lora_B`` a trainable bias."""
     use_dora: bool = False
     """Weight-decomposed LoRA (DoRA, Liu et al. 2024, https://arxiv.org/abs/2402.09353)."""
+    loftq_config: dict[str, int] = field(default_factory=dict)
+    """``{"loftq_bits": 4, "loftq_iter": 1}`` (a ``LoftQConfig`` is converted) for ``init_lora_weights="loftq"``."""
+    eva_config: EvaConfig | None = None
+    """Settings of ``init_lora_weights="eva"`` (default ``EvaConfig()``)."""
+    corda_config: CordaConfig | None = None
+    """Settings of ``init_lora_weights="corda"`` (default ``CordaConfig()``)."""
     task_type: TaskType | str | None = None
     """The model's task (``TaskType``); picks the ``PeftModelFor...`` class."""
     inference_mode: bool = False
@@ -190,7 +262,7 @@ class LoraConfig:
         init = self.init_lora_weights
         if isinstance(init, str):
             method = init.lower()
-            if method in ("gaussian", "pissa", "olora"):
+            if method in ("gaussian", "pissa", "olora", "loftq", "eva", "corda"):
                 self.init_lora_weights = method
             elif method.startswith("pissa_niter_"):
                 if not method.removeprefix("pissa_niter_").isdigit():
@@ -199,7 +271,7 @@ class LoraConfig:
             elif method in INIT_METHODS_PLANNED:
                 raise NotImplementedError(
                     f"init_lora_weights={init!r} is not implemented yet in lorakit; available: True, False, "
-                    "'gaussian', 'pissa', 'pissa_niter_<K>', 'olora'."
+                    "'gaussian', 'pissa', 'pissa_niter_<K>', 'olora', 'loftq', 'eva', 'corda'."
                 )
             else:
                 raise ValueError(
@@ -208,9 +280,40 @@ class LoraConfig:
                 )
         elif not isinstance(init, bool):
             raise ValueError(f"init_lora_weights={init!r} is invalid; allowed: True, False, 'gaussian'.")
+        self._check_init_configs()
         for name in ("fan_in_fan_out", "use_rslora", "lora_bias", "inference_mode", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: it must be true or false.")
+
+    def _check_init_configs(self) -> None:
+        """PEFT's rules for ``loftq_config`` / ``eva_config`` / ``corda_config``: dicts become dataclasses (LoftQ
+        stays a dict, as PEFT saves it), a missing one is an error (loftq) or the default (eva, corda), and one
+        given for another init is dropped with a warning."""
+        init = self.init_lora_weights
+        if isinstance(self.loftq_config, LoftQConfig):
+            self.loftq_config = asdict(self.loftq_config)
+        if self.loftq_config and not isinstance(self.loftq_config, dict):
+            raise ValueError(f"loftq_config={self.loftq_config!r} is invalid: pass a LoftQConfig or a dict.")
+        if init == "loftq":
+            if not self.loftq_config:
+                raise ValueError(
+                    "init_lora_weights='loftq' needs loftq_config, e.g. {'loftq_bits': 4, 'loftq_iter': 1}."
+                )
+            self.loftq_config = asdict(LoftQConfig(**self.loftq_config))
+        elif self.loftq_config:
+            warnings.warn("loftq_config is ignored: init_lora_weights is not 'loftq'.", stacklevel=3)
+            self.loftq_config = {}
+        for name, klass, method in (("eva_config", EvaConfig, "eva"), ("corda_config", CordaConfig, "corda")):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                value = klass(**value)
+            elif value is not None and not isinstance(value, klass):
+                raise ValueError(f"{name}={value!r} is invalid: pass a {klass.__name__}, a dict or None.")
+            if init == method and value is None:
+                value = klass()
+            elif init != method and value is not None:
+                warnings.warn(f"{name} is ignored: init_lora_weights is not {method!r}.", stacklevel=3)
+            setattr(self, name, value)
 
     @staticmethod
     def _check_names(name: str, value: Any) -> list[str] | str | None:
@@ -237,7 +340,7 @@ class LoraConfig:
 
     def scaling_for(self, r: int, alpha: float) -> float:
         """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
-        return alpha / (r**0.5) if self.use_rslora else alpha / r
+        return lora_scaling(r, alpha, self.use_rslora)
 
     # ---- serialization -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -248,7 +351,6 @@ class LoraConfig:
             if isinstance(value, enum.Enum):
                 value = value.value
             out[key] = value
-        out["loftq_config"] = {}
         return out
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:

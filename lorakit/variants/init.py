@@ -9,6 +9,9 @@ path_initial_model_for_weight_conversion=DIR)`` (``DIR``: the adapter saved righ
 LoRA of rank 2r for the ORIGINAL ``W`` instead (``convert_to_plain_lora``):
 
     W_res + s B_t A_t = W + s [B_t, -B_0] [A_t; A_0]     (same scaling: r and lora_alpha both doubled)
+
+LoftQ is the exception: its base is the quantized ``Q``, and ``Q + s B_0 A_0`` only approximates ``W``, so the
+conversion is exact for pissa, olora and corda only; a LoftQ adapter belongs with the saved ``Q`` base.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def _set_residual(wrapper: nn.Module, residual_oi: torch.Tensor) -> None:
         quant.requantize_weight_(base, residual_oi)
         return
     weight = residual_oi.T if wrapper.fan_in_fan_out else residual_oi
-    base.weight.data.copy_(weight.to(base.weight.dtype))
+    base.weight.copy_(weight.to(base.weight.dtype))  # under no_grad; bumps the version (DoRA's norm cache)
 
 
 def _set_factors(adapter: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
@@ -76,22 +79,91 @@ def olora_init(wrapper: nn.Module, adapter: nn.Module) -> None:
     _set_residual(wrapper, weight - adapter.scaling * adapter.lora_B.weight @ adapter.lora_A.weight)
 
 
-def loftq_init(wrapper: nn.Module, adapter: nn.Module) -> None:
-    """LoftQ (Li et al. 2023, https://arxiv.org/abs/2310.08659): alternate NF4 quantization of ``W - B A`` and an
-    SVD of the quantization residual. Needs ``loftq_config`` on LoraConfig, which lorakit does not have yet."""
-    raise NotImplementedError("init_lora_weights='loftq' (loftq_init) is not implemented in lorakit yet.")
+def _quantize_roundtrip(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """``dequantize(quantize(W))`` (out, in) fp32: NF4 with blocksize 64 and fp32 absmax (bitsandbytes'
+    ``Params4bit(compress_statistics=False, quant_type="nf4")``, as PEFT's loftq), or row-wise int8."""
+    from lorakit import quant
+    from lorakit.quant.linear8bit import dequantize_8bit_rowwise, quantize_8bit_rowwise
+
+    if bits == 4:
+        packed, state = quant.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=False)
+        return quant.dequantize_4bit(packed, state).float()
+    return dequantize_8bit_rowwise(*quantize_8bit_rowwise(weight))
+
+
+@torch.no_grad()
+def loftq_decompose(
+    weight: torch.Tensor, r: int, scaling: float, bits: int = 4, num_iter: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LoftQ's alternating minimisation of ``||W - Q - s B A||_F`` (Li et al. 2023, algorithm 1).
+
+        Q_t = dequant(quant(W - s B_{t-1} A_{t-1}))           (B_0 A_0 = 0)
+        s B_t A_t = SVD_r(W - Q_t)                             (the top-r part of the quantization residual)
+
+    with ``B = U_r sqrt(S_r / s)``, ``A = sqrt(S_r / s) V_r^T``. Returns ``(Q, A, B)``: Q (out, in), A (r, in),
+    B (out, r), all fp32. PEFT splits ``sqrt(S_r)`` without the ``/ s``, which is the same when ``lora_alpha = r``
+    (s = 1); for other alphas PEFT's ``Q + s B A`` no longer approximates ``W``, ours does.
+    """
+    weight = weight.float()  # (out, in)
+    res = weight
+    for i in range(num_iter):
+        qweight = _quantize_roundtrip(res, bits)  # (out, in)
+        u, sv, vh = torch.linalg.svd(weight - qweight, full_matrices=False)
+        sr = torch.sqrt(sv[:r] / scaling)  # (r,)
+        lora_b = u[:, :r] * sr  # (out, r)
+        lora_a = sr[:, None] * vh[:r]  # (r, in)
+        if i + 1 < num_iter:
+            res = weight - scaling * lora_b @ lora_a
+    return qweight, lora_a, lora_b
+
+
+@torch.no_grad()
+def loftq_init(wrapper: nn.Module, adapter: nn.Module, loftq_config: dict) -> None:
+    """LoftQ (Li et al. 2023, https://arxiv.org/abs/2310.08659): the base becomes the dequantized quantized weight
+    ``Q`` and the adapter the top-r SVD of ``W - Q`` (``loftq_decompose``), so ``Q + s B A ~ W`` at init and the
+    base can be quantized to ``loftq_bits`` without further loss. Apply it to a full-precision model (as in PEFT);
+    the adapter is meant for the quantized base ``Q`` (save the base after init)."""
+    from lorakit import quant
+
+    if quant.is_quantized_linear(wrapper.base_layer):
+        raise ValueError(
+            "init_lora_weights='loftq' quantizes the base itself: apply it to the full-precision model, not to one "
+            "that is already quantized."
+        )
+    qweight, lora_a, lora_b = loftq_decompose(
+        _weight_oi(wrapper), adapter.r, adapter.scaling, loftq_config["loftq_bits"], loftq_config["loftq_iter"]
+    )
+    _set_factors(adapter, lora_a, lora_b)
+    _set_residual(wrapper, qweight)
 
 
 def eva_init(wrapper: nn.Module, adapter: nn.Module) -> None:
-    """EVA (Paischer et al. 2024, https://arxiv.org/abs/2410.07170): SVD of layer inputs over a few batches, with
-    rank redistribution; needs a dataloader (PEFT's ``initialize_lora_eva_weights``)."""
-    raise NotImplementedError("init_lora_weights='eva' (eva_init) is not implemented in lorakit yet.")
+    """EVA (Paischer et al. 2024, https://arxiv.org/abs/2410.07170) at injection: ``B = 0`` (A keeps its default
+    init). The data-driven ``A`` comes later from ``lorakit.variants.eva.initialize_lora_eva_weights``."""
+    with torch.no_grad():
+        adapter.lora_B.weight.zero_()
 
 
+@torch.no_grad()
 def corda_init(wrapper: nn.Module, adapter: nn.Module) -> None:
-    """CorDA (Yang et al. 2024, https://arxiv.org/abs/2406.05223): context-oriented SVD of ``W C`` with ``C`` the
-    covariance of the layer inputs (PEFT's ``preprocess_corda``)."""
-    raise NotImplementedError("init_lora_weights='corda' (corda_init) is not implemented in lorakit yet.")
+    """CorDA (Yang et al. 2024, https://arxiv.org/abs/2406.05223): from the SVD ``W C = U S V^T`` of the weight
+    times the input covariance (``lorakit.variants.corda.preprocess_corda``, which also keeps the r chosen
+    components: the top ones for "ipm", the last ones for "kpm"),
+
+        A = sqrt(S_r / s) (V_r^T C^-1)  (r, in),     B = U_r sqrt(S_r / s)  (out, r),     base = W - s B A
+
+    Same float ops as PEFT's ``corda_init``."""
+    from lorakit.variants.corda import pop_eigens
+
+    u, sv, v = pop_eigens(wrapper.base_layer, adapter.r)  # (out, r), (r,), (in, r): V = (V^T C^-1)^T
+    weight = _weight_oi(wrapper)  # (out, in)
+    if not (torch.isfinite(u).all() and torch.isfinite(sv).all() and torch.isfinite(v).all()):
+        raise ValueError("CorDA: non-finite values in the decomposition; check the calibration data.")
+    sv = sv / adapter.scaling
+    lora_a = v.t().mul(sv.sqrt().view(-1, 1))  # (r, in)
+    lora_b = u.mul(sv.sqrt())  # (out, r)
+    _set_factors(adapter, lora_a, lora_b)
+    _set_residual(wrapper, weight - adapter.scaling * adapter.lora_B.weight @ adapter.lora_A.weight)
 
 
 def init_adapter(wrapper: nn.Module, adapter_name: str, config: LoraConfig, module_name: str) -> None:
@@ -112,7 +184,7 @@ def init_adapter(wrapper: nn.Module, adapter_name: str, config: LoraConfig, modu
     elif method == "olora":
         olora_init(wrapper, adapter)
     elif method == "loftq":
-        loftq_init(wrapper, adapter)
+        loftq_init(wrapper, adapter, config.loftq_config)
     elif method == "eva":
         eva_init(wrapper, adapter)
     elif method == "corda":
@@ -145,6 +217,7 @@ def converted_config(config: LoraConfig) -> LoraConfig:
     sqrt 2) so ``scaling`` is unchanged; rank/alpha patterns doubled (PEFT's rules)."""
     config = copy.deepcopy(config)
     config.init_lora_weights = True
+    config.loftq_config, config.eva_config, config.corda_config = {}, None, None
     config.r *= 2
     config.lora_alpha = config.lora_alpha * (2**0.5 if config.use_rslora else 2)
     config.rank_pattern = {k: 2 * v for k, v in config.rank_pattern.items()}

@@ -87,7 +87,111 @@ def test_conversion_to_plain_lora_on_original_base(method, tmp_path):
             torch.testing.assert_close(converted(ids).logits, trained, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["loftq", "eva", "corda"])
-def test_unimplemented_inits_raise(method):
-    with pytest.raises(NotImplementedError, match=method):
-        lorakit.LoraConfig(init_lora_weights=method)
+def test_unimplemented_init_raises():
+    with pytest.raises(NotImplementedError, match="orthogonal"):
+        lorakit.LoraConfig(init_lora_weights="orthogonal")
+
+
+# ---- LoftQ --------------------------------------------------------------------------------------------------
+def _peft_loftq_reference(weight, num_bits, reduced_rank, num_iter):
+    """PEFT 0.21.2's ``loftq_init`` loop (peft/utils/loftq_utils.py) with its device moved to the CPU: PEFT itself
+    sends the weight to "cuda" and cannot run on a CPU-only machine. Quantization through bitsandbytes."""
+    import bitsandbytes as bnb
+
+    weight = weight.float()
+    res = weight.clone()
+    for i in range(num_iter):
+        if num_bits == 4:
+            q = bnb.nn.Params4bit(res, requires_grad=False, compress_statistics=False, quant_type="nf4").to("cpu")
+            deq = bnb.functional.dequantize_4bit(q.data, q.quant_state)
+        else:
+            q = bnb.nn.Int8Params(res, requires_grad=False)
+            deq = bnb.functional.int8_vectorwise_dequant(*bnb.functional.int8_vectorwise_quant(res.half())[:2])
+        res = weight - deq
+        u, s, vh = torch.linalg.svd(res, full_matrices=False)
+        lo = u @ torch.sqrt(torch.diag(s)[:, :reduced_rank])
+        ro = torch.sqrt(torch.diag(s)[:reduced_rank, :]) @ vh
+        if i + 1 == num_iter:
+            break
+        res = weight - lo @ ro
+    return deq, ro, lo
+
+
+@pytest.mark.parametrize("bits,iters", [(4, 1), (4, 3), (8, 2)])
+def test_loftq_equals_peft_algorithm(bits, iters):
+    """lorakit's loftq (NF4 from lorakit.quant) against PEFT's loop on bitsandbytes, with lora_alpha = r (s = 1,
+    where PEFT's split of the singular values and ours coincide). 1e-5: same quantization bits, same SVD."""
+    base = _base()
+    w = base.model.layers[0].mlp.down_proj.weight.detach().clone()  # (32, 64)
+    cfg = lorakit.LoraConfig(
+        r=4, lora_alpha=4, target_modules=["down_proj"], init_lora_weights="loftq",
+        loftq_config={"loftq_bits": bits, "loftq_iter": iters},
+    )
+    model = lorakit.get_peft_model(base, cfg)
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    q, a, b = _peft_loftq_reference(w, bits, 4, iters)
+    ad = layer.adapters["default"]
+    torch.testing.assert_close(layer.base_layer.weight, q, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(ad.lora_A.weight, a, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ad.lora_B.weight, b, atol=1e-4, rtol=1e-4)
+
+
+def test_loftq_properties():
+    """Error ||W - Q - sBA|| falls with the iterations and stays below plain NF4's ||W - Q||; the base holds
+    exactly NF4-representable values (requantizing it is lossless); shapes; scaling s != 1 is accounted for."""
+    from lorakit import quant
+    from lorakit.variants.init import loftq_decompose
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 64)
+    packed, state = quant.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    plain = torch.linalg.norm(w - quant.dequantize_4bit(packed, state))
+    errors = []
+    for iters in (1, 2, 4):
+        q, a, b = loftq_decompose(w, r=4, scaling=2.0, bits=4, num_iter=iters)
+        assert a.shape == (4, 64) and b.shape == (48, 4)
+        errors.append(torch.linalg.norm(w - q - 2.0 * b @ a))
+        packed, state = quant.quantize_4bit(q, blocksize=64, quant_type="nf4")
+        torch.testing.assert_close(quant.dequantize_4bit(packed, state), q, atol=0, rtol=0)
+    assert errors[0] < plain and errors[1] < errors[0] and errors[2] < errors[1]
+
+
+def test_loftq_config_rules():
+    with pytest.raises(ValueError, match="loftq_config"):
+        lorakit.LoraConfig(init_lora_weights="loftq")
+    with pytest.raises(ValueError, match="loftq_bits"):
+        lorakit.LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_bits": 3, "loftq_iter": 1})
+    with pytest.warns(UserWarning, match="loftq_config is ignored"):
+        assert lorakit.LoraConfig(loftq_config={"loftq_bits": 4, "loftq_iter": 1}).loftq_config == {}
+    from lorakit.config import LoftQConfig
+
+    cfg = lorakit.LoraConfig(init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_iter=2))
+    assert cfg.to_dict()["loftq_config"] == {"loftq_bits": 4, "loftq_iter": 2}  # PEFT's saved form
+
+
+def test_loftq_model_close_to_original_and_saves_for_peft(tmp_path):
+    """LoftQ's model at init is close to the original (W ~ Q + sBA); the adapter and the Q base load in PEFT."""
+    base = _base()
+    ids = torch.randint(0, 61, (2, 6))
+    cfg = lorakit.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights="loftq",
+        loftq_config={"loftq_bits": 4, "loftq_iter": 2},
+    )
+    model = lorakit.get_peft_model(copy.deepcopy(base), cfg).eval()
+    with torch.no_grad():
+        want = base(ids).logits
+        got = model(ids).logits
+        with model.disable_adapter():
+            quantized_only = model(ids).logits
+    assert (got - want).abs().max() < (quantized_only - want).abs().max()
+    # PEFT's LoftQ recipe (examples/loftq_finetuning): save with init_lora_weights=True so that loading does not
+    # run loftq_init again (PEFT's runs on "cuda" only).
+    model.peft_config["default"].init_lora_weights = True
+    model.peft_config["default"].loftq_config = {}
+    model.save_pretrained(tmp_path / "adapter")
+    q_base = model.unload()  # the Q base, what LoftQ's adapter is trained for
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(q_base), tmp_path / "adapter")
+    ours = lorakit.PeftModel.from_pretrained(q_base, tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.eval()(ids).logits, got, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.eval()(ids).logits, got, atol=1e-5, rtol=1e-5)

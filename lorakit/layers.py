@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit import quant
+from lorakit.config import lora_scaling
 
 #: Names an adapter may not take: they are attribute names inside wrappers, PEFT's file-key markers, or reserved.
 RESERVED_ADAPTER_NAMES = frozenset(
@@ -97,7 +98,7 @@ class LoraAdapter(nn.Module):
         super().__init__()
         self.r = r
         self.lora_alpha = lora_alpha
-        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.lora_A = _empty_linear(in_features, r, False, device, dtype)
         self.lora_B = _empty_linear(r, out_features, lora_bias, device, dtype)
@@ -171,7 +172,7 @@ class LoraEmbeddingAdapter(nn.Module):
             raise ValueError("lora_bias=True is not supported for embedding layers (PEFT does not support it).")
         self.r = r
         self.lora_alpha = lora_alpha
-        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         # PEFT applies no dropout to embedding adapters; keep the attribute for a uniform interface.
         self.dropout = nn.Identity()
         self.lora_embedding_A = nn.Parameter(torch.empty(r, num_embeddings, device=device, dtype=dtype))
@@ -229,6 +230,35 @@ class _LoraWrapper(nn.Module):
             device = weight.device if weight is not None else None
             return device, torch.float32
         return weight.device, _adapter_dtype(weight.dtype)
+
+    def _adapter_dims(self) -> tuple[int, int]:
+        """(input, output) sizes of an adapter of this layer."""
+        raise NotImplementedError
+
+    def _adapter_class(self, use_dora: bool) -> type[nn.Module]:
+        raise NotImplementedError
+
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        lora_bias: bool = False,
+        init_lora_weights: bool | str = True,
+        use_dora: bool = False,
+    ) -> nn.Module:
+        """Create adapter ``name`` on the base's device (fp32 over half-precision or quantized bases)."""
+        device, dtype = self._base_device_dtype()
+        adapter = self._adapter_class(use_dora)(
+            *self._adapter_dims(), r, lora_alpha, lora_dropout, use_rslora, lora_bias, init_lora_weights,
+            device=device, dtype=dtype,
+        )
+        self.adapters[name] = adapter
+        if use_dora:
+            adapter.init_magnitude(self)
+        return adapter
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (it must not be merged)."""
@@ -319,37 +349,15 @@ class LoraLinear(_LoraWrapper):
         self.out_features = out_features
         self.fan_in_fan_out = fan_in_fan_out
 
-    def add_adapter(
-        self,
-        name: str,
-        r: int,
-        lora_alpha: float,
-        lora_dropout: float = 0.0,
-        use_rslora: bool = False,
-        lora_bias: bool = False,
-        init_lora_weights: bool | str = True,
-        use_dora: bool = False,
-    ) -> LoraAdapter:
-        device, dtype = self._base_device_dtype()
-        klass = LoraAdapter
+    def _adapter_dims(self) -> tuple[int, int]:
+        return self.in_features, self.out_features
+
+    def _adapter_class(self, use_dora: bool) -> type[nn.Module]:
         if use_dora:
-            from lorakit.variants.dora import DoraLinearAdapter as klass
-        adapter = klass(
-            self.in_features,
-            self.out_features,
-            r,
-            lora_alpha,
-            lora_dropout,
-            use_rslora,
-            lora_bias,
-            init_lora_weights,
-            device=device,
-            dtype=dtype,
-        )
-        self.adapters[name] = adapter
-        if use_dora:
-            adapter.init_magnitude(self)
-        return adapter
+            from lorakit.variants.dora import DoraLinearAdapter
+
+            return DoraLinearAdapter
+        return LoraAdapter
 
     def _base_weight_delta_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.T if self.fan_in_fan_out else delta  # Conv1D stores (in, out)
@@ -416,38 +424,15 @@ class LoraLinear(_LoraWrapper):
 class LoraEmbedding(_LoraWrapper):
     """LoRA around an ``nn.Embedding`` (PEFT's ``lora_embedding_A`` / ``lora_embedding_B``)."""
 
-    def add_adapter(
-        self,
-        name: str,
-        r: int,
-        lora_alpha: float,
-        lora_dropout: float = 0.0,
-        use_rslora: bool = False,
-        lora_bias: bool = False,
-        init_lora_weights: bool | str = True,
-        use_dora: bool = False,
-    ) -> LoraEmbeddingAdapter:
-        device, dtype = self._base_device_dtype()
-        base = self.base_layer
-        klass = LoraEmbeddingAdapter
+    def _adapter_dims(self) -> tuple[int, int]:
+        return self.base_layer.num_embeddings, self.base_layer.embedding_dim
+
+    def _adapter_class(self, use_dora: bool) -> type[nn.Module]:
         if use_dora:
-            from lorakit.variants.dora import DoraEmbeddingAdapter as klass
-        adapter = klass(
-            base.num_embeddings,
-            base.embedding_dim,
-            r,
-            lora_alpha,
-            lora_dropout,
-            use_rslora,
-            lora_bias,
-            init_lora_weights,
-            device=device,
-            dtype=dtype,
-        )
-        self.adapters[name] = adapter
-        if use_dora:
-            adapter.init_magnitude(self)
-        return adapter
+            from lorakit.variants.dora import DoraEmbeddingAdapter
+
+            return DoraEmbeddingAdapter
+        return LoraEmbeddingAdapter
 
     def dora_weight(self) -> tuple[torch.Tensor, bool]:
         """The weight (vocab, dim): the transpose of DoRA's (out=dim, in=vocab) orientation."""

@@ -9,7 +9,7 @@ Everything is generated here from a fixed seed, with no download:
 2. A byte-level BPE tokenizer (``tokenizers``) trained on that corpus, saved as a transformers
    ``PreTrainedTokenizerFast`` with a chat template and ``<|end|>`` as EOS / end of turn.
 3. A ``LlamaForCausalLM`` (about 0.9 M parameters, fp32 safetensors) pretrained briefly on CPU.
-4. The fine-tuning task, ``reverse:`` (say the words of a list in reverse order), written to
+4. The fine-tuning task, ``first and last:`` (say the first and the last word of a list), written to
    ``examples/data/`` in every lorakit data format, with a disjoint held-out evaluation set.
 
 Usage: ``python scripts/make_tiny_model.py [--out examples/tiny_model] [--data-out examples/data]``.
@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 
 import torch
@@ -31,8 +32,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
 NOUNS = (
@@ -65,18 +66,18 @@ def word_list(rng: random.Random, lo: int = 3, hi: int = 6) -> list[str]:
 
 def chat(user: str, assistant: str) -> str:
     """A one-turn conversation rendered exactly as CHAT_TEMPLATE renders it."""
-    return f"<|user|>\n{user}<|end|>\n<|assistant|>\n{assistant}<|end|>\n"
+    return f"<|user|>{user}<|end|><|assistant|>{assistant}<|end|>"
 
 
 def pretraining_document(rng: random.Random) -> str:
-    """A story (50%) or a warm-up chat: repeat (30%), first word (10%), last word (10%)."""
+    """A story (30%) or a warm-up chat: repeat (30%), first word (20%), last word (20%)."""
     u = rng.random()
-    if u < 0.5:
-        return " ".join(sentence(rng) for _ in range(rng.randint(2, 5))) + "<|end|>\n"
-    words = word_list(rng)
-    if u < 0.8:
+    if u < 0.3:
+        return " ".join(sentence(rng) for _ in range(rng.randint(2, 5))) + "<|end|>"
+    words = word_list(rng, 2, 5)
+    if u < 0.6:
         return chat("repeat: " + " ".join(words), " ".join(words))
-    if u < 0.9:
+    if u < 0.8:
         return chat("first word: " + " ".join(words), words[0])
     return chat("last word: " + " ".join(words), words[-1])
 
@@ -84,7 +85,9 @@ def pretraining_document(rng: random.Random) -> str:
 def build_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on ``corpus``, wrapped for transformers with the chat template."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # add_prefix_space: every piece between special tokens starts with a space, so a word is the same
+    # token (" cat") at the start of a turn as inside it.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -92,7 +95,9 @@ def build_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFa
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus, trainer=trainer)
+    # train on the text between special tokens, as the tokenizer will see it once they are registered
+    split = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+    tok.train_from_iterator((piece for doc in corpus for piece in split.split(doc) if piece), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|end|>",
@@ -132,12 +137,12 @@ def pretrain(model: LlamaForCausalLM, ids: torch.Tensor, args: argparse.Namespac
 
 
 def task_record(words: list[str]) -> dict[str, str]:
-    """The fine-tuning task: the words of the list in reverse order."""
-    return {"words": " ".join(words), "answer": " ".join(reversed(words))}
+    """The fine-tuning task: the first and the last word of the list."""
+    return {"words": " ".join(words), "answer": f"{words[0]} {words[-1]}"}
 
 
 def write_task_data(out: str, rng: random.Random, n_train: int, n_eval: int) -> None:
-    """The ``reverse:`` task in every format; eval lists are disjoint from train and from each other."""
+    """The ``first and last:`` task in every format; eval lists are disjoint from train and from each other."""
     seen: set[tuple[str, ...]] = set()
     records = []
     while len(records) < n_train + n_eval:
@@ -152,23 +157,23 @@ def write_task_data(out: str, rng: random.Random, n_train: int, n_eval: int) -> 
         variants = {
             "messages": lambda r: {
                 "messages": [
-                    {"role": "user", "content": "reverse: " + r["words"]},
+                    {"role": "user", "content": "first and last: " + r["words"]},
                     {"role": "assistant", "content": r["answer"]},
                 ]
             },
             "prompt_completion": lambda r: {
-                "prompt": "reverse: " + r["words"] + "\nanswer:",
+                "prompt": "first and last: " + r["words"] + "\nanswer:",
                 "completion": " " + r["answer"],
             },
             "alpaca": lambda r: {
-                "instruction": "Say the words in reverse order.",
+                "instruction": "Say the first and the last word.",
                 "input": r["words"],
                 "output": r["answer"],
             },
-            "text": lambda r: {"text": "reverse: " + r["words"] + "\nanswer: " + r["answer"]},
+            "text": lambda r: {"text": "first and last: " + r["words"] + "\nanswer: " + r["answer"]},
         }
         for fmt, make in variants.items():
-            with open(os.path.join(out, f"reverse_{fmt}_{split}.jsonl"), "w") as f:
+            with open(os.path.join(out, f"first_last_{fmt}_{split}.jsonl"), "w") as f:
                 for r in recs:
                     f.write(json.dumps(make(r)) + "\n")
 
@@ -180,13 +185,15 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--documents", type=int, default=20000, help="pretraining corpus size (documents)")
     p.add_argument("--vocab-size", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--n-train", type=int, default=1000)
     p.add_argument("--n-eval", type=int, default=100)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (results depend on it)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
 
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)

@@ -1,7 +1,7 @@
 """Data formats, loss masks token by token, loading errors, train/eval splits and the debug view.
 
 The tokenizer is the shipped tiny model's (examples/tiny_model, built by scripts/make_tiny_model.py):
-byte-level BPE, EOS ``<|end|>``, chat template ``<|role|>\\n{content}<|end|>\\n``.
+byte-level BPE with a prefix space, EOS ``<|end|>``, chat template ``<|role|>{content}<|end|>``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,25 @@ DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
 @pytest.fixture(scope="module")
 def tok():
     return AutoTokenizer.from_pretrained(TINY_MODEL)
+
+
+def assert_mask_matches_spans(ex: dict, tok, text: str, spans: list[tuple[int, int]]) -> None:
+    """Token by token: a token takes loss iff its first character lies in one of the char ``spans``."""
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert ex["input_ids"] == enc["input_ids"]
+    for tid, label, (start, _) in zip(ex["input_ids"], ex["labels"], enc["offset_mapping"], strict=True):
+        in_answer = any(a <= start < b for a, b in spans)
+        assert label == (tid if in_answer else IGNORE_INDEX), (tok.decode([tid]), start, label)
+
+
+def answer_spans(rendered: str, head: str, answers: list[str]) -> list[tuple[int, int]]:
+    """Char spans of each ``answer`` found right after ``head``, searching left to right."""
+    spans, pos = [], 0
+    for a in answers:
+        start = rendered.index(head + a, pos) + len(head)
+        spans.append((start, start + len(a)))
+        pos = start + len(a)
+    return spans
 
 
 def trained_text(ex: dict, tok) -> str:
@@ -99,16 +118,30 @@ def test_messages_loss_on_assistant_turns_only(tok):
     # ids are exactly what the chat template gives for the whole conversation
     assert ex["input_ids"] == tok.apply_chat_template(CHAT, tokenize=True, return_dict=True)["input_ids"]
     assert not ex["truncated"]
-    # token by token: a token is trained iff it lies in an assistant turn (content + "<|end|>\n")
+    # token by token: a token is trained iff it lies in an assistant turn (content + "<|end|>")
     rendered = tok.apply_chat_template(CHAT, tokenize=False)
-    head = "<|assistant|>\n"
-    starts = [rendered.index(head + s) + len(head) for s in ("cat dog<|end|>\n", "fox<|end|>\n")]
-    spans = [(starts[0], starts[0] + len("cat dog<|end|>\n")), (starts[1], starts[1] + len("fox<|end|>\n"))]
-    enc = tok(rendered, add_special_tokens=False, return_offsets_mapping=True)
-    for tid, label, (start, _) in zip(ex["input_ids"], ex["labels"], enc["offset_mapping"], strict=True):
-        in_answer = any(a <= start < b for a, b in spans)
-        assert label == (tid if in_answer else IGNORE_INDEX), (tok.decode([tid]), start, label)
-    assert trained_text(ex, tok) == "cat dog<|end|>\nfox<|end|>\n"
+    spans = answer_spans(rendered, "<|assistant|>", ["cat dog<|end|>", "fox<|end|>"])
+    assert_mask_matches_spans(ex, tok, rendered, spans)
+    assert trained_text(ex, tok) == " cat dog<|end|> fox<|end|>"
+
+
+CHATML_WITH_DEFAULT_SYSTEM = (
+    "{% if messages[0]['role'] != 'system' %}<|system|>\nYou are terse.<|end|>\n{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def test_messages_masking_with_another_template(tok):
+    """Newlines after role tags, an injected system prompt: assistant spans still exact, token by token."""
+    other = copy.deepcopy(tok)
+    other.chat_template = CHATML_WITH_DEFAULT_SYSTEM
+    chat = CHAT[1:]  # no system message: the template injects one
+    ex = tokenize_example({"messages": chat}, other, "messages", 256)
+    rendered = other.apply_chat_template(chat, tokenize=False)
+    assert rendered.startswith("<|system|>\nYou are terse.")
+    spans = answer_spans(rendered, "<|assistant|>\n", ["cat dog<|end|>\n", "fox<|end|>\n"])
+    assert_mask_matches_spans(ex, other, rendered, spans)
 
 
 def test_messages_train_on_inputs(tok):
@@ -152,16 +185,17 @@ def test_alpaca_template_and_loss_on_response(tok, inp):
     prompt = alpaca_prompt(record["instruction"], inp)
     assert prompt.endswith("### Response:\n")
     assert ("### Input:\nred fox\n\n" in prompt) == bool(inp)
-    assert tok.decode(ex["input_ids"]) == prompt + "fox red<|end|>"
-    assert trained_text(ex, tok) == "fox red<|end|>"
-    n_masked = sum(lab == IGNORE_INDEX for lab in ex["labels"])
-    assert tok.decode(ex["input_ids"][:n_masked]) == prompt  # masked = exactly the prompt, then trained
+    assert tok.decode(ex["input_ids"]) == " " + prompt + "fox red<|end|>"  # the tokenizer adds a prefix space
+    text = prompt + "fox red"
+    without_eos = {"input_ids": ex["input_ids"][:-1], "labels": ex["labels"][:-1]}
+    assert_mask_matches_spans(without_eos, tok, text, [(len(prompt), len(text))])
+    assert ex["labels"][-1] == ex["input_ids"][-1] == tok.eos_token_id
 
 
 def test_text_loss_on_everything(tok):
     ex = tokenize_example({"text": "The cat sees a dog."}, tok, "text", 64)
     assert ex["labels"] == ex["input_ids"]
-    assert tok.decode(ex["input_ids"]) == "The cat sees a dog.<|end|>"
+    assert tok.decode(ex["input_ids"]) == " The cat sees a dog.<|end|>"
 
 
 def test_truncation_keeps_the_start_and_is_flagged(tok):
@@ -235,8 +269,8 @@ def test_build_datasets_stats_and_val_split(tok, tmp_path):
 
 def test_build_datasets_validation_path_shipped_data(tok):
     cfg = DataConfig(
-        path=str(DATA / "reverse_messages_train.jsonl"),
-        validation_path=str(DATA / "reverse_messages_eval.jsonl"),
+        path=str(DATA / "first_last_messages_train.jsonl"),
+        validation_path=str(DATA / "first_last_messages_eval.jsonl"),
         max_examples=16,
     )
     train, evals, stats = build_datasets(cfg, tok, 64)

@@ -26,7 +26,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "examples" / "tiny_model"
-DATA = REPO / "examples" / "data" / "first_last_prompt_completion_train.jsonl"
+DATA = REPO / "examples" / "data" / "second_word_prompt_completion_train.jsonl"
 SETTINGS = {"r": 16, "alpha": 32, "batch": 16, "max_length": 64, "lr": 1e-3}
 
 

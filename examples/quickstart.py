@@ -26,7 +26,7 @@ def main() -> None:
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
 
-    text = "first and last: apple pear plum -> apple plum"
+    text = "second word: apple pear plum -> pear"
     batch = tokenizer([text] * 8, return_tensors="pt")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()

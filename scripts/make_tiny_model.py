@@ -137,12 +137,16 @@ def pretrain(model: LlamaForCausalLM, ids: torch.Tensor, args: argparse.Namespac
 
 
 def task_record(words: list[str]) -> dict[str, str]:
-    """The fine-tuning task: the first and the last word of the list."""
-    return {"words": " ".join(words), "answer": f"{words[0]} {words[-1]}"}
+    """The fine-tuning task: the second word of the list. The base model learned "first word" and "last word"
+    in pretraining but never this position, so it answers ~0% right before fine-tuning."""
+    return {"words": " ".join(words), "answer": words[1]}
+
+
+TASK = "second word"
 
 
 def write_task_data(out: str, rng: random.Random, n_train: int, n_eval: int) -> None:
-    """The ``first and last:`` task in every format; eval lists are disjoint from train and from each other."""
+    """The ``second word:`` task in every format; eval lists are disjoint from train and from each other."""
     seen: set[tuple[str, ...]] = set()
     records = []
     while len(records) < n_train + n_eval:
@@ -153,29 +157,27 @@ def write_task_data(out: str, rng: random.Random, n_train: int, n_eval: int) -> 
         records.append(task_record(words))
     splits = {"train": records[:n_train], "eval": records[n_train:]}
     os.makedirs(out, exist_ok=True)
+    variants = {
+        "messages": lambda r: {
+            "messages": [
+                {"role": "user", "content": f"{TASK}: " + r["words"]},
+                {"role": "assistant", "content": r["answer"]},
+            ]
+        },
+        "prompt_completion": lambda r: {
+            "prompt": f"{TASK}: " + r["words"] + "\nanswer:",
+            "completion": " " + r["answer"],
+        },
+        "alpaca": lambda r: {"instruction": "Say the second word.", "input": r["words"], "output": r["answer"]},
+        "text": lambda r: {"text": f"{TASK}: " + r["words"] + "\nanswer: " + r["answer"]},
+    }
     for split, recs in splits.items():
-        variants = {
-            "messages": lambda r: {
-                "messages": [
-                    {"role": "user", "content": "first and last: " + r["words"]},
-                    {"role": "assistant", "content": r["answer"]},
-                ]
-            },
-            "prompt_completion": lambda r: {
-                "prompt": "first and last: " + r["words"] + "\nanswer:",
-                "completion": " " + r["answer"],
-            },
-            "alpaca": lambda r: {
-                "instruction": "Say the first and the last word.",
-                "input": r["words"],
-                "output": r["answer"],
-            },
-            "text": lambda r: {"text": "first and last: " + r["words"] + "\nanswer: " + r["answer"]},
-        }
         for fmt, make in variants.items():
-            with open(os.path.join(out, f"first_last_{fmt}_{split}.jsonl"), "w") as f:
+            path = os.path.join(out, f"second_word_{fmt}_{split}.jsonl")
+            with open(path + ".tmp", "w") as f:
                 for r in recs:
                     f.write(json.dumps(make(r)) + "\n")
+            os.replace(path + ".tmp", path)
 
 
 def main() -> None:
@@ -192,8 +194,13 @@ def main() -> None:
     p.add_argument("--n-train", type=int, default=1000)
     p.add_argument("--n-eval", type=int, default=100)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (results depend on it)")
+    p.add_argument("--data-only", action="store_true", help="write only the fine-tuning data (no pretraining)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.data_only:  # the data's RNG (seed + 1) is independent of pretraining: same files either way
+        write_task_data(args.data_out, random.Random(args.seed + 1), args.n_train, args.n_eval)
+        print(f"wrote {args.data_out}")
+        return
 
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)

@@ -66,8 +66,8 @@ def write_config(path: Path, model_dir: Path, output_dir: Path, fmt: str = "prom
     raw = {
         "model": {"name_or_path": str(model_dir)},
         "lora": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "lora_dropout": 0.1},
-        "data": {"path": str(DATA / f"first_last_{fmt}_train.jsonl"), "max_examples": 32,
-                 "validation_path": str(DATA / f"first_last_{fmt}_eval.jsonl")},
+        "data": {"path": str(DATA / f"second_word_{fmt}_train.jsonl"), "max_examples": 32,
+                 "validation_path": str(DATA / f"second_word_{fmt}_eval.jsonl")},
         "training": {"output_dir": str(output_dir), "max_steps": 4, "per_device_train_batch_size": 4,
                      "per_device_eval_batch_size": 16, "learning_rate": 1e-2, "logging_steps": 1,
                      "max_seq_length": 64, "disable_tqdm": True, "report_to": "none"},

@@ -23,7 +23,7 @@ def trained_adapter(tmp_path_factory, tiny_model_dir):
 
     root = tmp_path_factory.mktemp("adapter")
     cfg = {"model": str(tiny_model_dir), "lora": {"r": 4, "target_modules": "all-linear"},
-           "data": {"path": str(REPO / "examples/data/first_last_messages_train.jsonl"), "max_examples": 16},
+           "data": {"path": str(REPO / "examples/data/second_word_messages_train.jsonl"), "max_examples": 16},
            "training": {"output_dir": str(root / "out"), "max_steps": 3, "learning_rate": 0.05,
                         "disable_tqdm": True, "report_to": "none", "max_seq_length": 64}}
     (root / "c.yaml").write_text(yaml.safe_dump(cfg))
@@ -96,10 +96,10 @@ def test_merge_loads_in_transformers(tmp_path, trained_adapter, tiny_model_dir):
 
 def test_generate_and_chat_switch_adapters(trained_adapter, tiny_model_dir, capsys):
     assert main(["generate", "--base", str(tiny_model_dir), "--adapter", f"mine={trained_adapter}",
-                 "--prompt", "first and last: cat dog", "--max-new-tokens", "4", "--no-stream"]) == 0
+                 "--prompt", "second word: cat dog", "--max-new-tokens", "4", "--no-stream"]) == 0
     args = build_parser().parse_args(["chat", "--base", str(tiny_model_dir), "--adapter", f"a={trained_adapter}",
                                       "--adapter", f"b={trained_adapter}", "--max-new-tokens", "3"])
-    stdin = io.StringIO("/adapters\n/adapter b\nfirst and last: cat dog\n/adapter none\nhello\n/quit\n")
+    stdin = io.StringIO("/adapters\n/adapter b\nsecond word: cat dog\n/adapter none\nhello\n/quit\n")
     assert run_chat(args, stdin=stdin) == 0
     out = capsys.readouterr().out
     assert "*a, b" in out and "active adapter: b" in out and "active adapter: none" in out

@@ -269,8 +269,8 @@ def test_build_datasets_stats_and_val_split(tok, tmp_path):
 
 def test_build_datasets_validation_path_shipped_data(tok):
     cfg = DataConfig(
-        path=str(DATA / "first_last_messages_train.jsonl"),
-        validation_path=str(DATA / "first_last_messages_eval.jsonl"),
+        path=str(DATA / "second_word_messages_train.jsonl"),
+        validation_path=str(DATA / "second_word_messages_eval.jsonl"),
         max_examples=16,
     )
     train, evals, stats = build_datasets(cfg, tok, 64)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import os
 from collections.abc import Iterator
@@ -41,13 +42,15 @@ def _condense_targets(model: nn.Module, targets: list[str]) -> list[str]:
 class LoraModel(nn.Module):
     """Holds the adapted model (``self.model``) and the adapters' configs; does the model-wide operations."""
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+    def __init__(
+        self, model: nn.Module, config: LoraConfig, adapter_name: str = "default", initialize: bool = True
+    ) -> None:
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
         model.requires_grad_(False)
-        self.inject(config, adapter_name)
+        self.inject(config, adapter_name, initialize)
         self.set_adapter(adapter_name)
 
     def __getattr__(self, name: str) -> Any:
@@ -62,9 +65,11 @@ class LoraModel(nn.Module):
         return self.model(*args, **kwargs)
 
     # ---- adapters -----------------------------------------------------------------------------------------
-    def inject(self, config: LoraConfig, adapter_name: str) -> None:
+    def inject(self, config: LoraConfig, adapter_name: str, initialize: bool = True) -> None:
         """Add adapter ``adapter_name`` described by ``config`` (not activated). On any error the model is left
-        as it was."""
+        as it was. ``initialize=False`` (adapters about to be loaded from a file) skips ``init_lora_weights``:
+        base-modifying inits (pissa, olora, loftq, corda) must not run again on a base that already holds the
+        residual, and data-driven ones (eva) have nothing to run on."""
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; choose another name.")
@@ -78,8 +83,9 @@ class LoraModel(nn.Module):
                 "shared between them; use bias='none' for all but one adapter (as PEFT requires)."
             )
         is_all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
+        to_inject = config if initialize else dataclasses.replace(config, init_lora_weights=True)
         try:
-            targets = inject_adapter(self.model, config, adapter_name)
+            targets = inject_adapter(self.model, to_inject, adapter_name)
             if config.modules_to_save:
                 add_modules_to_save(self.model, config.modules_to_save, adapter_name, not config.inference_mode)
         except BaseException:
@@ -184,19 +190,38 @@ class LoraModel(nn.Module):
 
 
 class PeftModel(nn.Module):
-    """A transformers (or any torch) model with LoRA adapters; PEFT's ``PeftModel`` API."""
+    """A transformers (or any torch) model with LoRA adapters; PEFT's ``PeftModel`` API.
+
+    ``autocast_adapter_dtype=True`` keeps adapters in fp32 over half-precision bases (False: the base's dtype).
+    ``low_cpu_mem_usage`` is accepted for PEFT compatibility and changes nothing: lorakit allocates adapter
+    weights without a throw-away init either way (and on the meta device for meta models).
+    """
 
     #: Read by transformers' Trainer: a quantized model with adapters attached may be fine-tuned.
     _hf_peft_config_loaded = True
 
-    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **_: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: LoraConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        *,
+        initialize: bool = True,
+    ) -> None:
         super().__init__()
         if not isinstance(peft_config, LoraConfig):
             raise TypeError(f"peft_config must be a lorakit LoraConfig, got {type(peft_config).__name__}.")
         if peft_config.base_model_name_or_path is None:
             peft_config = copy.deepcopy(peft_config)
             peft_config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
-        self.base_model = LoraModel(model, peft_config, adapter_name)
+        self.base_model = LoraModel(model, peft_config, adapter_name, initialize)
+        if not autocast_adapter_dtype:  # adapters in the base weights' dtype instead of fp32
+            base_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+            for module in model.modules():
+                if isinstance(module, LORA_WRAPPERS):
+                    module.adapters[adapter_name].to(base_dtype)
         checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5
         if checkpointing is None:
             checkpointing = getattr(model, "is_gradient_checkpointing", False)
@@ -389,7 +414,7 @@ class PeftModel(nn.Module):
         config = LoraConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs)
         config.inference_mode = not is_trainable
         tensors = load_adapter_weights(os.fspath(model_id), subfolder=subfolder, **kwargs)
-        self.base_model.inject(config, adapter_name)
+        self.base_model.inject(config, adapter_name, initialize=False)
         try:
             check_and_copy(self, adapter_name, config.bias, tensors)
         except BaseException:
@@ -416,7 +441,7 @@ class PeftModel(nn.Module):
         tensors = load_adapter_weights(os.fspath(model_id), subfolder=subfolder, **kwargs)
         klass = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel) if cls is PeftModel else cls
         snapshot = {n: p.requires_grad for n, p in model.named_parameters()}
-        peft_model = klass(model, config, adapter_name)
+        peft_model = klass(model, config, adapter_name, initialize=False)
         try:
             check_and_copy(peft_model, adapter_name, config.bias, tensors)
         except BaseException:
@@ -523,13 +548,7 @@ def get_peft_model(
         peft_config = copy.deepcopy(peft_config)
         peft_config.revision = revision
     klass = MODEL_TYPE_TO_PEFT_MODEL[peft_config.task_type]
-    peft_model = klass(model, peft_config, adapter_name)
-    if not autocast_adapter_dtype:
-        base_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        for module in model.modules():
-            if isinstance(module, LORA_WRAPPERS):
-                module.adapters[adapter_name].to(base_dtype)
-    return peft_model
+    return klass(model, peft_config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
 
 
 def inspect_targets(model: nn.Module, config: LoraConfig) -> list[str]:

@@ -272,3 +272,11 @@ def test_gradient_checkpointing_with_frozen_embeddings(tiny_llama, input_ids) ->
     model(input_ids=input_ids, labels=input_ids).loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_autocast_adapter_dtype_false_keeps_base_dtype() -> None:
+    base = make_tiny_llama().to(torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(**CFG), autocast_adapter_dtype=False)
+    assert {p.dtype for n, p in model.named_parameters() if ".adapters." in n} == {torch.bfloat16}
+    fp32 = get_peft_model(make_tiny_llama().to(torch.bfloat16), LoraConfig(**CFG))
+    assert {p.dtype for n, p in fp32.named_parameters() if ".adapters." in n} == {torch.float32}

@@ -195,3 +195,31 @@ def test_loftq_model_close_to_original_and_saves_for_peft(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(theirs.eval()(ids).logits, got, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours.eval()(ids).logits, got, atol=1e-5, rtol=1e-5)
+
+
+def test_loading_a_pissa_adapter_does_not_rerun_the_init(tmp_path) -> None:
+    """A saved (unconverted) PiSSA adapter loads onto the residual base unchanged: loading must not run the
+    base-modifying init a second time."""
+    import copy
+
+    from lorakit import LoraConfig, PeftModel, get_peft_model
+    from tests.conftest import make_tiny_llama
+
+    ids = torch.randint(2, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    model = get_peft_model(make_tiny_llama(hidden=64), LoraConfig(r=4, target_modules=["q_proj"],
+                                                                   init_lora_weights="pissa"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05)  # "trained"
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    residual = copy.deepcopy(model).unload()
+    before = {n: p.clone() for n, p in residual.named_parameters()}
+    loaded = PeftModel.from_pretrained(residual, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+    for n, p in loaded.get_base_model().named_parameters():
+        key = n.replace(".base_layer", "")
+        if key in before:
+            assert torch.equal(p, before[key]), n

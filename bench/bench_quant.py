@@ -1,6 +1,7 @@
 """Quantization benchmarks, side by side in one run (CPU).
 
-1. dequant: lorakit's pure-PyTorch NF4 dequantization vs bitsandbytes' CPU C++ kernel (same weight).
+1. dequant: lorakit's pure-PyTorch NF4 dequantization vs bitsandbytes' CPU C++ kernel (same weight), and
+   Linear4bit forward + backward of both; interleaved repetitions, medians (the machine may be shared).
 2. load: peak RSS of ``lorakit.load_model(..., load_in_4bit)`` on a locally generated Llama-shaped
    checkpoint (random weights, sharded safetensors), in a fresh process, against the target
    ``1.3 x quantized size + largest tensor``; bits per parameter of the quantized linear weights.
@@ -14,41 +15,74 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 
-def bench_dequant(rows: int, cols: int, repeats: int) -> None:
+def _interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each ``fns`` entry, the entries taking turns (so load from other jobs hits all)."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def bench_dequant(rows: int, cols: int, repeats: int, tokens: int) -> None:
+    import bitsandbytes as bnb
     import bitsandbytes.functional as bnbF
 
+    from lorakit.quant import Linear4bit
     from lorakit.quant.nf4 import dequantize_4bit, quantize_4bit
 
+    torch.manual_seed(0)
     A = torch.randn(rows, cols, dtype=torch.bfloat16)
     packed, state = quantize_4bit(A, compress_statistics=True)
     bnb_packed, bnb_state = bnbF.quantize_4bit(A, quant_type="nf4", compress_statistics=True)
-
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    ours = best(lambda: dequantize_4bit(packed, state))
-    theirs = best(lambda: bnbF.dequantize_4bit(bnb_packed, bnb_state))
+    times = _interleaved(
+        {"lorakit": lambda: dequantize_4bit(packed, state), "bnb": lambda: bnbF.dequantize_4bit(bnb_packed, bnb_state)},
+        repeats,
+    )
     n = A.numel()
-    print(f"dequant NF4 -> bf16, {rows}x{cols}, double quant, best of {repeats}, {torch.get_num_threads()} threads")
-    print(f"  lorakit (PyTorch)      {ours * 1e3:8.1f} ms  {n / ours / 1e6:8.0f} Melem/s")
-    print(f"  bitsandbytes (C++ CPU) {theirs * 1e3:8.1f} ms  {n / theirs / 1e6:8.0f} Melem/s")
-    print(f"  ratio lorakit / bitsandbytes time: {ours / theirs:.2f}x")
+    print(f"dequant NF4 -> bf16, {rows}x{cols}, double quant, interleaved, {repeats} reps, "
+          f"{torch.get_num_threads()} threads: median (min)")  # fmt: skip
+    for label, name in (("lorakit (PyTorch)     ", "lorakit"), ("bitsandbytes (C++ CPU)", "bnb")):
+        med, low = statistics.median(times[name]), min(times[name])
+        print(f"  {label} {med * 1e3:8.1f} ms ({low * 1e3:6.1f})  {n / med / 1e6:8.0f} Melem/s")
+    ratios = [a / b for a, b in zip(times["lorakit"], times["bnb"], strict=True)]
+    print(f"  ratio lorakit / bitsandbytes time: median of per-rep ratios {statistics.median(ratios):.2f}x")
+
+    # Linear4bit forward + backward (grad to the input), bf16 compute; both re-dequantize in backward.
+    linear = torch.nn.Linear(cols, rows, bias=False, dtype=torch.bfloat16)
+    linear.weight.data = A
+    ours = Linear4bit.from_linear(linear, torch.bfloat16, "nf4", compress_statistics=True)
+    theirs = bnb.nn.Linear4bit(cols, rows, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    theirs.weight = bnb.nn.Params4bit(A.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True)
+    theirs = theirs.to("cpu").train()  # quantizes; train mode: no CPU inference repack (nf4-format.md)
+    x = torch.randn(tokens, cols, dtype=torch.bfloat16)
+
+    def step(layer: torch.nn.Module) -> None:
+        xi = x.clone().requires_grad_(True)
+        layer(xi).float().sum().backward()
+
+    times = _interleaved({"lorakit": lambda: step(ours), "bnb": lambda: step(theirs)}, repeats)
+    print(f"Linear4bit forward + backward, x ({tokens}, {cols}) bf16, weight {rows}x{cols}: median (min)")
+    for label, name in (("lorakit     ", "lorakit"), ("bitsandbytes", "bnb")):
+        print(f"  {label} {statistics.median(times[name]) * 1e3:8.1f} ms ({min(times[name]) * 1e3:6.1f})")
+    ratios = [a / b for a, b in zip(times["lorakit"], times["bnb"], strict=True)]
+    print(f"  ratio lorakit / bitsandbytes time: median of per-rep ratios {statistics.median(ratios):.2f}x")
 
 
 def make_checkpoint(path: Path, hidden: int, layers: int, vocab: int, intermediate: int) -> dict:
@@ -80,11 +114,15 @@ def load_worker(path: str) -> None:
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )  # fmt: skip
-    rss_before = _current_rss()
+    rss_lazy = _current_rss()  # the baseline before 2026-11-24: transformers' lazy imports still to come
+    from transformers import AutoConfig, LlamaForCausalLM  # noqa: F401  (modeling_llama: ~150 MiB of RSS)
+
+    AutoConfig.from_pretrained(path)  # imports the config machinery load_model uses (~50 MiB)
+    rss_before, hwm_before = _current_rss(), _current_rss("VmHWM")
     peak_box = [rss_before]
     done = threading.Event()
 
-    def sample() -> None:  # ru_maxrss is a lifetime high-water mark (imports), so sample VmRSS instead
+    def sample() -> None:  # VmHWM only helps when the load sets a new lifetime high, so poll VmRSS too
         while not done.is_set():
             peak_box[0] = max(peak_box[0], _current_rss())
             time.sleep(0.005)
@@ -97,6 +135,8 @@ def load_worker(path: str) -> None:
     done.set()
     sampler.join()
     peak = max(peak_box[0], _current_rss())
+    if _current_rss("VmHWM") > hwm_before:  # a new lifetime high during the load: the exact peak
+        peak = max(peak, _current_rss("VmHWM"))
     state = model.state_dict()
     size = sum(t.numel() * t.element_size() for t in state.values())
     quant_bits = quant_params = 0
@@ -107,17 +147,18 @@ def load_worker(path: str) -> None:
                 t.numel() * t.element_size() for k, t in state.items() if k.startswith(f"{name}.weight")
             )
     print(json.dumps({
-        "rss_before_load": rss_before, "peak_rss": peak, "quantized_model_bytes": size, "seconds": seconds,
+        "rss_before_imports": rss_lazy, "rss_before_load": rss_before, "peak_rss": peak,
+        "quantized_model_bytes": size, "seconds": seconds,
         "bits_per_param": quant_bits / quant_params, "quantized_params": quant_params,
     }))  # fmt: skip
 
 
-def _current_rss() -> int:
-    """Resident set size now, in bytes (Linux /proc/self/status VmRSS)."""
+def _current_rss(field: str = "VmRSS") -> int:
+    """Resident set size now (VmRSS) or its lifetime high-water mark (VmHWM), in bytes (Linux /proc/self/status)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("VmRSS not found in /proc/self/status")
+    raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
 def bench_load(args: argparse.Namespace) -> None:
@@ -137,9 +178,12 @@ def bench_load(args: argparse.Namespace) -> None:
     print(f"  checkpoint (bf16 safetensors)     {ckpt_bytes / mib:8.0f} MiB")
     print(f"  quantized model (state dict)      {report['quantized_model_bytes'] / mib:8.0f} MiB")
     print(f"  largest tensor (bf16)             {info['largest_tensor_bytes'] / mib:8.0f} MiB")
-    print(f"  RSS before load (imports done)    {report['rss_before_load'] / mib:8.0f} MiB")
-    print(f"  peak RSS during load (5 ms polls) {report['peak_rss'] / mib:8.0f} MiB "
-          f"(growth {growth / mib:.0f} MiB)")  # fmt: skip
+    lazy = report["rss_before_load"] - report["rss_before_imports"]
+    print(f"  RSS before load (imports done)    {report['rss_before_load'] / mib:8.0f} MiB "
+          f"(of which transformers' lazy imports {lazy / mib:.0f})")  # fmt: skip
+    print(f"  peak RSS during load (polls, HWM) {report['peak_rss'] / mib:8.0f} MiB "
+          f"(growth {growth / mib:.0f} MiB; {(growth + lazy) / mib:.0f} MiB counting the lazy imports, "
+          f"as measured before 2026-11-24)")  # fmt: skip
     print(f"  target 1.3 x quantized + largest  {target / mib:8.0f} MiB -> growth/target = {growth / target:.2f}")
     print(f"  load time {report['seconds']:.1f} s; bits/param of quantized linears: {report['bits_per_param']:.4f}")
 
@@ -177,7 +221,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--cols", type=int, default=14336)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--tokens", type=int, default=16, help="rows of the input of the Linear4bit benchmark")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000)
@@ -190,7 +235,7 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}")
     if args.only in (None, "dequant"):
-        bench_dequant(args.rows, args.cols, args.repeats)
+        bench_dequant(args.rows, args.cols, args.repeats, args.tokens)
     if args.only in (None, "load"):
         bench_load(args)
     if args.only in (None, "prepare"):

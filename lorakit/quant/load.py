@@ -2,8 +2,9 @@
 
 The model is built with parameters on the meta device (buffers such as rotary ``inv_freq`` are real); each
 tensor is then read from its shard with a plain file read (no mmap, so finished shards leave nothing in
-RSS), quantized if it is the weight of a linear layer to quantize, and assigned. Peak host memory is about
-the quantized model plus the largest single tensor, not the full-precision model.
+RSS), quantized if it is the weight of a linear layer to quantize (in steps of 2**20 elements, so the fp32
+temporaries are those of one step), freed, and the freed heap is given back to the OS (``malloc_trim``).
+Peak host memory is about the quantized model plus the largest single tensor, not the full-precision model.
 
 The saved layout is transformers + bitsandbytes': ``config.json`` carries ``quantization_config`` and each
 4-bit linear writes ``weight`` (packed) and ``weight.absmax`` / ``weight.quant_map`` / ... (see
@@ -12,13 +13,16 @@ The saved layout is transformers + bitsandbytes': ``config.json`` carries ``quan
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 import re
+import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -84,6 +88,8 @@ def load_model(
                 pending.setdefault(owner, {})[key[len(owner) + 1 :]] = tensor
             else:
                 model.get_submodule(owner).set_weight(tensor.to(dtype))
+                del tensor  # the full-precision weight: free it before reading the next one
+                _release_free_memory()
         elif key in params:
             _assign(model, key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
         else:
@@ -241,12 +247,39 @@ def iter_safetensors(file: str | os.PathLike) -> Iterator[tuple[str, torch.Tenso
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             if info["dtype"] not in _ST_DTYPES:
                 raise ValueError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
-            start, end = info["data_offsets"]
-            buf = bytearray(end - start)
-            f.seek(base + start)
-            f.readinto(buf)
-            flat = torch.frombuffer(buf, dtype=_ST_DTYPES[info["dtype"]]) if buf else torch.empty(0)
-            yield name, flat.to(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+            yield name, _read_tensor(f, base, info)  # no reference kept here: the caller decides when it is freed
+
+
+def _read_tensor(f: BinaryIO, base: int, info: dict[str, Any]) -> torch.Tensor:
+    start, end = info["data_offsets"]
+    dtype = _ST_DTYPES[info["dtype"]]
+    buf = bytearray(end - start)
+    f.seek(base + start)
+    f.readinto(buf)
+    flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)  # shares buf's memory
+    return flat.reshape(info["shape"])
+
+
+def _release_free_memory() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    After freeing a large block glibc raises its mmap threshold, so later multi-MB temporaries of
+    ``quantize_4bit`` come from the heap and stay resident once freed; trimming after each quantized weight
+    cut the peak RSS growth of ``bench/bench_quant.py --only load`` (see docs/benchmarks.md).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if sys.platform != "linux":
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return None
 
 
 def _resolve(name_or_path: str | os.PathLike) -> Path:

@@ -27,8 +27,12 @@ nested codes (see /work/shared/reference/nf4-format.md). The 4-bit codes, ``absm
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +41,9 @@ ALLOWED_BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 NESTED_BLOCKSIZE = 256  # bitsandbytes' fixed blocksize for the double-quantized statistics
+_STEP = 32768  # elements per step on CPU: at::internal::GRAIN_SIZE (see _dequantize_4bit_reference)
+_QUANT_STEP = 2**20  # elements per step of quantize_4bit on CPU (a multiple of every blocksize)
+_HUGE_PAGE = 2**21  # bytes (x86-64 / aarch64 transparent huge page)
 
 # NF4: quantiles of N(0, 1) normalised to [-1, 1] with an exact zero (QLoRA paper, appendix E).
 _NF4 = [
@@ -195,6 +202,9 @@ def quantize_4bit(
 
     Returns:
         ``packed`` of shape ``(ceil(n / 2) / itemsize, 1)`` and its :class:`QuantState`.
+
+    On CPU the flat tensor goes in steps of ``_QUANT_STEP`` elements (whole blocks; blocks are independent, so
+    the result is the same), which bounds the fp32 / int32 temporaries to one step while loading a model.
     """
     if blocksize not in ALLOWED_BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {ALLOWED_BLOCKSIZES}, got {blocksize!r}")
@@ -202,17 +212,25 @@ def quantize_4bit(
     if A.dtype not in FLOAT_DTYPES:
         raise ValueError(f"quantize_4bit input dtype must be one of {FLOAT_DTYPES}, got {A.dtype}")
     code = get_4bit_code(quant_type, A.device)
-    flat = A.detach().reshape(-1).float()  # (n,)
-    absmax, scaled = _absmax_and_scale(flat, blocksize, clamp_full_blocks=True)
-    if scaled.numel() % 2:
-        scaled = torch.nn.functional.pad(scaled, (0, 1))  # pad with 0.0 -> code 7 (nf4) / 0 (fp4)
     order = torch.argsort(code, stable=True)  # identity for nf4; fp4's code book is in bit-pattern order
     midpoints = (code[order[:-1]] + code[order[1:]]) / 2  # (15,)
-    q = torch.bucketize(scaled, midpoints, right=False)  # ties take the lower code
-    if quant_type != "nf4":
-        q = order[q]
-    q8 = q.to(torch.uint8)
-    packed = ((q8[0::2] << 4) | q8[1::2]).unsqueeze(1)  # (ceil(n / 2), 1), first element in the high nibble
+    flat = A.detach().reshape(-1)  # (n,)
+    n = flat.numel()
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=A.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=A.device)  # (nblocks,)
+    step = max(1, n) if _simple_path(flat) else _QUANT_STEP
+    for start in range(0, n, step):  # whole blocks per step: fp32 temporaries of one step, not of all of A
+        part_absmax, scaled = _absmax_and_scale(flat[start : start + step].float(), blocksize, clamp_full_blocks=True)
+        absmax[start // blocksize : start // blocksize + part_absmax.numel()] = part_absmax
+        if scaled.numel() % 2:
+            scaled = torch.nn.functional.pad(scaled, (0, 1))  # pad with 0.0 -> code 7 (nf4) / 0 (fp4)
+        q = torch.bucketize(scaled, midpoints, out_int32=True, right=False)  # (k,) ties take the lower code
+        if quant_type != "nf4":
+            q = order[q]
+        q8 = q.to(torch.uint8)
+        dst = packed[start // 2 : start // 2 + q8.numel() // 2]  # first element in the high nibble
+        torch.bitwise_or(q8[0::2] << 4, q8[1::2], out=dst)
+    packed = packed.unsqueeze(1)  # (ceil(n / 2), 1)
     packed = _view_storage(packed, quant_storage)
     if not compress_statistics:
         return packed, QuantState(absmax, A.shape, code, blocksize, quant_type, A.dtype)
@@ -285,7 +303,9 @@ def dequantize_absmax(quant_state: QuantState) -> torch.Tensor:
         return quant_state.absmax.float()
     s2 = quant_state.state2
     absmax = dequantize_blockwise_8bit(quant_state.absmax, s2.absmax, s2.code, s2.blocksize)
-    return absmax + quant_state.offset
+    for part in absmax.split(absmax.numel() if _simple_path(absmax) else _STEP):
+        part.add_(quant_state.offset)  # in steps, like dequantize_blockwise_8bit
+    return absmax
 
 
 def quantize_blockwise_8bit(
@@ -306,30 +326,132 @@ def quantize_blockwise_8bit(
 def dequantize_blockwise_8bit(
     q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int
 ) -> torch.Tensor:
-    """``code[q_i] * absmax[i // blocksize]`` in fp32, shape ``(n,)``."""
-    values = code[q.reshape(-1).long()]  # (n,)
-    scale = absmax.float().repeat_interleave(blocksize)[: values.numel()]
-    return values * scale
+    """``code[q_i] * absmax[i // blocksize]`` in fp32, shape ``(n,)``.
+
+    On CPU in steps of whole blocks of about ``_STEP`` elements, so that no op opens an OpenMP region (see
+    :func:`_dequantize_4bit_reference`).
+    """
+    q, code, absmax = q.reshape(-1), code.float(), absmax.float()
+    n = q.numel()
+    values = torch.empty(n, dtype=torch.float32, device=q.device)
+    step = n if _simple_path(q) else max(1, _STEP // blocksize) * blocksize
+    for start in range(0, n, step):
+        part = values[start : start + step]  # (k,), starts on a block boundary
+        torch.index_select(code, 0, q[start : start + step].int(), out=part)
+        first, full = start // blocksize, part.numel() // blocksize
+        part[: full * blocksize].view(full, blocksize).mul_(absmax[first : first + full, None])
+        if full * blocksize < part.numel():  # the partial last block
+            part[full * blocksize :].mul_(absmax[first + full])
+    return values
 
 
 def _dequantize_4bit_reference(
     data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, n: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Reference dequantization: returns ``(n,)`` in ``dtype``.
+    """Reference dequantization: returns ``(n,)`` in ``dtype``::
 
-    Each block's 16 possible outputs ``dtype(code[k] * absmax[b])`` are tabulated first (the same fp32
-    product and one cast as per element, so the result is identical), then one ``index_select`` with the
-    int32 index ``16 * b + q`` writes the output: fewer full-size passes than gather-multiply-cast.
+        out[i] = dtype(code[q_i] * absmax[i // blocksize])      (fp32 product, one rounding)
+        q_2k = byte[k] >> 4,   q_2k+1 = byte[k] & 15
+
+    How: a 256-entry table maps a byte to its two fp32 code values, stored as one float64 so that one int32
+    ``index_select`` gathers both; the gathered values, viewed as (blocks, blocksize), are multiplied by a
+    broadcast ``absmax[:, None]`` and copied into the preallocated output (the one rounding). Same fp32
+    products, same rounding: bit-identical to the formula.
+
+    On CPU the full blocks go in steps of ``_STEP`` = 32768 elements, torch's parallel grain size, so every op
+    runs inline (an OpenMP region per op waits for a descheduled thread on a busy machine: steps of 65536
+    took seconds instead of ~0.2 s with other jobs on the 2 cores) and the scratch (128 KiB of fp32) stays in
+    L2. So this runs on one core: two Python threads sharing the steps gained at most ~7% (the ops are too
+    short to hide the GIL), not worth a thread pool. Page faults on a fresh output cost more than the
+    arithmetic, so a large output is advised to use huge pages.
     """
-    table = (absmax.float()[:, None] * code[None, :]).to(dtype).reshape(-1)  # (nblocks * 16,)
-    idx = torch.stack([data >> 4, data & 15], dim=1).reshape(-1)[:n].int()  # (n,) 4-bit codes
-    full = n - n % blocksize
-    nblocks_full = full // blocksize
-    base = torch.arange(0, 16 * nblocks_full, 16, dtype=torch.int32, device=data.device)  # (nblocks_full,)
-    idx[:full].view(nblocks_full, blocksize).add_(base[:, None])
-    if full < n:
-        idx[full:] += 16 * nblocks_full
-    return table.index_select(0, idx)
+    pairs = _byte_pairs(code.float())  # (256,) float64 = (code[b >> 4], code[b & 15]) as fp32
+    out = torch.empty(n, dtype=dtype, device=data.device)  # (n,)
+    nblocks = n // blocksize  # full blocks; a partial last block follows them
+    absmax = absmax.float()
+    if _simple_path(data):
+        per_step = max(1, nblocks)  # blocks per step
+    else:
+        per_step = max(1, _STEP // blocksize)
+        _advise_huge_pages(out)
+    index = torch.empty(per_step * blocksize // 2, dtype=torch.int32, device=data.device)
+    values = torch.empty(per_step * blocksize // 2, dtype=torch.float64, device=data.device)  # fp32 pairs
+    for codes, scale, dst in _steps(data, absmax, out, blocksize, nblocks, per_step):
+        # (k / 2,) uint8, (b, 1) fp32, (b, blocksize) dtype; k = b * blocksize
+        if codes.numel() != index.numel():  # the shorter last step
+            index, values = index[: codes.numel()], values[: codes.numel()]
+        index.copy_(codes)
+        torch.index_select(pairs, 0, index, out=values)
+        val32 = values.view(torch.float32).view(dst.shape)  # (b, blocksize)
+        if dtype == torch.float32:
+            torch.mul(val32, scale, out=dst)
+        else:
+            dst.copy_(val32.mul_(scale))  # fp32 product, then one rounding to dtype
+    if nblocks * blocksize < n:
+        start = nblocks * blocksize
+        tail = pairs.index_select(0, data[start // 2 :].int()).view(torch.float32)[: n - start]
+        out[start:] = tail * absmax[nblocks]
+    return out
+
+
+def _simple_path(t: torch.Tensor) -> bool:
+    """Whole-tensor ops, no steps: off the CPU (e.g. CUDA without triton) and under torch.compile."""
+    return t.device.type != "cpu" or torch.compiler.is_compiling()
+
+
+def _byte_pairs(code: torch.Tensor) -> torch.Tensor:
+    byte = torch.arange(256, device=code.device)
+    return torch.stack([code[byte >> 4], code[byte & 15]], dim=1).view(torch.float64).reshape(256)
+
+
+def _steps(
+    data: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor, blocksize: int, nblocks: int, per_step: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(bytes (k / 2,), absmax (b, 1), out (b, blocksize))`` per step of ``b = per_step`` full blocks (the
+    last step may be shorter); views made by ``unbind`` (one call each, cheaper than slicing per step)."""
+    even = nblocks - nblocks % per_step
+    parts = [(0, even, per_step)] if even else []
+    if even < nblocks:
+        parts.append((even, nblocks, nblocks - even))
+    for start, end, b in parts:
+        count = (end - start) // b
+        yield from zip(
+            data[start * blocksize // 2 : end * blocksize // 2].view(count, -1).unbind(0),
+            absmax[start:end].view(count, b, 1).unbind(0),
+            out[start * blocksize : end * blocksize].view(count, b, blocksize).unbind(0),
+            strict=True,
+        )
+
+
+def _advise_huge_pages(t: torch.Tensor) -> None:
+    """``madvise(MADV_HUGEPAGE)`` on the 2 MiB-aligned interior of a large fresh CPU tensor (Linux; else a no-op).
+
+    The first write to a fresh 4 KiB page faults; for a 4096 x 14336 bf16 output (117 MB) the faults alone took
+    ~60-90 ms of a single thread on the development machine, ~12 ms with huge pages. Advice only: the bytes
+    are unchanged; it is skipped when the kernel or libc does not offer it.
+    """
+    nbytes = t.numel() * t.element_size()
+    if nbytes < 2 * _HUGE_PAGE or type(t) is not torch.Tensor or sys.platform != "linux":
+        return
+    madvise = _madvise()
+    if madvise is None:
+        return
+    start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+    end = (t.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+    if end > start:
+        madvise(start, end - start, 14)  # MADV_HUGEPAGE; the result is ignored (advice)
+
+
+@functools.cache
+def _madvise() -> Callable[[int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def _absmax_and_scale(flat: torch.Tensor, blocksize: int, clamp_full_blocks: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,8 @@ with double quantization (a nested code one step off moves a block scale by <= 1
 bitsandbytes' models run in train mode so its CPU eval path does not repack weights with bf16 absmax.
 """
 
+import weakref
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -126,3 +128,12 @@ def test_iter_safetensors_matches_safe_open(tiny_dir):
         assert sorted(ours) == sorted(f.keys())
         for key in f.keys():
             assert torch.equal(ours[key], f.get_tensor(key))
+
+
+def test_iter_safetensors_keeps_no_reference(tiny_dir):
+    """load_model frees each full-precision weight once quantized: the reader must not hold it meanwhile."""
+    shard = sorted(tiny_dir.glob("*.safetensors"))[0]
+    for _, tensor in iter_safetensors(shard):
+        ref = weakref.ref(tensor)
+        del tensor
+        assert ref() is None

@@ -1,0 +1,86 @@
+"""The CPU paths of lorakit.quant.nf4 that work in steps equal the one-step path and the formula, bit for bit.
+
+quantize_4bit goes in steps of ``_QUANT_STEP`` elements, dequantize_4bit and dequantize_blockwise_8bit in
+steps of about ``_STEP``; the steps are shrunk here so that small tensors cross many step boundaries, with a
+shorter last step, a partial last block and an odd element count. The one-step path (``_simple_path``, used
+off the CPU and under torch.compile) is the comparison. No tolerances: everything is compared with
+torch.equal on the raw bits.
+"""
+
+import pytest
+import torch
+
+from lorakit.quant import nf4
+from lorakit.quant.nf4 import ALLOWED_BLOCKSIZES, dequantize_4bit, dequantize_absmax, quantize_4bit
+
+SHAPES = [(37, 320), (5, 1001), (4096,), (3, 7)]  # many steps; partial blocks + odd n; one step; < one block
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _formula(packed: torch.Tensor, state: nf4.QuantState, dtype: torch.dtype) -> torch.Tensor:
+    """``dtype(code[q_i] * absmax[i // blocksize])``: the docstring's formula, unpacked one nibble at a time."""
+    n = state.shape.numel()
+    data = _bits(packed)
+    q = torch.stack([data >> 4, data & 15], dim=1).reshape(-1)[:n].long()
+    scale = dequantize_absmax(state).repeat_interleave(state.blocksize)[:n]
+    return (state.code[q] * scale).to(dtype).reshape(state.shape)
+
+
+def _one_step(monkeypatch, fn, *args):
+    """``fn(*args)`` on the one-step path."""
+    with monkeypatch.context() as m:
+        m.setattr(nf4, "_simple_path", lambda t: True)
+        return fn(*args)
+
+
+@pytest.mark.parametrize("compress_statistics", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_steps_equal_one_step(monkeypatch, shape, quant_type, compress_statistics):
+    torch.manual_seed(0)
+    A = (torch.randn(shape) * torch.rand(shape[-1]) * 3).to(torch.bfloat16)
+    monkeypatch.setattr(nf4, "_STEP", 256)
+    monkeypatch.setattr(nf4, "_QUANT_STEP", 4096)  # a multiple of every blocksize, as the real one
+    for blocksize in (32, 64, 256):
+        packed, state = quantize_4bit(A, blocksize, quant_type, compress_statistics)
+        ref_packed, ref_state = _one_step(monkeypatch, quantize_4bit, A, blocksize, quant_type, compress_statistics)
+        assert torch.equal(_bits(packed), _bits(ref_packed))
+        assert torch.equal(state.absmax, ref_state.absmax)
+        assert torch.equal(dequantize_absmax(state), _one_step(monkeypatch, dequantize_absmax, state))
+        for dtype in nf4.FLOAT_DTYPES:
+            out = dequantize_4bit(packed, state, dtype)
+            assert out.dtype == dtype and out.shape == A.shape
+            assert torch.equal(_bits(out), _bits(_one_step(monkeypatch, dequantize_4bit, packed, state, dtype)))
+            assert torch.equal(_bits(out), _bits(_formula(packed, state, dtype)))
+
+
+@pytest.mark.parametrize("blocksize", ALLOWED_BLOCKSIZES)
+def test_default_steps_every_blocksize(blocksize):
+    """The real step sizes: 2**15 + 3 * 2**13 + 5 elements -> several steps, a shorter last one, a partial block."""
+    torch.manual_seed(1)
+    A = torch.randn(2**15 + 3 * 2**13 + 5)
+    packed, state = quantize_4bit(A, blocksize, compress_statistics=True)
+    for dtype in nf4.FLOAT_DTYPES:
+        assert torch.equal(_bits(dequantize_4bit(packed, state, dtype)), _bits(_formula(packed, state, dtype)))
+
+
+def test_large_output_with_huge_page_advice():
+    """A 4096 x 1024 fp32 output (16 MiB) gets the huge-page advice; the values are those of the formula."""
+    torch.manual_seed(2)
+    packed, state = quantize_4bit(torch.randn(4096, 1024, dtype=torch.bfloat16))
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(_bits(dequantize_4bit(packed, state, dtype)), _bits(_formula(packed, state, dtype)))
+
+
+def test_inference_mode_and_autograd_inputs():
+    """The steps write into a preallocated output: fine under inference_mode and with grad mode on."""
+    packed, state = quantize_4bit(torch.randn(64, 1024))
+    expected = _formula(packed, state, torch.float32)
+    with torch.inference_mode():
+        assert torch.equal(dequantize_4bit(packed, state), expected)
+    with torch.enable_grad():
+        out = dequantize_4bit(packed, state)
+    assert not out.requires_grad and torch.equal(out, expected)

@@ -3,8 +3,9 @@
 Code written for PEFT's LoRA runs after changing ``from peft import X`` to ``from lorakit import X``.
 """
 
-from lorakit.config import LoraConfig, PeftType, TaskType
+from lorakit.config import CordaConfig, EvaConfig, LoftQConfig, LoraConfig, PeftType, TaskType
 from lorakit.hotswap import hotswap_adapter
+from lorakit.io.adapter import get_peft_model_state_dict, set_peft_model_state_dict
 from lorakit.model import (
     LoraModel,
     PeftModel,
@@ -19,11 +20,16 @@ from lorakit.model import (
 from lorakit.quant.config import BitsAndBytesConfig
 from lorakit.quant.load import load_model, quantize_model
 from lorakit.quant.prepare import prepare_model_for_kbit_training
+from lorakit.variants.corda import preprocess_corda
+from lorakit.variants.eva import get_eva_state_dict, initialize_lora_eva_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BitsAndBytesConfig",
+    "CordaConfig",
+    "EvaConfig",
+    "LoftQConfig",
     "LoraConfig",
     "LoraModel",
     "PeftModel",
@@ -35,9 +41,14 @@ __all__ = [
     "PeftModelForTokenClassification",
     "PeftType",
     "TaskType",
+    "get_eva_state_dict",
     "get_peft_model",
+    "get_peft_model_state_dict",
     "hotswap_adapter",
+    "initialize_lora_eva_weights",
     "load_model",
     "prepare_model_for_kbit_training",
+    "preprocess_corda",
     "quantize_model",
+    "set_peft_model_state_dict",
 ]

@@ -143,3 +143,28 @@ def check_and_copy(root: nn.Module, adapter_name: str, bias: str, tensors: dict[
     with torch.no_grad():
         for fk, mk in mapping.items():
             state[mk].copy_(tensors[fk])
+
+
+def get_peft_model_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None, adapter_name: str = "default"
+) -> dict[str, torch.Tensor]:
+    """PEFT's function: the adapter's tensors under PEFT's file keys (what ``save_pretrained`` writes).
+
+    ``state_dict`` (a full state dict of ``model``, e.g. gathered under FSDP/ZeRO-3) replaces ``model``'s own
+    tensors when given.
+    """
+    config = model.peft_config[adapter_name]
+    mapping = adapter_key_map(model, adapter_name, config.bias)
+    source = state_dict if state_dict is not None else model.state_dict()
+    return {fk: source[mk] for fk, mk in mapping.items()}
+
+
+def set_peft_model_state_dict(
+    model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor], adapter_name: str = "default"
+) -> None:
+    """PEFT's function: copy tensors keyed as in a PEFT file into the existing adapter ``adapter_name``.
+
+    Unlike PEFT, a key or shape that does not fit raises ``ValueError`` naming the module (nothing is copied).
+    """
+    config = model.peft_config[adapter_name]
+    check_and_copy(model, adapter_name, config.bias, peft_model_state_dict)

@@ -3,7 +3,8 @@
     python bench/bench_core.py [--steps 6] [--quick]
 
 Model: Llama, hidden 512, 8 layers, intermediate 1376, vocab 8000, batch 4 x 256, LoRA r=16 on all linear layers.
-- training step (forward + backward + AdamW on the adapters) for lorakit and PEFT, with dropout 0 and 0.05;
+- training step (forward + backward + AdamW on the adapters) for lorakit (default and with the opt-in fused
+  LoRA autograd, ``enable_fused_lora``) and PEFT, with dropout 0 and 0.05;
 - the limit: forward + backward of the frozen base alone (gradients to activations only, no adapters);
 - unmerged inference forward (lorakit, PEFT) vs the base forward;
 - ``get_peft_model`` time on a meta-device model with 10,240 linear layers (lorakit vs PEFT).
@@ -41,9 +42,12 @@ def _wrap(kind: str, base: nn.Module, dropout: float) -> nn.Module:
         model.requires_grad_(False)
         model.enable_input_require_grads()  # backward reaches every layer, as with adapters
         return model
-    lib = __import__("lorakit" if kind == "lorakit" else "peft")
+    lib = __import__("peft" if kind == "peft" else "lorakit")
     cfg = lib.LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear")
-    return lib.get_peft_model(copy.deepcopy(base), cfg)
+    model = lib.get_peft_model(copy.deepcopy(base), cfg)
+    if kind == "lorakit-fused":
+        model.enable_fused_lora()
+    return model
 
 
 def _train_step(model: nn.Module, opt: torch.optim.Optimizer | None, ids: torch.Tensor) -> None:
@@ -64,7 +68,7 @@ def _time(fn, reps: int) -> list[float]:
 
 
 def bench_training(base: nn.Module, ids: torch.Tensor, dropout: float, steps: int) -> dict[str, float]:
-    models = {k: _wrap(k, base, dropout) for k in ("lorakit", "peft", "limit")}
+    models = {k: _wrap(k, base, dropout) for k in ("lorakit", "lorakit-fused", "peft", "limit")}
     opts = {
         k: (torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) if k != "limit" else None)
         for k, m in models.items()
@@ -130,9 +134,11 @@ def main() -> None:
     for dropout in (0.0, 0.05):
         t = bench_training(base, ids, dropout, args.steps)
         print(
-            f"train step, dropout {dropout}: lorakit {t['lorakit'] * 1e3:.1f} ms | peft {t['peft'] * 1e3:.1f} ms | "
-            f"limit {t['limit'] * 1e3:.1f} ms || lorakit/peft {t['lorakit'] / t['peft']:.3f} | "
-            f"lorakit/limit {t['lorakit'] / t['limit']:.3f} | peft/limit {t['peft'] / t['limit']:.3f}"
+            f"train step, dropout {dropout}: lorakit {t['lorakit'] * 1e3:.1f} ms | lorakit-fused "
+            f"{t['lorakit-fused'] * 1e3:.1f} ms | peft {t['peft'] * 1e3:.1f} ms | limit {t['limit'] * 1e3:.1f} ms || "
+            f"lorakit/peft {t['lorakit'] / t['peft']:.3f} | fused/peft {t['lorakit-fused'] / t['peft']:.3f} | "
+            f"lorakit/limit {t['lorakit'] / t['limit']:.3f} | fused/limit {t['lorakit-fused'] / t['limit']:.3f} | "
+            f"peft/limit {t['peft'] / t['limit']:.3f}"
         )
     t = bench_inference(base, ids, args.steps)
     print(

@@ -29,15 +29,19 @@ def _base():
     return tf.LlamaForCausalLM(cfg)
 
 
-def _median(fn, reps: int) -> float:
+def _medians(fns: list, reps: int) -> list[float]:
+    """Median time of each callable over ``reps`` rounds, taking turns (ours, theirs, ...) so that both sides
+    of a ratio see the same machine load; two warm-up rounds first."""
     for _ in range(2):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times, strict=True):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times]
 
 
 def _step(model, ids):
@@ -59,7 +63,7 @@ def bench_dora(reps: int) -> None:
         lora = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(**kw)).train()
         dora = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(use_dora=True, **kw)).train()
         ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(use_dora=True, **kw)).train()
-        t_lora, t_dora, t_ref = (_median(_step(m, ids), reps) for m in (lora, dora, ref))
+        t_lora, t_dora, t_ref = _medians([_step(m, ids) for m in (lora, dora, ref)], reps)
         print(
             f"| {p} | {t_lora * 1e3:.1f} ms | {t_dora * 1e3:.1f} ms | {t_ref * 1e3:.1f} ms | "
             f"{t_dora / t_ref:.2f}x | {t_dora / t_lora:.2f}x |"
@@ -80,9 +84,14 @@ def bench_mixed(reps: int) -> None:
     ref.eval()
     rows = [names[i % 8] for i in range(32)]
     with torch.no_grad():
-        single = _median(lambda: ours(input_ids=ids), reps)
-        mixed = _median(lambda: ours(input_ids=ids, adapter_names=rows), reps)
-        peft_mixed = _median(lambda: ref(input_ids=ids, adapter_names=rows), reps)
+        single, mixed, peft_mixed = _medians(
+            [
+                lambda: ours(input_ids=ids),
+                lambda: ours(input_ids=ids, adapter_names=rows),
+                lambda: ref(input_ids=ids, adapter_names=rows),
+            ],
+            reps,
+        )
     print("| single adapter (ours) | 8 adapters mixed (ours) | 8 adapters mixed (PEFT) | mixed/single | PEFT/ours |")
     print("|---|---|---|---|---|")
     print(

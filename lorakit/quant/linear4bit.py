@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lorakit.quant.matmul import dequant_linear
+from lorakit.quant.matmul import DequantLinearModule
 from lorakit.quant.nf4 import QuantState, dequantize_4bit, quantize_4bit, zeros_4bit
 
 _QUANT_STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
@@ -72,7 +72,7 @@ def _rebuild_params4bit(data: torch.Tensor, quant_state: QuantState, quant_stora
     return Params4bit(data, False, quant_state, quant_storage)
 
 
-class Linear4bit(nn.Module):
+class Linear4bit(DequantLinearModule):
     """Frozen 4-bit linear layer: ``weight`` is a :class:`Params4bit`, ``bias`` a normal parameter.
 
     Args:
@@ -144,13 +144,6 @@ class Linear4bit(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dequantized weight ``(out_features, in_features)``."""
         return dequantize_4bit(self.weight, self.weight.quant_state, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        input_dtype = x.dtype
-        if self.compute_dtype is not None:
-            x = x.to(self.compute_dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return dequant_linear(x, self.dequantize, bias).to(input_dtype)  # (..., out)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Linear4bit:
         # .to(dtype) / .half() must not touch the packed bytes (they may be stored as bf16): move devices only.

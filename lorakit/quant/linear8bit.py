@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lorakit.quant.matmul import dequant_linear
+from lorakit.quant.matmul import DequantLinearModule
 
 _INV_127 = 7.874015718698502e-3  # fp32(1 / 127), the constant of bitsandbytes' int8_vectorwise_dequant
 
@@ -50,7 +50,7 @@ class Int8Params(nn.Parameter):
         return type(self)(self.data.clone())
 
 
-class Linear8bitLt(nn.Module):
+class Linear8bitLt(DequantLinearModule):
     """Frozen 8-bit linear layer: ``weight`` int8 :class:`Int8Params`, buffer ``SCB`` fp32, ``bias``.
 
     Args:
@@ -105,13 +105,6 @@ class Linear8bitLt(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dequantized weight ``(out_features, in_features)``."""
         return dequantize_8bit_rowwise(self.weight, self.SCB).to(dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        input_dtype = x.dtype
-        if self.compute_dtype is not None:
-            x = x.to(self.compute_dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return dequant_linear(x, self.dequantize, bias).to(input_dtype)  # (..., out)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Linear8bitLt:
         # .to(dtype) / .half() must keep SCB in fp32 (bitsandbytes' format): convert the device only.

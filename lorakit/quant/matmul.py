@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 class _DequantLinear(torch.autograd.Function):
@@ -40,3 +41,25 @@ def dequant_linear(
     ``dequant(dtype)`` must return the weight ``(out, in)`` in ``dtype``.
     """
     return _DequantLinear.apply(x, dequant, bias)
+
+
+class DequantLinearModule(nn.Module):
+    """Forward shared by the quantized linears: ``y = x W^T + b`` with ``W = self.dequantize(dtype)``.
+
+    Subclasses define ``dequantize(dtype) -> (out, in)``, ``compute_dtype`` (None: the input's dtype) and
+    ``bias``. The input is cast to the compute dtype and the output back to the input's dtype; the weight is
+    dequantized in the forward and again in the backward (``dequant_linear``), never saved.
+    """
+
+    compute_dtype: torch.dtype | None
+    bias: torch.Tensor | None
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return dequant_linear(x, self.dequantize, bias).to(input_dtype)  # (..., out)

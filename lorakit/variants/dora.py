@@ -119,6 +119,20 @@ def _merge_delta(
     return w / g - delta - w
 
 
+def _signed_merge_delta(
+    adapter: nn.Module, weight: torch.Tensor, sign: float, wrapper: nn.Module, row_dim: int
+) -> torch.Tensor:
+    """Merging (sign > 0) records the weight norm it used; unmerging (sign < 0) needs that same norm back."""
+    if sign > 0:
+        adapter._merged_norm = adapter.row_norm(wrapper).float()
+    elif adapter._merged_norm is None:
+        raise RuntimeError("DoRA unmerge without a merge: the weight norm of the merge is unknown.")
+    norm = adapter._merged_norm
+    if sign < 0:
+        adapter._merged_norm = None
+    return _merge_delta(adapter, weight, adapter.delta_weight(), norm, sign, row_dim=row_dim)
+
+
 class DoraLinearAdapter(LoraAdapter):
     """A LoRA adapter with DoRA's magnitude ``lora_magnitude_vector`` (out,); see the module docstring."""
 
@@ -165,14 +179,7 @@ class DoraLinearAdapter(LoraAdapter):
 
     def merge_delta(self, weight: torch.Tensor, sign: float, wrapper: nn.Module) -> torch.Tensor:
         """Signed change of ``weight`` (out, in) for merging (sign > 0) or unmerging (sign < 0)."""
-        if sign > 0:
-            self._merged_norm = self.row_norm(wrapper).float()
-        elif self._merged_norm is None:
-            raise RuntimeError("DoRA unmerge without a merge: the weight norm of the merge is unknown.")
-        norm = self._merged_norm
-        if sign < 0:
-            self._merged_norm = None
-        return _merge_delta(self, weight, self.delta_weight(), norm, sign, row_dim=1)
+        return _signed_merge_delta(self, weight, sign, wrapper, row_dim=1)
 
 
 class DoraEmbeddingAdapter(LoraEmbeddingAdapter):
@@ -206,11 +213,4 @@ class DoraEmbeddingAdapter(LoraEmbeddingAdapter):
 
     def merge_delta(self, weight: torch.Tensor, sign: float, wrapper: nn.Module) -> torch.Tensor:
         """Signed change of the embedding weight (vocab, dim)."""
-        if sign > 0:
-            self._merged_norm = self.row_norm(wrapper).float()
-        elif self._merged_norm is None:
-            raise RuntimeError("DoRA unmerge without a merge: the weight norm of the merge is unknown.")
-        norm = self._merged_norm
-        if sign < 0:
-            self._merged_norm = None
-        return _merge_delta(self, weight, self.delta_weight(), norm, sign, row_dim=0)
+        return _signed_merge_delta(self, weight, sign, wrapper, row_dim=0)

@@ -23,6 +23,7 @@ from torch import nn
 
 from lorakit import quant
 from lorakit.config import lora_scaling
+from lorakit.quant.matmul import DequantLinearModule
 
 #: Names an adapter may not take: they are attribute names inside wrappers, PEFT's file-key markers, or reserved.
 RESERVED_ADAPTER_NAMES = frozenset(
@@ -381,7 +382,7 @@ class LoraLinear(_LoraWrapper):
     def _fused_weight(self, x: torch.Tensor) -> Any:
         """The frozen base weight (out, in) for the fused path, or a callable that dequantizes it on demand."""
         base = self.base_layer
-        if isinstance(base, quant.Linear4bit | quant.Linear8bitLt):  # dequantize in forward and backward, unsaved
+        if isinstance(base, DequantLinearModule):  # dequantize in forward and backward, unsaved
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             return lambda: base.dequantize(dtype)
         return base.weight.T if self.fan_in_fan_out else base.weight
@@ -393,7 +394,7 @@ class LoraLinear(_LoraWrapper):
         bias = getattr(base, "bias", None)
         weight = getattr(base, "weight", None)
         frozen = weight is not None and not weight.requires_grad and (bias is None or not bias.requires_grad)
-        return frozen and (isinstance(base, quant.Linear4bit | quant.Linear8bitLt) or weight.is_floating_point())
+        return frozen and (isinstance(base, DequantLinearModule) or weight.is_floating_point())
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.use_fused and self.row_adapters is None:

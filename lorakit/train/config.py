@@ -345,7 +345,9 @@ def build_config(raw: dict[str, Any]) -> TrainConfig:
     kwargs = {name: _build_section(name, cls, raw[name] if raw.get(name) is not None else {})
               for name, cls in _SECTIONS.items() if name in raw}
     lora = _check_lora(raw.get("lora") or {})
-    return TrainConfig(lora=lora, **kwargs)
+    config = TrainConfig(lora=lora, **kwargs)
+    config.lora_config()  # validate the LoRA values now, not after the model and data have loaded
+    return config
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

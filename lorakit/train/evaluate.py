@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,23 @@ def load_base_model(name_or_path: str, torch_dtype: str = "float32", quantizatio
                     trust_remote_code: bool = False, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
     """(model, tokenizer) for a causal LM; `quantization` is a train.config.QuantizationConfig or None."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        return _load_base_model(AutoModelForCausalLM, AutoTokenizer, name_or_path, torch_dtype, quantization,
+                                attn_implementation, revision, trust_remote_code, device)
+    except OSError as err:
+        if os.path.isdir(name_or_path):
+            raise
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is not a folder (relative paths are taken from the current directory, "
+            f"{os.getcwd()}) and could not be read from the Hugging Face Hub ({type(err).__name__}). Give the "
+            "path of a local model folder, or a Hub id with network access or a filled cache."
+        ) from err
+
+
+def _load_base_model(AutoModelForCausalLM: Any, AutoTokenizer: Any, name_or_path: str, torch_dtype: str,  # noqa: N803
+                     quantization: Any, attn_implementation: str | None, revision: str | None,
+                     trust_remote_code: bool, device: str | torch.device) -> tuple[nn.Module, Any]:
 
     if quantization is not None and quantization.method != "none":
         from lorakit.quant.config import BitsAndBytesConfig

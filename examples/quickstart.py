@@ -26,7 +26,8 @@ def main() -> None:
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
 
-    text = "second word: apple pear plum -> pear"
+    chat = [{"role": "user", "content": "second word: cat red tree"}, {"role": "assistant", "content": "red"}]
+    text = tokenizer.apply_chat_template(chat, tokenize=False)
     batch = tokenizer([text] * 8, return_tensors="pt")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()

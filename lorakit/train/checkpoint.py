@@ -106,7 +106,9 @@ def rng_state() -> dict[str, Any]:
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        # as a tensor and plain numbers, so the file loads with torch.load(weights_only=True)
+        state["numpy"] = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
     except ImportError:
         pass
     if torch.cuda.is_available():
@@ -120,7 +122,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -134,7 +137,7 @@ def load_rng(directory: Path, rank: int) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: was the checkpoint written with a different number of "
                                 "processes? Resume with the same world size.")
-    set_rng_state(torch.load(path, weights_only=False))
+    set_rng_state(torch.load(path, weights_only=True))  # checkpoint files never run pickled code
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

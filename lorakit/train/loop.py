@@ -217,8 +217,8 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
             with torch.no_grad():
                 for name, value in saved.items():
                     trainable[name].copy_(value)
-            optimizer.load_state_dict(torch.load(resumed_from / "optimizer.pt", weights_only=False))
-            scheduler.load_state_dict(torch.load(resumed_from / "scheduler.pt", weights_only=False))
+            optimizer.load_state_dict(torch.load(resumed_from / "optimizer.pt", weights_only=True))
+            scheduler.load_state_dict(torch.load(resumed_from / "scheduler.pt", weights_only=True))
             ckpt.load_rng(resumed_from, rank)
             start_step = state["global_step"]
             say(f"[lorakit] resumed from {resumed_from} at step {start_step}/{total_steps}")

@@ -143,6 +143,9 @@ class LoraModel(nn.Module):
             module.unmerge()
 
     def _replace_wrappers(self, merge: bool, adapter_names: list[str] | None, safe_merge: bool) -> nn.Module:
+        from lorakit.fused import disable_fused
+
+        disable_fused(self.model)  # the original module instances come back before the wrappers go
         modules = dict(self.model.named_modules())
         for name, module in list(modules.items()):
             if isinstance(module, LORA_WRAPPERS):
@@ -283,15 +286,17 @@ class PeftModel(nn.Module):
         if hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
 
-    def enable_fused_lora(self, enabled: bool = True) -> None:
-        """Use the fused LoRA autograd (``lorakit.kernels.lora_fused.lora_linear``) in linear layers with one
-        plain active adapter over a frozen base: it saves only x, the dropout mask and x A^T for backward and
-        dequantizes 4-bit weights on demand instead of keeping them. It runs the adapter in the compute dtype
-        (not an fp32 copy of x), so over half-precision bases outputs differ from the default path by rounding.
-        Not part of PEFT's API; off by default."""
-        for module in self.get_base_model().modules():
-            if isinstance(module, LORA_WRAPPERS) and hasattr(module, "use_fused"):
-                module.use_fused = enabled
+    def enable_fused_lora(self, enabled: bool = True, mlp: bool = True) -> None:
+        """Use the fused LoRA autograd (``lorakit.fused``): linear layers with one plain active adapter over a
+        frozen base save only x, the dropout mask and x A^T for the backward and dequantize 4-bit weights on
+        demand; with ``mlp``, Llama-style SwiGLU MLPs run as one fused op that recomputes the activation. The
+        adapters run in the compute dtype (not an fp32 copy of x), so over half-precision bases outputs differ
+        from the default path by rounding. Not part of PEFT's API; off by default; parameter names unchanged."""
+        from lorakit.fused import disable_fused, enable_fused
+
+        disable_fused(self.get_base_model())
+        if enabled:
+            enable_fused(self.get_base_model(), mlp=mlp)
 
     # ---- parameters ---------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

@@ -20,7 +20,7 @@ def _pair(quantized: bool):
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     plain = get_peft_model(base, cfg)
     fused = copy.deepcopy(plain)
-    fused.enable_fused_lora()
+    fused.enable_fused_lora(mlp=False)
     return plain, fused
 
 
@@ -52,7 +52,7 @@ def test_fused_falls_back_with_two_active_adapters(input_ids) -> None:
     plain.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     plain.set_adapter(["default", "b"])
     fused = copy.deepcopy(plain)
-    fused.enable_fused_lora()
+    fused.enable_fused_lora(mlp=False)
     from lorakit.kernels import lora_fused
 
     calls = []

@@ -1,0 +1,117 @@
+"""Opt-in fused paths on an adapted model: fused LoRA linears and fused SwiGLU LoRA MLPs.
+
+``enable_fused(model)`` switches every ``LoraLinear`` to ``lorakit.kernels.lora_fused.lora_linear`` and replaces each
+Llama-style MLP *instance* (``down(silu(gate(x)) * up(x))``) by a ``FusedLoraMLP`` that runs
+``lorakit.kernels.lora_fused.lora_mlp``: it saves x, gate(x), up(x) and the rank-r adapter activations for the
+backward instead of autograd's silu(g), silu(g) * u and fp32 input copies, and recomputes the SwiGLU.
+
+No model class is patched. ``FusedLoraMLP`` takes over the MLP's own children (``gate_proj``, ``up_proj``,
+``down_proj``, ``act_fn``), so every parameter keeps its name (saved adapters stay PEFT's keys); the original
+instance is kept outside the module tree and put back, with those children, by ``disable_fused``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.layers import LoraAdapter, LoraLinear
+from lorakit.quant.matmul import DequantLinearModule
+
+#: transformers MLP classes whose forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``.
+SWIGLU_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Olmo2MLP", "GraniteMLP"})
+
+
+def _is_swiglu_mlp(module: nn.Module) -> bool:
+    act = getattr(module, "act_fn", None)
+    return (
+        type(module).__name__ in SWIGLU_MLP_CLASSES
+        and all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
+        and type(act).__name__ in ("SiLU", "SiLUActivation")  # torch's, or transformers' own
+    )
+
+
+def _projection(layer: nn.Module, x: torch.Tensor) -> Any:
+    """The ``LoraProjection`` of one MLP projection, or None if it cannot take the fused path now."""
+    from lorakit.kernels.lora_fused import LoraProjection
+
+    if isinstance(layer, LoraLinear):
+        if layer.row_adapters is not None or layer.fan_in_fan_out:
+            return None
+        adapters = layer._adapters_to_run()
+        if len(adapters) > 1 or (adapters and type(adapters[0]) is not LoraAdapter):
+            return None
+        base = layer.base_layer
+    else:
+        adapters, base = [], layer
+    if isinstance(base, DequantLinearModule):
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        weight: Any = lambda: base.dequantize(dtype)  # noqa: E731 - dequantized in forward and backward
+    elif type(base) is nn.Linear and not base.weight.requires_grad:
+        weight = base.weight
+    else:
+        return None
+    if base.bias is not None and base.bias.requires_grad:
+        return None
+    if not adapters:
+        return LoraProjection(weight, base.bias)
+    a = adapters[0]
+    p = a.dropout.p if isinstance(a.dropout, nn.Dropout) else 0.0
+    return LoraProjection(weight, base.bias, a.lora_A.weight, a.lora_B.weight, a.scaling, p, a.lora_B.bias)
+
+
+class FusedLoraMLP(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` through ``lora_mlp`` when every projection allows it, else the plain path.
+
+    Holds the MLP's ``gate_proj``, ``up_proj``, ``down_proj`` and ``act_fn`` under the same names.
+    """
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.act_fn = mlp.act_fn
+        object.__setattr__(self, "original", mlp)  # not a submodule: its parameters are ours already
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        projections = [_projection(m, x) for m in (self.gate_proj, self.up_proj, self.down_proj)]
+        if any(p is None for p in projections):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        from lorakit.kernels.lora_fused import lora_mlp
+
+        return lora_mlp(x, *projections, training=self.training)
+
+    def restore(self) -> nn.Module:
+        """The original MLP instance, holding this module's current children."""
+        for name in ("gate_proj", "up_proj", "down_proj", "act_fn"):
+            setattr(self.original, name, getattr(self, name))
+        self.original.train(self.training)
+        return self.original
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def enable_fused(model: nn.Module, mlp: bool = True) -> None:
+    """Fused LoRA linears everywhere and, with ``mlp``, fused SwiGLU MLPs where the model has them."""
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            module.use_fused = True
+    if mlp:
+        for name, module in list(model.named_modules()):
+            if _is_swiglu_mlp(module) and any(
+                isinstance(getattr(module, n), LoraLinear) for n in ("gate_proj", "up_proj", "down_proj")
+            ):
+                _replace(model, name, FusedLoraMLP(module))
+
+
+def disable_fused(model: nn.Module) -> None:
+    """Undo ``enable_fused``: the default autograd paths and the original MLP instances."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FusedLoraMLP):
+            _replace(model, name, module.restore())
+        elif isinstance(module, LoraLinear):
+            module.use_fused = False

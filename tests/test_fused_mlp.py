@@ -1,0 +1,76 @@
+"""``enable_fused_lora`` with fused SwiGLU MLPs: same values and gradients as the default path (fp32), same
+parameter names and saved keys, and merge/unload give back the plain transformers model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lorakit import BitsAndBytesConfig, LoraConfig, get_peft_model, get_peft_model_state_dict, quantize_model
+from lorakit.fused import FusedLoraMLP
+
+from .conftest import make_tiny_llama
+
+
+def _models(quantized: bool, targets="all-linear"):
+    base = make_tiny_llama(hidden=64)
+    if quantized:
+        base = quantize_model(base, BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                         bnb_4bit_compute_dtype=torch.float32))
+    plain = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    fused = copy.deepcopy(plain)
+    fused.enable_fused_lora()
+    return plain, fused
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("targets", ["all-linear", ["gate_proj", "down_proj", "q_proj"]])
+def test_fused_mlp_equals_default_path(quantized: bool, targets, input_ids) -> None:
+    plain, fused = _models(quantized, targets)
+    mlps = [m for m in fused.modules() if isinstance(m, FusedLoraMLP)]
+    assert len(mlps) == 2
+    calls = []
+    from lorakit.kernels import lora_fused
+
+    original = lora_fused._LoraMLP.apply
+    lora_fused._LoraMLP.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        out_f = fused(input_ids=input_ids, labels=input_ids)
+    finally:
+        lora_fused._LoraMLP.apply = original
+    assert len(calls) == 2  # both MLPs took the fused op
+    out_p = plain(input_ids=input_ids, labels=input_ids)
+    torch.testing.assert_close(out_f.logits, out_p.logits, atol=1e-5, rtol=0)
+    out_f.loss.backward()
+    out_p.loss.backward()
+    ref = dict(plain.named_parameters())
+    names = [n for n, p in fused.named_parameters() if p.requires_grad]
+    assert names == [n for n, p in plain.named_parameters() if p.requires_grad]  # same names, same order
+    for n in names:
+        torch.testing.assert_close(dict(fused.named_parameters())[n].grad, ref[n].grad, atol=1e-5, rtol=1e-4)
+    assert set(get_peft_model_state_dict(fused)) == set(get_peft_model_state_dict(plain))
+
+
+def test_disable_adapter_and_merge_with_fused_mlp(input_ids) -> None:
+    base_out = make_tiny_llama(hidden=64)(input_ids=input_ids).logits
+    plain, fused = _models(False)
+    with torch.no_grad():
+        with fused.disable_adapter():
+            torch.testing.assert_close(fused(input_ids=input_ids).logits, base_out)
+        unmerged = fused(input_ids=input_ids).logits
+        merged = fused.merge_and_unload()
+        assert not any(isinstance(m, FusedLoraMLP) for m in merged.modules())
+        assert type(merged.model.layers[0].mlp).__name__ == "LlamaMLP"
+        assert type(merged.model.layers[0].mlp.gate_proj) is torch.nn.Linear
+        torch.testing.assert_close(merged(input_ids=input_ids).logits, unmerged, atol=1e-5, rtol=0)
+
+
+def test_enable_then_disable_restores_the_instances() -> None:
+    plain, fused = _models(False)
+    original = fused.get_base_model().model.layers[0].mlp
+    assert isinstance(original, FusedLoraMLP)
+    fused.enable_fused_lora(False)
+    restored = fused.get_base_model().model.layers[0].mlp
+    assert type(restored).__name__ == "LlamaMLP" and restored.gate_proj is original.gate_proj

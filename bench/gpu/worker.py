@@ -150,6 +150,7 @@ def setup_lorakit(model: nn.Module, mode: str, dtype: torch.dtype) -> tuple[nn.M
         r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM"
     )
     model = get_peft_model(model, config)
+    model.enable_fused_lora()  # fused LoRA linears and SwiGLU MLPs (lorakit.fused)
 
     def loss_fn(ids: torch.Tensor) -> torch.Tensor:
         return causal_lm_loss(model, ids, ids, reduction="mean")

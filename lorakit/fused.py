@@ -1,4 +1,4 @@
-"""Opt-in fused paths on an adapted model: fused LoRA linears and fused SwiGLU LoRA MLPs.
+"""Opt-in fused paths on an adapted model: fused LoRA linears, fused SwiGLU LoRA MLPs, RMSNorm kernels.
 
 ``enable_fused(model)`` switches every ``LoraLinear`` to ``lorakit.kernels.lora_fused.lora_linear`` and replaces each
 Llama-style MLP *instance* (``down(silu(gate(x)) * up(x))``) by a ``FusedLoraMLP`` that runs
@@ -95,11 +95,24 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def enable_fused(model: nn.Module, mlp: bool = True) -> None:
-    """Fused LoRA linears everywhere and, with ``mlp``, fused SwiGLU MLPs where the model has them."""
+def _is_rms_norm(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and (
+        getattr(module, "weight", None) is not None
+    )
+
+
+def enable_fused(model: nn.Module, mlp: bool = True, norm_kernels: bool | None = None) -> None:
+    """Fused LoRA linears everywhere; with ``mlp``, fused SwiGLU MLPs where the model has them; with
+    ``norm_kernels`` (None: only for norms whose weight is on CUDA, where the Triton kernel runs), Llama-style
+    RMSNorm instances run through ``lorakit.kernels.rms_norm`` (wrapped as ``RMSNormWithKernel``)."""
+    from lorakit.kernels.rms_norm import RMSNormWithKernel
+
     for module in model.modules():
         if isinstance(module, LoraLinear):
             module.use_fused = True
+    for name, module in list(model.named_modules()):
+        if _is_rms_norm(module) and (norm_kernels or (norm_kernels is None and module.weight.is_cuda)):
+            _replace(model, name, RMSNormWithKernel(module))
     if mlp:
         for name, module in list(model.named_modules()):
             if _is_swiglu_mlp(module) and any(
@@ -110,8 +123,12 @@ def enable_fused(model: nn.Module, mlp: bool = True) -> None:
 
 def disable_fused(model: nn.Module) -> None:
     """Undo ``enable_fused``: the default autograd paths and the original MLP instances."""
+    from lorakit.kernels.rms_norm import RMSNormWithKernel
+
     for name, module in list(model.named_modules()):
         if isinstance(module, FusedLoraMLP):
             _replace(model, name, module.restore())
+        elif isinstance(module, RMSNormWithKernel):
+            _replace(model, name, module.base_layer)
         elif isinstance(module, LoraLinear):
             module.use_fused = False

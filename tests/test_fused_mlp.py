@@ -74,3 +74,24 @@ def test_enable_then_disable_restores_the_instances() -> None:
     fused.enable_fused_lora(False)
     restored = fused.get_base_model().model.layers[0].mlp
     assert type(restored).__name__ == "LlamaMLP" and restored.gate_proj is original.gate_proj
+
+
+def test_norm_kernels_swap_in_and_out(input_ids) -> None:
+    """On CUDA the norms run through lorakit.kernels.rms_norm automatically; forced here on CPU (reference path):
+    same outputs, and disabling puts the original norm instances back."""
+    from lorakit.fused import disable_fused, enable_fused
+    from lorakit.kernels.rms_norm import RMSNormWithKernel
+
+    plain, _ = _models(False)
+    model = plain.get_base_model()
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+    enable_fused(model, mlp=False)  # auto: CPU weights, so no norm is swapped
+    assert not any(isinstance(m, RMSNormWithKernel) for m in model.modules())
+    norm = model.model.norm
+    enable_fused(model, mlp=False, norm_kernels=True)
+    assert sum(isinstance(m, RMSNormWithKernel) for m in model.modules()) == 5  # 2 x 2 layer norms + final
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=input_ids).logits, expected, atol=1e-5, rtol=0)
+    disable_fused(model)
+    assert model.model.norm is norm

@@ -278,14 +278,15 @@ class _LoraWrapper(nn.Module):
         return delta
 
     def _apply_delta(self, name: str, sign: float, safe_merge: bool) -> None:
-
-
         adapter = self.adapters[name]
+        base = self.base_layer
+        lora_b = getattr(adapter, "lora_B", None)
+        if lora_b is not None and lora_b.bias is not None and base.bias is None:  # refuse before writing anything
+            raise ValueError(f"adapter {name!r} has lora_bias but the base layer has no bias to merge it into.")
         if getattr(adapter, "wraps_base_output", False):  # DoRA: the delta depends on the base weight
             delta = self._base_weight_delta_layout(adapter.merge_delta(self.dora_weight_delta_layout(), sign, self))
         else:
             delta = self._base_weight_delta_layout(adapter.delta_weight()) * sign
-        base = self.base_layer
         if quant.is_quantized_linear(base):
             weight = quant.dequantize_weight(base) + delta.to(torch.float32)
             if safe_merge and not torch.isfinite(weight).all():
@@ -304,10 +305,7 @@ class _LoraWrapper(nn.Module):
                 raise ValueError(f"merging adapter {name!r} would produce non-finite weights; merge aborted.")
             with torch.no_grad():  # not through ``.data``: the write must bump the version (DoRA's norm cache)
                 weight.copy_(merged)
-        lora_b = getattr(adapter, "lora_B", None)
         if lora_b is not None and lora_b.bias is not None:
-            if base.bias is None:
-                raise ValueError(f"adapter {name!r} has lora_bias but the base layer has no bias to merge it into.")
             base.bias.data += (lora_b.bias.float() * adapter.scaling * sign).to(base.bias.dtype)
 
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:

@@ -45,9 +45,14 @@ def test_default_init_is_identity_and_gaussian() -> None:
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("lora_bias", [False, True])
 def test_merge_equals_unmerged_and_is_idempotent(bias: bool, lora_bias: bool) -> None:
-    if lora_bias and not bias:
-        pytest.skip("lora_bias merges into the base bias")
     w = _linear_wrapper(bias=bias, lora_bias=lora_bias)
+    if lora_bias and not bias:  # lora_B's bias has no base bias to merge into: refused, weight untouched
+        w0 = w.base_layer.weight.detach().clone()
+        with pytest.raises(ValueError, match="no bias to merge it into"):
+            w.merge()
+        assert w.merged_adapters == []
+        torch.testing.assert_close(w.base_layer.weight, w0)
+        return
     if lora_bias:
         nn.init.normal_(w.adapters["a"].lora_B.bias)
     x = torch.randn(4, 6)

@@ -316,9 +316,9 @@ class _LoraWrapper(nn.Module):
                 self._apply_delta(name, 1.0, safe_merge)
                 self.merged_adapters.append(name)
 
-    def unmerge(self) -> None:
-        """Subtract every merged adapter's delta again, newest first. Idempotent."""
-        while self.merged_adapters:
+    def unmerge(self, keep: int = 0) -> None:
+        """Subtract merged adapters' deltas again, newest first, until ``keep`` remain merged. Idempotent."""
+        while len(self.merged_adapters) > keep:
             name = self.merged_adapters.pop()
             self._apply_delta(name, -1.0, safe_merge=False)
 

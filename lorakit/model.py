@@ -133,10 +133,19 @@ class LoraModel(nn.Module):
 
     # ---- merging ------------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold the (active) adapters into the base weights, keeping the wrappers (undo with unmerge_adapter)."""
-        names = adapter_names if adapter_names is not None else self.active_adapters
-        for module in self._wrappers():
-            module.merge(list(names), safe_merge=safe_merge)
+        """Fold the (active) adapters into the base weights, keeping the wrappers (undo with unmerge_adapter).
+        All or nothing: if one layer refuses (``safe_merge`` found non-finite weights), the layers merged by this
+        call are unmerged again before the error propagates."""
+        names = list(adapter_names if adapter_names is not None else self.active_adapters)
+        done: list[tuple[nn.Module, int]] = []
+        try:
+            for module in self._wrappers():
+                done.append((module, len(module.merged_adapters)))
+                module.merge(names, safe_merge=safe_merge)
+        except BaseException:
+            for module, merged_before in done:
+                module.unmerge(keep=merged_before)
+            raise
 
     def unmerge_adapter(self) -> None:
         for module in self._wrappers():
@@ -146,11 +155,11 @@ class LoraModel(nn.Module):
         from lorakit.fused import disable_fused
 
         disable_fused(self.model)  # the original module instances come back before the wrappers go
+        if merge:  # all layers merged (or none, on error) before any wrapper is removed
+            self.merge_adapter(adapter_names, safe_merge)
         modules = dict(self.model.named_modules())
         for name, module in list(modules.items()):
             if isinstance(module, LORA_WRAPPERS):
-                if merge:
-                    module.merge(adapter_names or list(self.active_adapters), safe_merge=safe_merge)
                 replacement = module.base_layer
             elif isinstance(module, ModulesToSaveWrapper):
                 replacement = module.active_module if merge else module.original_module

@@ -280,3 +280,18 @@ def test_autocast_adapter_dtype_false_keeps_base_dtype() -> None:
     assert {p.dtype for n, p in model.named_parameters() if ".adapters." in n} == {torch.bfloat16}
     fp32 = get_peft_model(make_tiny_llama().to(torch.bfloat16), LoraConfig(**CFG))
     assert {p.dtype for n, p in fp32.named_parameters() if ".adapters." in n} == {torch.float32}
+
+
+def test_refused_safe_merge_leaves_every_layer_unmerged(tiny_llama, input_ids) -> None:
+    model = get_peft_model(tiny_llama, LoraConfig(**CFG))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        # poison the last adapted layer only: earlier layers would merge fine
+        model.base_model.model.model.layers[1].mlp.down_proj.adapters["default"].lora_B.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        model.merge_and_unload(safe_merge=True)
+    assert all(not m.merged_adapters for m in model.modules() if isinstance(m, LoraLinear))
+    assert any(isinstance(m, LoraLinear) for m in model.modules())  # nothing was unloaded
+    for n, p in model.named_parameters():
+        if ".adapters." not in n:
+            torch.testing.assert_close(p, before[n], atol=1e-6, rtol=0)

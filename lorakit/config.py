@@ -21,10 +21,11 @@ CONFIG_NAME = "adapter_config.json"
 #: Version of PEFT whose on-disk format we write (``peft_version`` key); PEFT only reads it for display.
 PEFT_FORMAT_VERSION = "0.21.2"
 
-#: ``init_lora_weights`` values implemented here; the others are accepted by name and raise
-#: ``NotImplementedError`` until the variants module implements them.
+#: ``init_lora_weights`` values implemented here; PEFT's others are accepted by name and raise
+#: ``NotImplementedError`` naming themselves.
 INIT_METHODS_IMPLEMENTED = (True, False, "gaussian", "pissa", "olora", "loftq", "eva", "corda")  # + "pissa_niter_<K>"
 INIT_METHODS_PLANNED = ("orthogonal",)
+_INIT_ALLOWED = ", ".join(map(repr, INIT_METHODS_IMPLEMENTED)) + ", 'pissa_niter_<K>'"
 
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -262,7 +263,7 @@ class LoraConfig:
         init = self.init_lora_weights
         if isinstance(init, str):
             method = init.lower()
-            if method in ("gaussian", "pissa", "olora", "loftq", "eva", "corda"):
+            if method in INIT_METHODS_IMPLEMENTED:
                 self.init_lora_weights = method
             elif method.startswith("pissa_niter_"):
                 if not method.removeprefix("pissa_niter_").isdigit():
@@ -270,16 +271,12 @@ class LoraConfig:
                 self.init_lora_weights = method
             elif method in INIT_METHODS_PLANNED:
                 raise NotImplementedError(
-                    f"init_lora_weights={init!r} is not implemented yet in lorakit; available: True, False, "
-                    "'gaussian', 'pissa', 'pissa_niter_<K>', 'olora', 'loftq', 'eva', 'corda'."
+                    f"init_lora_weights={init!r} is not implemented yet in lorakit; available: {_INIT_ALLOWED}."
                 )
             else:
-                raise ValueError(
-                    f"init_lora_weights={init!r} is unknown; allowed: True, False, 'gaussian', "
-                    f"{', '.join(map(repr, INIT_METHODS_PLANNED))}, 'pissa_niter_<K>'."
-                )
+                raise ValueError(f"init_lora_weights={init!r} is unknown; allowed: {_INIT_ALLOWED}.")
         elif not isinstance(init, bool):
-            raise ValueError(f"init_lora_weights={init!r} is invalid; allowed: True, False, 'gaussian'.")
+            raise ValueError(f"init_lora_weights={init!r} is invalid; allowed: {_INIT_ALLOWED}.")
         self._check_init_configs()
         for name in ("fan_in_fan_out", "use_rslora", "lora_bias", "inference_mode", "use_dora"):
             if not isinstance(getattr(self, name), bool):

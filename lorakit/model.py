@@ -22,7 +22,6 @@ from lorakit.inject import (
     SEQ_CLS_HEAD_NAMES,
     add_modules_to_save,
     eject_adapter,
-    find_targets,
     inject_adapter,
     mark_bias_trainable,
     set_active_adapters,
@@ -174,7 +173,8 @@ class LoraModel(nn.Module):
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
-        """Merge the adapters into the base weights and return the plain model (no wrappers left)."""
+        """Merge the adapters into the base weights and return the plain model (no wrappers left).
+        ``progressbar`` is accepted for PEFT compatibility; merging is fast enough to need none."""
         return self._replace_wrappers(True, adapter_names, safe_merge)
 
     def unload(self) -> nn.Module:
@@ -563,9 +563,4 @@ def get_peft_model(
         peft_config.revision = revision
     klass = MODEL_TYPE_TO_PEFT_MODEL[peft_config.task_type]
     return klass(model, peft_config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
-
-
-def inspect_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Names of the modules ``config`` would adapt in ``model`` (nothing is changed)."""
-    return find_targets(model, config)
 

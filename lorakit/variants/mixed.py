@@ -43,13 +43,16 @@ def mixed_batch(model: nn.Module, adapter_names: list[str], known: list[str]) ->
             if merged:
                 raise ValueError(f"adapter_names= needs unmerged adapters; {sorted(merged)} are merged: unmerge first.")
             wrappers.append(module)
+    slot_cache: dict = {}  # one call's row -> slot indices, shared by the wrappers (same rows everywhere)
     for module in wrappers:
         module.row_adapters = names
+        module.row_slot_cache = slot_cache
     try:
         yield
     finally:
         for module in wrappers:
             module.row_adapters = None
+            module.row_slot_cache = None
 
 
 def _slots(wrapper: nn.Module, batch: int, device: torch.device) -> tuple[list[nn.Module], torch.Tensor]:
@@ -59,10 +62,38 @@ def _slots(wrapper: nn.Module, batch: int, device: torch.device) -> tuple[list[n
         if batch % len(names):
             raise ValueError(f"adapter_names has {len(names)} entries for a batch of {batch} rows.")
         names = [n for n in names for _ in range(batch // len(names))]  # generate() expands rows in place
-    present = list(dict.fromkeys(n for n in names if n in wrapper.adapters))
-    slot = {n: i + 1 for i, n in enumerate(present)}
-    idx = torch.tensor([slot.get(n, 0) for n in names], device=device)
+    present = tuple(dict.fromkeys(n for n in names if n in wrapper.adapters))
+    cache = getattr(wrapper, "row_slot_cache", None)
+    key = (present, batch, device)
+    idx = cache.get(key) if cache is not None else None
+    if idx is None:
+        slot = {n: i + 1 for i, n in enumerate(present)}
+        idx = torch.tensor([slot.get(n, 0) for n in names], device=device)
+        if cache is not None:
+            cache[key] = idx
     return [wrapper.adapters[n] for n in present], idx
+
+
+def _cached_factors(wrapper: nn.Module, adapters: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_stack_factors``, reused across calls when no graph is being built (inference, generation): keyed by
+    each factor's identity, storage and version counter, so any in-place update (optimizer step, load, merge
+    preparation) or replacement rebuilds it. Under autograd the stack is rebuilt every call (it is in the graph)."""
+    if torch.is_grad_enabled():
+        return _stack_factors(adapters)
+    params = [p for ad in adapters for p in _factor_params(ad)]
+    key = tuple((id(p), p.data_ptr(), p._version) for p in params) + tuple(float(ad.scaling) for ad in adapters)
+    cached = getattr(wrapper, "_mixed_factors", None)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    a_all, b_all = _stack_factors(adapters)
+    wrapper._mixed_factors = (key, a_all, b_all)
+    return a_all, b_all
+
+
+def _factor_params(ad: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(ad, LoraEmbeddingAdapter):
+        return ad.lora_embedding_A, ad.lora_embedding_B
+    return ad.lora_A.weight, ad.lora_B.weight
 
 
 def _stack_factors(adapters: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,10 +101,7 @@ def _stack_factors(adapters: list[nn.Module]) -> tuple[torch.Tensor, torch.Tenso
     rank = max(ad.r for ad in adapters)
     a_list, b_list = [], []
     for ad in adapters:
-        if isinstance(ad, LoraEmbeddingAdapter):
-            a, b = ad.lora_embedding_A, ad.lora_embedding_B
-        else:
-            a, b = ad.lora_A.weight, ad.lora_B.weight
+        a, b = _factor_params(ad)
         a_list.append(F.pad(a, (0, 0, 0, rank - ad.r)))  # (R, in)
         b_list.append(F.pad(b * ad.scaling, (0, rank - ad.r)))  # (out, R)
     a_all = torch.stack([torch.zeros_like(a_list[0])] + a_list)
@@ -109,7 +137,7 @@ def mixed_linear_forward(wrapper: nn.Module, x: torch.Tensor, result: torch.Tens
     adapters, idx = _slots(wrapper, x.shape[0], x.device)
     if not adapters:
         return result
-    a_all, b_all = _stack_factors(adapters)
+    a_all, b_all = _cached_factors(wrapper, adapters)
     if not torch.is_autocast_enabled(x.device.type) and x.dtype != a_all.dtype:
         x = x.to(a_all.dtype)
     x3 = _dropped(x, adapters, idx, wrapper.training).reshape(x.shape[0], -1, x.shape[-1])  # (batch, T, in)
@@ -136,7 +164,7 @@ def mixed_embedding_forward(wrapper: nn.Module, ids: torch.Tensor, result: torch
     adapters, idx = _slots(wrapper, ids.shape[0], ids.device)
     if not adapters:
         return result
-    a_all, b_all = _stack_factors(adapters)  # (n+1, R, vocab), (n+1, dim, R)
+    a_all, b_all = _cached_factors(wrapper, adapters)  # (n+1, R, vocab), (n+1, dim, R)
     ids2 = ids.reshape(ids.shape[0], -1)  # (batch, T)
     h = a_all.transpose(1, 2)[idx[:, None], ids2]  # (batch, T, R)
     lora = torch.bmm(h, b_all[idx].transpose(1, 2)).reshape(result.shape).to(result.dtype)  # (batch, T, dim)

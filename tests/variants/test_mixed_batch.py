@@ -115,3 +115,26 @@ def test_unknown_adapter_name_is_refused():
     model = _model()
     with pytest.raises(ValueError, match="unknown adapters"):
         model(torch.zeros(1, 3, dtype=torch.long), adapter_names=["nope"])
+
+
+def test_cached_factors_follow_weight_changes():
+    """Inference reuses stacked factors across calls; an in-place update (an optimizer step, a load) or a new
+    tensor must be seen by the next call, never a stale stack."""
+    model = _model(dora_c=False).eval()
+    ids = torch.randint(0, 61, (len(ROWS), 6))
+    with torch.no_grad():
+        first = model(ids, adapter_names=ROWS).logits
+        again = model(ids, adapter_names=ROWS).logits
+        torch.testing.assert_close(again, first)
+        q = model.base_model.model.model.layers[0].self_attn.q_proj
+        q.adapters["a"].lora_B.weight.add_(0.5)  # in place: version counter moves
+        changed = model(ids, adapter_names=ROWS).logits
+        rows = [_row(model, ids[i : i + 1], n) for i, n in enumerate(ROWS)]
+        q.adapters["b"].lora_A.weight = torch.nn.Parameter(torch.randn_like(q.adapters["b"].lora_A.weight))
+        replaced = model(ids, adapter_names=ROWS).logits
+        rows_replaced = [_row(model, ids[i : i + 1], n) for i, n in enumerate(ROWS)]
+    assert (changed - first).abs().max() > 1e-3
+    for i, want in enumerate(rows):
+        torch.testing.assert_close(changed[i : i + 1], want, atol=TOL, rtol=TOL)
+    for i, want in enumerate(rows_replaced):
+        torch.testing.assert_close(replaced[i : i + 1], want, atol=TOL, rtol=TOL)

@@ -8,6 +8,7 @@ looping over adapters with masked copies (PEFT). With ``n`` adapters of ranks ``
     A_all (n+1, R, in),  B_all (n+1, out, R) = s_i B_i,   idx (batch,) row -> slot
     h = bmm(x, A_all[idx]^T)        (batch, T, R)
     y = result + bmm(h, B_all[idx]^T)                       (batch, T, out)
+    (few tokens per row: y = result + ((x A_cat^T) * onehot(idx) per R-block) B_cat^T, no per-row gathers)
     DoRA: y = (result - b + bmm(...)) * g_all[idx] + b,     g_all (n+1, out) = m / ||W + s B A||_c, 1 for LoRA rows
 
 Gathering keeps autograd, so mixed batches train. Per-row dropout uses each adapter's own ``p``.
@@ -25,6 +26,9 @@ from torch import nn
 from lorakit.layers import LORA_WRAPPERS, LoraEmbeddingAdapter, ModulesToSaveWrapper
 
 BASE = "__base__"
+#: Below this many (tokens per row x slots), the masked one-GEMM form is used: its extra FLOPs (every row
+#: through every slot's A) cost less than gathering a (batch, R, in) copy of the factors.
+_FEW_TOKENS = 32
 
 
 @contextlib.contextmanager
@@ -141,8 +145,16 @@ def mixed_linear_forward(wrapper: nn.Module, x: torch.Tensor, result: torch.Tens
     if not torch.is_autocast_enabled(x.device.type) and x.dtype != a_all.dtype:
         x = x.to(a_all.dtype)
     x3 = _dropped(x, adapters, idx, wrapper.training).reshape(x.shape[0], -1, x.shape[-1])  # (batch, T, in)
-    h = torch.bmm(x3, a_all[idx].transpose(1, 2))  # (batch, T, R)
-    lora = torch.bmm(h, b_all[idx].transpose(1, 2)).reshape(result.shape).to(result.dtype)  # (batch, ..., out)
+    slots, rank = a_all.shape[0], a_all.shape[1]
+    if x3.shape[1] * slots <= _FEW_TOKENS:  # decode-like: one GEMM over every slot beats per-row gathers
+        h = x3 @ a_all.reshape(slots * rank, -1).T  # (batch, T, slots*R)
+        keep = F.one_hot(idx, slots).to(h.dtype).repeat_interleave(rank, dim=1)  # (batch, slots*R)
+        b_cat = b_all.permute(1, 0, 2).reshape(b_all.shape[1], slots * rank)  # (out, slots*R)
+        lora = (h * keep[:, None, :]) @ b_cat.T  # (batch, T, out)
+    else:
+        h = torch.bmm(x3, a_all[idx].transpose(1, 2))  # (batch, T, R)
+        lora = torch.bmm(h, b_all[idx].transpose(1, 2))  # (batch, T, out)
+    lora = lora.reshape(result.shape).to(result.dtype)  # (batch, ..., out)
     if any(getattr(ad.lora_B, "bias", None) is not None for ad in adapters):
         zeros = torch.zeros(result.shape[-1], device=x.device, dtype=a_all.dtype)
         biases = torch.stack([zeros] + [ad.lora_B.bias * ad.scaling if ad.lora_B.bias is not None else zeros

@@ -50,9 +50,13 @@ def _row(model, ids, name):
     return model(ids).logits
 
 
-def test_mixed_batch_equals_per_row_runs():
+@pytest.mark.parametrize("tokens", [6, 12])  # 6 x 4 slots: masked one-GEMM form; 12 x 4: per-row gathers
+def test_mixed_batch_equals_per_row_runs(tokens):
+    from lorakit.variants import mixed
+
+    assert (tokens * 4 <= mixed._FEW_TOKENS) == (tokens == 6)  # each case takes the branch it names
     model = _model().eval()
-    ids = torch.randint(0, 61, (len(ROWS), 6))
+    ids = torch.randint(0, 61, (len(ROWS), tokens))
     with torch.no_grad():
         got = model(ids, adapter_names=ROWS).logits
         rows = [_row(model, ids[i : i + 1], n) for i, n in enumerate(ROWS)]

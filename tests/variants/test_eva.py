@@ -9,19 +9,11 @@ import copy
 
 import peft
 import torch
-import transformers as tf
 
 import lorakit
 from lorakit.variants.eva import IncrementalPCA, get_eva_state_dict, initialize_lora_eva_weights
 
-
-def _base():
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return tf.LlamaForCausalLM(cfg).eval()
+from .common import tiny_llama
 
 
 def _loader():
@@ -50,7 +42,7 @@ def test_incremental_pca_equals_peft_and_one_shot_pca():
 
 
 def test_eva_init_properties_and_peft_loads_it(tmp_path):
-    base = _base()
+    base = tiny_llama(seed=0)
     ids = torch.randint(0, 61, (2, 6))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
     cfg = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="eva",

@@ -10,25 +10,21 @@ import copy
 import peft
 import pytest
 import torch
-import transformers as tf
 
 import lorakit
+
+from .common import tiny_llama
 
 TOL = 1e-5
 ROWS = ["a", "b", "__base__", "c", "a"]
 
 
-def _base():
-    cfg = tf.LlamaConfig(
-        vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return tf.LlamaForCausalLM(cfg).eval()
 
 
 def _model(dora_c: bool = True):
     model = lorakit.get_peft_model(
-        _base(), lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], init_lora_weights=False),
+        tiny_llama(),
+        lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], init_lora_weights=False),
         adapter_name="a",
     )
     model.add_adapter("b", lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"],
@@ -101,7 +97,7 @@ def test_mixed_batch_generate_equals_per_row():
 def test_mixed_batch_equals_peft(tmp_path):
     ours = _model(dora_c=False).eval()
     ours.save_pretrained(tmp_path)
-    base = _base()
+    base = tiny_llama()
     ours_base = copy.deepcopy(base)
     theirs = peft.PeftModel.from_pretrained(base, tmp_path / "a", adapter_name="a").eval()
     ours = lorakit.PeftModel.from_pretrained(ours_base, tmp_path / "a", adapter_name="a")

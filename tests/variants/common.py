@@ -1,0 +1,49 @@
+"""Shared pieces of the variants tests: the tiny model, and the base-modifying-init conversion round trip."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import peft
+import torch
+import transformers as tf
+
+import lorakit
+
+
+def tiny_llama(seed: int | None = None) -> tf.LlamaForCausalLM:
+    """1-layer Llama, hidden 32, vocab 61, eval mode; seeded first when ``seed`` is given."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+def check_conversion_to_plain_lora(
+    model: lorakit.PeftModel, base: torch.nn.Module, ids: torch.Tensor, tmp_path: Path
+) -> lorakit.LoraConfig:
+    """``model`` was just initialised by a base-modifying init on a copy of ``base``: it must equal ``base`` at
+    init; after 3 SGD steps, the adapter saved with ``path_initial_model_for_weight_conversion`` must reproduce the
+    trained model on the untouched ``base`` in lorakit and in PEFT (1e-4). Returns the converted config."""
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=1e-4, rtol=1e-4)  # unchanged at init
+    model.save_pretrained(tmp_path / "init")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        trained = model(ids).logits
+    assert (trained - base(ids).logits).abs().max() > 1e-3
+    model.save_pretrained(tmp_path / "plain", path_initial_model_for_weight_conversion=tmp_path / "init")
+    for side in (lorakit, peft):
+        converted = side.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "plain").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(converted(ids).logits, trained, atol=1e-4, rtol=1e-4)
+    return lorakit.LoraConfig.from_pretrained(tmp_path / "plain")

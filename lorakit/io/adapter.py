@@ -110,6 +110,12 @@ def _module_of(key: str) -> str:
     return key.rsplit(".", 2)[0] if key.endswith((".weight", ".bias")) else key.rsplit(".", 1)[0]
 
 
+def _modules_listed(keys: list[str]) -> str:
+    """The modules of ``keys`` (sorted keys), at most ten, with the first key as an example."""
+    modules = sorted({_module_of(k) for k in keys})
+    return f"{modules[:10]}{' ...' if len(modules) > 10 else ''} (e.g. {keys[0]!r})"
+
+
 def check_and_copy(root: nn.Module, adapter_name: str, bias: str, tensors: dict[str, torch.Tensor]) -> None:
     """Check that ``tensors`` (PEFT file keys) fit the adapter injected as ``adapter_name`` exactly — every key
     present, no extra module, equal shapes — and copy them in. Raises ``ValueError`` naming the module and both
@@ -118,19 +124,15 @@ def check_and_copy(root: nn.Module, adapter_name: str, bias: str, tensors: dict[
     state = root.state_dict(keep_vars=True)
     extra = sorted(set(tensors) - set(mapping))
     if extra:
-        modules = sorted({_module_of(k) for k in extra})
         raise ValueError(
-            f"the adapter file has weights for modules this model does not adapt: {modules[:10]}"
-            f"{' ...' if len(modules) > 10 else ''} (keys like {extra[0]!r}). Was it trained on another base "
-            "model or with other target_modules?"
+            f"the adapter file has weights for modules this model does not adapt: {_modules_listed(extra)}. Was it "
+            "trained on another base model or with other target_modules?"
         )
     missing = sorted(set(mapping) - set(tensors))
     if missing:
-        modules = sorted({_module_of(k) for k in missing})
         raise ValueError(
-            f"the adapter file lacks weights for modules its config targets: {modules[:10]}"
-            f"{' ...' if len(modules) > 10 else ''} (e.g. {missing[0]!r}). The file and adapter_config.json do not "
-            "belong together, or the base model differs."
+            f"the adapter file lacks weights for modules its config targets: {_modules_listed(missing)}. The file "
+            "and adapter_config.json do not belong together, or the base model differs."
         )
     for fk, mk in mapping.items():
         have, want = tuple(tensors[fk].shape), tuple(state[mk].shape)

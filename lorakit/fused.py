@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.kernels.lora_fused import LoraProjection, lora_mlp
+from lorakit.kernels.rms_norm import RMSNormWithKernel
 from lorakit.layers import LoraAdapter, LoraLinear
 from lorakit.quant.matmul import DequantLinearModule
 
@@ -35,8 +37,6 @@ def _is_swiglu_mlp(module: nn.Module) -> bool:
 
 def _projection(layer: nn.Module, x: torch.Tensor) -> Any:
     """The ``LoraProjection`` of one MLP projection, or None if it cannot take the fused path now."""
-    from lorakit.kernels.lora_fused import LoraProjection
-
     if isinstance(layer, LoraLinear):
         if layer.row_adapters is not None or layer.fan_in_fan_out:
             return None
@@ -78,8 +78,6 @@ class FusedLoraMLP(nn.Module):
         projections = [_projection(m, x) for m in (self.gate_proj, self.up_proj, self.down_proj)]
         if any(p is None for p in projections):
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-        from lorakit.kernels.lora_fused import lora_mlp
-
         return lora_mlp(x, *projections, training=self.training)
 
     def restore(self) -> nn.Module:
@@ -105,8 +103,6 @@ def enable_fused(model: nn.Module, mlp: bool = True, norm_kernels: bool | None =
     """Fused LoRA linears everywhere; with ``mlp``, fused SwiGLU MLPs where the model has them; with
     ``norm_kernels`` (None: only for norms whose weight is on CUDA, where the Triton kernel runs), Llama-style
     RMSNorm instances run through ``lorakit.kernels.rms_norm`` (wrapped as ``RMSNormWithKernel``)."""
-    from lorakit.kernels.rms_norm import RMSNormWithKernel
-
     for module in model.modules():
         if isinstance(module, LoraLinear):
             module.use_fused = True
@@ -123,8 +119,6 @@ def enable_fused(model: nn.Module, mlp: bool = True, norm_kernels: bool | None =
 
 def disable_fused(model: nn.Module) -> None:
     """Undo ``enable_fused``: the default autograd paths and the original MLP instances."""
-    from lorakit.kernels.rms_norm import RMSNormWithKernel
-
     for name, module in list(model.named_modules()):
         if isinstance(module, FusedLoraMLP):
             _replace(model, name, module.restore())

@@ -10,7 +10,11 @@ Each adapter ``i`` of a layer contributes ``dW_i = s_i B_i A_i`` (out, in) with 
 - ``svd`` (and ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd``) combine the full
   deltas, then keep the top ``svd_rank`` singular triplets: ``B = U_r diag(S_r)``, ``A = Vh_r``.
 
-The new adapter has ``r = lora_alpha = new_rank`` (scaling 1) and is frozen. Merging methods:
+The new adapter has ``r = lora_alpha = new_rank`` (scaling 1) and is frozen. DoRA, as in PEFT 0.21.2: the new
+adapter takes the first adapter's config (``use_dora`` included), only A and B are combined, and its
+``lora_magnitude_vector`` keeps the value injection gave it, ``m = ||W + s B_0 A_0||_c`` with the init's ``B_0``
+(``||W||_c`` for the default init); the sources' trained magnitudes are not combined (a warning says so). Merging
+methods:
 TIES (Yadav et al. 2023, https://arxiv.org/abs/2306.01708): keep the top-``density`` magnitudes, elect a sign per
 entry, average the entries that agree. DARE (Yu et al. 2023, https://arxiv.org/abs/2311.03099): drop entries at
 random with probability ``1 - density`` and rescale by ``1 / density``. Random draws use torch's global RNG in
@@ -115,7 +119,16 @@ def _check(model: LoraModel, adapters: list[str], weights: list[float], combinat
         raise ValueError(f"combination_type={combination_type!r}; allowed: {', '.join(COMBINATION_TYPES)}.")
     dora = [a for a in adapters if model.peft_config[a].use_dora]
     if dora:
-        raise NotImplementedError(f"add_weighted_adapter with DoRA adapters {dora} is not implemented in lorakit.")
+        kept = "keeps DoRA but re-initialises" if model.peft_config[adapters[0]].use_dora else "is a plain LoRA without"
+        warnings.warn(
+            f"add_weighted_adapter: {dora} use DoRA. Only lora_A/lora_B are combined; the new adapter follows "
+            f"{adapters[0]!r}'s config and {kept} lora_magnitude_vector (m = ||W + s B A||_c at injection), so the "
+            "trained magnitudes are dropped and even one adapter at weight 1 does not reproduce itself. This is "
+            "PEFT 0.21.2's behaviour (huggingface/peft#3761). To keep a DoRA adapter's effect exactly, merge it into "
+            "the base (merge_and_unload) instead of combining it.",
+            UserWarning,
+            stacklevel=3,
+        )
     for wrapper in model.model.modules():
         if isinstance(wrapper, ModulesToSaveWrapper) and sum(a in wrapper.modules_to_save for a in adapters) > 1:
             raise ValueError(

@@ -31,8 +31,11 @@ import ctypes
 import functools
 import json
 import math
+import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +45,8 @@ QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 NESTED_BLOCKSIZE = 256  # bitsandbytes' fixed blocksize for the double-quantized statistics
 _STEP = 32768  # elements per step on CPU: at::internal::GRAIN_SIZE (see _dequantize_4bit_reference)
+_WORKER_STEP = 2**18  # elements per dequantization step on a thread with one intra-op thread (bench_quant.py)
+_PARALLEL_MIN = 2**21  # elements from which dequantization goes to worker threads
 _QUANT_STEP = 2**20  # elements per step of quantize_4bit on CPU (a multiple of every blocksize)
 _HUGE_PAGE = 2**21  # bytes (x86-64 / aarch64 transparent huge page)
 
@@ -356,42 +361,123 @@ def _dequantize_4bit_reference(
     How: a 256-entry table maps a byte to its two fp32 code values, stored as one float64 so that one int32
     ``index_select`` gathers both; the gathered values, viewed as (blocks, blocksize), are multiplied by a
     broadcast ``absmax[:, None]`` and copied into the preallocated output (the one rounding). Same fp32
-    products, same rounding: bit-identical to the formula.
+    products, same rounding: bit-identical to the formula, however the blocks are split into steps.
 
-    On CPU the full blocks go in steps of ``_STEP`` = 32768 elements, torch's parallel grain size, so every op
-    runs inline (an OpenMP region per op waits for a descheduled thread on a busy machine: steps of 65536
-    took seconds instead of ~0.2 s with other jobs on the 2 cores) and the scratch (128 KiB of fp32) stays in
-    L2. So this runs on one core: two Python threads sharing the steps gained at most ~7% (the ops are too
-    short to hide the GIL), not worth a thread pool. Page faults on a fresh output cost more than the
-    arithmetic, so a large output is advised to use huge pages.
+    On CPU no op may open an OpenMP region: on a busy machine each region waits for a descheduled thread
+    (steps of 65536 elements with 2 intra-op threads took seconds instead of ~0.2 s). Three ways, by thread:
+
+    - a thread with one intra-op thread runs ops inline: steps of ``_WORKER_STEP`` elements (few ops, so little
+      Python overhead per element);
+    - a large tensor on a thread with more: :func:`_in_workers` hands steps of ``_WORKER_STEP`` to one worker
+      thread per usable core, each set to one intra-op thread; a worker that is descheduled leaves its steps
+      to the others, so with one free core this costs about what one thread does;
+    - a small tensor on such a thread: steps of ``_STEP`` (torch's grain size), inline by construction.
+
+    Page faults on a fresh output cost more than the arithmetic, so a large output is advised to use huge pages.
     """
     pairs = _byte_pairs(code.float())  # (256,) float64 = (code[b >> 4], code[b & 15]) as fp32
     out = torch.empty(n, dtype=dtype, device=data.device)  # (n,)
     nblocks = n // blocksize  # full blocks; a partial last block follows them
     absmax = absmax.float()
-    if _simple_path(data):
-        per_step = max(1, nblocks)  # blocks per step
-    else:
-        per_step = max(1, _STEP // blocksize)
+    threads = 0 if _simple_path(data) else torch.get_num_threads()
+    workers = _cpu_workers(threads) if threads > 1 and n >= _PARALLEL_MIN else 0
+    if threads:
         _advise_huge_pages(out)
-    index = torch.empty(per_step * blocksize // 2, dtype=torch.int32, device=data.device)
-    values = torch.empty(per_step * blocksize // 2, dtype=torch.float64, device=data.device)  # fp32 pairs
-    for codes, scale, dst in _steps(data, absmax, out, blocksize, nblocks, per_step):
-        # (k / 2,) uint8, (b, 1) fp32, (b, blocksize) dtype; k = b * blocksize
-        if codes.numel() != index.numel():  # the shorter last step
-            index, values = index[: codes.numel()], values[: codes.numel()]
-        index.copy_(codes)
-        torch.index_select(pairs, 0, index, out=values)
-        val32 = values.view(torch.float32).view(dst.shape)  # (b, blocksize)
-        if dtype == torch.float32:
-            torch.mul(val32, scale, out=dst)
-        else:
-            dst.copy_(val32.mul_(scale))  # fp32 product, then one rounding to dtype
+    if workers:
+        per_step = max(1, _WORKER_STEP // blocksize)  # blocks per step
+
+        def work(first: int) -> None:
+            end = min(first + per_step, nblocks)
+            _dequantize_step(
+                data[first * blocksize // 2 : end * blocksize // 2],  # (k / 2,) uint8
+                absmax[first:end, None],  # (b, 1)
+                out[first * blocksize : end * blocksize].view(end - first, blocksize),  # (b, blocksize)
+                pairs,
+            )
+
+        _in_workers(work, range(0, nblocks, per_step), workers)
+    elif nblocks:
+        per_step = max(1, nblocks) if not threads else max(1, (_WORKER_STEP if threads == 1 else _STEP) // blocksize)
+        index = torch.empty(per_step * blocksize // 2, dtype=torch.int32, device=data.device)  # reused scratch
+        values = torch.empty(per_step * blocksize // 2, dtype=torch.float64, device=data.device)  # fp32 pairs
+        for codes, scale, dst in _steps(data, absmax, out, blocksize, nblocks, per_step):
+            _dequantize_step(codes, scale, dst, pairs, index, values)
     if nblocks * blocksize < n:
         start = nblocks * blocksize
         tail = pairs.index_select(0, data[start // 2 :].int()).view(torch.float32)[: n - start]
         out[start:] = tail * absmax[nblocks]
     return out
+
+
+def _dequantize_step(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    dst: torch.Tensor,
+    pairs: torch.Tensor,
+    index: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
+) -> None:
+    """``dst = dtype(pairs[codes] * scale)``: bytes ``(k / 2,)``, scale ``(b, 1)``, dst ``(b, blocksize)``.
+
+    ``index`` (int32) and ``values`` (float64) are scratch of at least ``k / 2`` entries (made here if None).
+    """
+    k2 = codes.numel()
+    index = torch.empty(k2, dtype=torch.int32, device=codes.device) if index is None else index[:k2]
+    values = torch.empty(k2, dtype=torch.float64, device=codes.device) if values is None else values[:k2]
+    index.copy_(codes)
+    torch.index_select(pairs, 0, index, out=values)
+    val32 = values.view(torch.float32).view(dst.shape)  # (b, blocksize)
+    if dst.dtype == torch.float32:
+        torch.mul(val32, scale, out=dst)
+    else:
+        dst.copy_(val32.mul_(scale))  # fp32 product, then one rounding to dtype
+
+
+def _cpu_workers(threads: int) -> int:
+    """Worker threads for a large CPU dequantization: the calling thread's intra-op threads, at most one per
+    core this process may run on (``sched_getaffinity``; ``cpu_count`` where that is missing)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(threads, cores))
+
+
+_POOL_LOCK = threading.Lock()
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, max_workers, pool), made on first use
+
+
+def _in_workers(fn: Callable[[int], None], items: range, workers: int) -> None:
+    """``fn(item)`` for every item, on ``workers`` threads of a persistent pool, each running torch ops inline.
+
+    The items are handed out one at a time from a shared iterator (a descheduled worker's share goes to the
+    others). Each worker sets itself to one intra-op thread once; OpenMP keeps that setting per thread, but
+    ``torch.set_num_threads`` also sets process-wide defaults (for threads not yet started, MKL's pool), so the
+    caller's value is set again afterwards. Workers run under inference mode: they write into views of the
+    caller's output, which may be an inference tensor.
+    """
+    global _POOL
+    threads = torch.get_num_threads()
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < workers:  # a forked child gets a new pool
+            _POOL = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="lorakit-dequant"))
+        pool = _POOL[2]
+    lock, todo = threading.Lock(), iter(items)
+
+    def worker() -> bool:
+        changed = torch.get_num_threads() != 1
+        if changed:
+            torch.set_num_threads(1)
+        with torch.inference_mode():
+            while True:
+                with lock:
+                    item = next(todo, None)
+                if item is None:
+                    return changed
+                fn(item)
+
+    futures = [pool.submit(worker) for _ in range(workers)]
+    wait(futures)
+    changed = [f.result() for f in futures]  # raises a worker's exception
+    if any(changed):
+        torch.set_num_threads(threads)
 
 
 def _simple_path(t: torch.Tensor) -> bool:

@@ -23,8 +23,10 @@ PEFT_FORMAT_VERSION = "0.21.2"
 
 #: ``init_lora_weights`` values implemented here; PEFT's others are accepted by name and raise
 #: ``NotImplementedError`` naming themselves.
-INIT_METHODS_IMPLEMENTED = (True, False, "gaussian", "pissa", "olora", "loftq", "eva", "corda")  # + "pissa_niter_<K>"
-INIT_METHODS_PLANNED = ("orthogonal",)
+INIT_METHODS_IMPLEMENTED = (
+    True, False, "gaussian", "pissa", "olora", "loftq", "eva", "corda", "orthogonal",
+)  # + "pissa_niter_<K>"
+INIT_METHODS_PLANNED = ("mica", "lora_ga")
 _INIT_ALLOWED = ", ".join(map(repr, INIT_METHODS_IMPLEMENTED)) + ", 'pissa_niter_<K>'"
 
 BIAS_MODES = ("none", "all", "lora_only")

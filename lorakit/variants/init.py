@@ -10,8 +10,9 @@ LoRA of rank 2r for the ORIGINAL ``W`` instead (``convert_to_plain_lora``):
 
     W_res + s B_t A_t = W + s [B_t, -B_0] [A_t; A_0]     (same scaling: r and lora_alpha both doubled)
 
-LoftQ is the exception: its base is the quantized ``Q``, and ``Q + s B_0 A_0`` only approximates ``W``, so the
-conversion is exact for pissa, olora and corda only; a LoftQ adapter belongs with the saved ``Q`` base.
+``orthogonal`` and ``eva`` only set the factors (``B A = 0`` at init) and leave the base as it is. LoftQ is the
+exception among the base-modifying ones: its base is the quantized ``Q``, and ``Q + s B_0 A_0`` only approximates
+``W``, so the conversion is exact for pissa, olora and corda only; a LoftQ adapter belongs with the saved ``Q`` base.
 """
 
 from __future__ import annotations
@@ -137,6 +138,36 @@ def loftq_init(wrapper: nn.Module, adapter: nn.Module, loftq_config: dict) -> No
     _set_residual(wrapper, qweight)
 
 
+@torch.no_grad()
+def orthogonal_init(wrapper: nn.Module, adapter: nn.Module) -> None:
+    """Orthogonal init (Nimmaturi, "Rethinking LoRA initialisations",
+    https://datta0.github.io/posts/rethink-lora-init/#orthogonal-initialisation; PEFT's ``orthogonal_init``): split
+    the rows of a random orthogonal ``Q`` (r, r) into two halves that are orthogonal to each other,
+
+        Q = qr(X)  (r, r),  X ~ N(0, 1);        Q_o = Q[0::2],  Q_e = Q[1::2]  (r/2, r),  Q_e Q_o^T = 0
+        A = (G_a Q_o)^T / 10  (r, in),          G_a ~ N(0, 1)  (in, r/2)
+        B = G_b^T Q_e / 10    (out, r),         G_b ~ N(0, 1)  (r/2, out)
+
+    so ``B A = G_b^T (Q_e Q_o^T) G_a^T / 100 = 0``: the model is unchanged at init while both A and B are non-zero
+    (each of rank r/2), and the base weight is left untouched (unlike "olora").
+    The three draws use torch's global CPU generator in PEFT's order, so a seeded call gives PEFT's A and B. The rank
+    must be even. The factors keep the adapter's dtype (PEFT casts them to the base weight's dtype).
+    """
+    r = adapter.r
+    if r % 2 != 0:
+        raise ValueError(
+            f"init_lora_weights='orthogonal' needs an even rank, got r={r}: use an even r (and even rank_pattern "
+            "values)."
+        )
+    q, _ = torch.linalg.qr(torch.randn(r, r))  # (r, r), orthogonal
+    q_odd, q_even = q[0::2, :], q[1::2, :]  # (r/2, r) each, mutually orthogonal rows
+    in_features, out_features = adapter.lora_A.weight.shape[1], adapter.lora_B.weight.shape[0]
+    lora_a = torch.randn(in_features, r // 2).mm(q_odd).T / 10.0  # (r, in)
+    lora_b = torch.randn(r // 2, out_features).T.mm(q_even) / 10.0  # (out, r)
+    device = adapter.lora_A.weight.device
+    _set_factors(adapter, lora_a.to(device), lora_b.to(device))
+
+
 def eva_init(wrapper: nn.Module, adapter: nn.Module) -> None:
     """EVA (Paischer et al. 2024, https://arxiv.org/abs/2410.07170) at injection: ``B = 0`` (A keeps its default
     init). The data-driven ``A`` comes later from ``lorakit.variants.eva.initialize_lora_eva_weights``."""
@@ -189,6 +220,8 @@ def init_adapter(wrapper: nn.Module, adapter_name: str, config: LoraConfig, modu
         eva_init(wrapper, adapter)
     elif method == "corda":
         corda_init(wrapper, adapter)
+    elif method == "orthogonal":
+        orthogonal_init(wrapper, adapter)
     else:
         raise NotImplementedError(f"init_lora_weights={method!r} is not implemented in lorakit.")
     if adapter.wraps_base_output:  # DoRA: the magnitude of the initialised weight

@@ -65,8 +65,71 @@ def test_conversion_to_plain_lora_on_original_base(method, tmp_path):
 
 
 def test_unimplemented_init_raises():
-    with pytest.raises(NotImplementedError, match="orthogonal"):
-        lorakit.LoraConfig(init_lora_weights="orthogonal")
+    with pytest.raises(NotImplementedError, match="mica"):
+        lorakit.LoraConfig(init_lora_weights="mica")
+
+
+# ---- orthogonal ---------------------------------------------------------------------------------------------
+def test_orthogonal_equals_peft_given_the_same_rng_state():
+    """Same three draws from torch's global generator as PEFT's ``orthogonal_init``, so the same A and B (1e-6:
+    same QR and matmuls on identical inputs). Compared call for call: injection itself draws differently (PEFT runs
+    nn.Linear's own init of A and B first, lorakit does not), so whole models seeded once differ."""
+    base = tiny_llama(seed=0)
+    kw = dict(r=6, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights="orthogonal")
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+    ours = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(**kw))
+    from lorakit.variants.init import orthogonal_init
+
+    for name in ("self_attn.q_proj", "mlp.down_proj"):
+        p_layer = theirs.base_model.model.model.layers[0].get_submodule(name)
+        o_layer = ours.base_model.model.model.layers[0].get_submodule(name)
+        torch.manual_seed(7)
+        p_layer.orthogonal_init("default")
+        torch.manual_seed(7)
+        orthogonal_init(o_layer, o_layer.adapters["default"])
+        torch.testing.assert_close(o_layer.adapters["default"].lora_A.weight, p_layer.lora_A["default"].weight,
+                                   atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(o_layer.adapters["default"].lora_B.weight, p_layer.lora_B["default"].weight,
+                                   atol=1e-6, rtol=1e-6)
+
+
+def test_orthogonal_properties_and_peft_round_trip(tmp_path):
+    """B A = 0 (outputs unchanged at init, base untouched) with A and B non-zero, each of rank r/2; both get a
+    gradient at step 1 (plain init gives A none); the saved adapter loads in PEFT with the same logits (1e-5)."""
+    base = tiny_llama(seed=0)
+    ids = torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(1))
+    cfg = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="orthogonal")
+    model = lorakit.get_peft_model(copy.deepcopy(base), cfg)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    ad = layer.adapters["default"]
+    a, b = ad.lora_A.weight, ad.lora_B.weight  # (4, 32), (32, 4)
+    assert a.abs().min() > 0 and b.abs().max() > 1e-2
+    assert torch.linalg.matrix_rank(a) == 2 and torch.linalg.matrix_rank(b) == 2
+    assert (b @ a).abs().max() < 1e-7  # fp32 round-off of an exactly-zero product
+    assert torch.equal(layer.base_layer.weight, base.model.layers[0].self_attn.q_proj.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=1e-6, rtol=1e-6)
+    model(ids, labels=ids).loss.backward()
+    assert a.grad.abs().max() > 0 and b.grad.abs().max() > 0
+    with torch.no_grad():
+        b.add_(0.1)  # "trained"
+        want = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_orthogonal_with_dora_starts_at_the_base_and_odd_rank_raises():
+    base = tiny_llama(seed=0)
+    ids = torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(2))
+    cfg = lorakit.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="orthogonal", use_dora=True)
+    model = lorakit.get_peft_model(copy.deepcopy(base), cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="even rank, got r=3"):
+        lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(r=3, target_modules=["q_proj"],
+                                                                      init_lora_weights="orthogonal"))
 
 
 # ---- LoftQ --------------------------------------------------------------------------------------------------

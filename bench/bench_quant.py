@@ -1,7 +1,8 @@
 """Quantization benchmarks, side by side in one run (CPU).
 
-1. dequant: lorakit's pure-PyTorch NF4 dequantization vs bitsandbytes' CPU C++ kernel (same weight), and
-   Linear4bit forward + backward of both; interleaved repetitions, medians (the machine may be shared).
+1. dequant: lorakit's pure-PyTorch NF4 dequantization (default: worker threads for a large tensor; and the
+   calling thread alone, as before them) vs bitsandbytes' CPU C++ kernel (same weight), and Linear4bit
+   forward + backward of both; interleaved repetitions, medians, load averages (the machine may be shared).
 2. load: peak RSS of ``lorakit.load_model(..., load_in_4bit)`` on a locally generated Llama-shaped
    checkpoint (random weights, sharded safetensors), in a fresh process, against the target
    ``1.3 x quantized size + largest tensor``; bits per parameter of the quantized linear weights.
@@ -44,25 +45,47 @@ def bench_dequant(rows: int, cols: int, repeats: int, tokens: int) -> None:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbF
 
-    from lorakit.quant import Linear4bit
+    from lorakit.quant import Linear4bit, nf4
     from lorakit.quant.nf4 import dequantize_4bit, quantize_4bit
 
     torch.manual_seed(0)
     A = torch.randn(rows, cols, dtype=torch.bfloat16)
     packed, state = quantize_4bit(A, compress_statistics=True)
     bnb_packed, bnb_state = bnbF.quantize_4bit(A, quant_type="nf4", compress_statistics=True)
+
+    def one_thread() -> torch.Tensor:
+        """The calling thread only, in steps of _STEP (the path before worker threads, 2026-11-24)."""
+        saved = nf4._PARALLEL_MIN, nf4._WORKER_STEP
+        nf4._PARALLEL_MIN, nf4._WORKER_STEP = 2**62, nf4._STEP
+        try:
+            return dequantize_4bit(packed, state)
+        finally:
+            nf4._PARALLEL_MIN, nf4._WORKER_STEP = saved
+
+    print(f"load before: {_load()}")
     times = _interleaved(
-        {"lorakit": lambda: dequantize_4bit(packed, state), "bnb": lambda: bnbF.dequantize_4bit(bnb_packed, bnb_state)},
+        {
+            "lorakit": lambda: dequantize_4bit(packed, state),
+            "one_thread": one_thread,
+            "bnb": lambda: bnbF.dequantize_4bit(bnb_packed, bnb_state),
+        },
         repeats,
     )
     n = A.numel()
+    print(f"load after:  {_load()}")
     print(f"dequant NF4 -> bf16, {rows}x{cols}, double quant, interleaved, {repeats} reps, "
-          f"{torch.get_num_threads()} threads: median (min)")  # fmt: skip
-    for label, name in (("lorakit (PyTorch)     ", "lorakit"), ("bitsandbytes (C++ CPU)", "bnb")):
+          f"{torch.get_num_threads()} threads, {len(os.sched_getaffinity(0))} cores: median (min)")  # fmt: skip
+    rows_ = (
+        ("lorakit (PyTorch)         ", "lorakit"),
+        ("lorakit, calling thread   ", "one_thread"),
+        ("bitsandbytes (C++ CPU)    ", "bnb"),
+    )
+    for label, name in rows_:
         med, low = statistics.median(times[name]), min(times[name])
         print(f"  {label} {med * 1e3:8.1f} ms ({low * 1e3:6.1f})  {n / med / 1e6:8.0f} Melem/s")
-    ratios = [a / b for a, b in zip(times["lorakit"], times["bnb"], strict=True)]
-    print(f"  ratio lorakit / bitsandbytes time: median of per-rep ratios {statistics.median(ratios):.2f}x")
+    for name, other in (("lorakit", "bnb"), ("one_thread", "bnb"), ("lorakit", "one_thread")):
+        ratios = [a / b for a, b in zip(times[name], times[other], strict=True)]
+        print(f"  ratio {name} / {other} time: median of per-rep ratios {statistics.median(ratios):.2f}x")
 
     # Linear4bit forward + backward (grad to the input), bf16 compute; both re-dequantize in backward.
     linear = torch.nn.Linear(cols, rows, bias=False, dtype=torch.bfloat16)
@@ -83,6 +106,11 @@ def bench_dequant(rows: int, cols: int, repeats: int, tokens: int) -> None:
         print(f"  {label} {statistics.median(times[name]) * 1e3:8.1f} ms ({min(times[name]) * 1e3:6.1f})")
     ratios = [a / b for a, b in zip(times["lorakit"], times["bnb"], strict=True)]
     print(f"  ratio lorakit / bitsandbytes time: median of per-rep ratios {statistics.median(ratios):.2f}x")
+
+
+def _load() -> str:
+    """The 1, 5 and 15 minute load averages (other jobs share the machine)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def make_checkpoint(path: Path, hidden: int, layers: int, vocab: int, intermediate: int) -> dict:

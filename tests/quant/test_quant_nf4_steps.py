@@ -1,8 +1,9 @@
 """The CPU paths of lorakit.quant.nf4 that work in steps equal the one-step path and the formula, bit for bit.
 
-quantize_4bit goes in steps of ``_QUANT_STEP`` elements, dequantize_4bit and dequantize_blockwise_8bit in
-steps of about ``_STEP``; the steps are shrunk here so that small tensors cross many step boundaries, with a
-shorter last step, a partial last block and an odd element count. The one-step path (``_simple_path``, used
+quantize_4bit goes in steps of ``_QUANT_STEP`` elements, dequantize_blockwise_8bit in steps of about ``_STEP``,
+dequantize_4bit in steps of ``_STEP`` or ``_WORKER_STEP`` on the calling thread or on worker threads; the steps
+are shrunk here so that small tensors cross many step boundaries, with a shorter last step, a partial last block
+and an odd element count. The one-step path (``_simple_path``, used
 off the CPU and under torch.compile) is the comparison. No tolerances: everything is compared with
 torch.equal on the raw bits.
 """
@@ -84,3 +85,69 @@ def test_inference_mode_and_autograd_inputs():
     with torch.enable_grad():
         out = dequantize_4bit(packed, state)
     assert not out.requires_grad and torch.equal(out, expected)
+
+
+@pytest.fixture
+def threads():
+    """Sets the calling thread's intra-op thread count for one test, restored afterwards."""
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)
+
+
+# (intra-op threads of the caller, patches): the three CPU paths of dequantize_4bit, with 256-element steps
+PATHS = {
+    "steps": (2, {"_STEP": 256, "_PARALLEL_MIN": 2**62}),
+    "inline": (1, {"_WORKER_STEP": 256}),
+    "workers": (2, {"_WORKER_STEP": 256, "_PARALLEL_MIN": 1, "_cpu_workers": lambda threads: 2}),
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_cpu_path_equals_the_formula(monkeypatch, threads, path, shape, quant_type):
+    """Two workers even on a 1-core machine; 256-element steps: many steps handed out, a shorter last one."""
+    torch.manual_seed(3)
+    A = (torch.randn(shape) * torch.rand(shape[-1]) * 3).to(torch.bfloat16)
+    count, patches = PATHS[path]
+    for blocksize in (32, 64, 256):
+        packed, state = quantize_4bit(A, blocksize, quant_type, compress_statistics=True)
+        expected = {dtype: _formula(packed, state, dtype) for dtype in nf4.FLOAT_DTYPES}
+        with monkeypatch.context() as m:
+            for name, value in patches.items():
+                m.setattr(nf4, name, value)
+            threads(count)
+            for dtype in nf4.FLOAT_DTYPES:
+                assert torch.equal(_bits(dequantize_4bit(packed, state, dtype)), _bits(expected[dtype]))
+            assert torch.get_num_threads() == count  # the workers' one intra-op thread is theirs alone
+
+
+def test_workers_run_ops_inline_and_under_inference_mode(monkeypatch, threads):
+    """Worker threads keep one intra-op thread; the caller's count is untouched; an inference-tensor output works."""
+    threads(2)
+    monkeypatch.setattr(nf4, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(nf4, "_WORKER_STEP", 4096)
+    monkeypatch.setattr(nf4, "_cpu_workers", lambda threads: 2)
+    packed, state = quantize_4bit(torch.randn(64, 1024))
+    expected = _formula(packed, state, torch.float32)
+    with torch.inference_mode():
+        assert torch.equal(dequantize_4bit(packed, state), expected)
+    assert torch.equal(dequantize_4bit(packed, state), expected)
+    pool = nf4._POOL[2]
+    assert [f.result() for f in [pool.submit(torch.get_num_threads) for _ in range(8)]] == [1] * 8
+    assert torch.get_num_threads() == 2
+
+
+def test_worker_exceptions_reach_the_caller(monkeypatch, threads):
+    threads(2)
+    monkeypatch.setattr(nf4, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(nf4, "_cpu_workers", lambda threads: 2)
+
+    def fail(*args):
+        raise RuntimeError("step failed")
+
+    monkeypatch.setattr(nf4, "_dequantize_step", fail)
+    packed, state = quantize_4bit(torch.randn(8, 1024))
+    with pytest.raises(RuntimeError, match="step failed"):
+        dequantize_4bit(packed, state)

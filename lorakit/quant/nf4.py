@@ -49,6 +49,7 @@ _WORKER_STEP = 2**18  # elements per dequantization step on a thread with one in
 _PARALLEL_MIN = 2**21  # elements from which dequantization goes to worker threads
 _QUANT_STEP = 2**20  # elements per step of quantize_4bit on CPU (a multiple of every blocksize)
 _HUGE_PAGE = 2**21  # bytes (x86-64 / aarch64 transparent huge page)
+Step = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # one dequantization step: bytes, absmax, output (_steps)
 
 # NF4: quantiles of N(0, 1) normalised to [-1, 1] with an exact zero (QLoRA paper, appendix E).
 _NF4 = [
@@ -381,27 +382,16 @@ def _dequantize_4bit_reference(
     absmax = absmax.float()
     threads = 0 if _simple_path(data) else torch.get_num_threads()
     workers = _cpu_workers(threads) if threads > 1 and n >= _PARALLEL_MIN else 0
-    if threads:
+    if not threads:
+        per_step = max(1, nblocks)  # blocks per step
+    else:
+        per_step = max(1, (_STEP if threads > 1 and not workers else _WORKER_STEP) // blocksize)
         _advise_huge_pages(out)
+    steps = _steps(data, absmax, out, blocksize, nblocks, per_step)
     if workers:
-        per_step = max(1, _WORKER_STEP // blocksize)  # blocks per step
-
-        def work(first: int) -> None:
-            end = min(first + per_step, nblocks)
-            _dequantize_step(
-                data[first * blocksize // 2 : end * blocksize // 2],  # (k / 2,) uint8
-                absmax[first:end, None],  # (b, 1)
-                out[first * blocksize : end * blocksize].view(end - first, blocksize),  # (b, blocksize)
-                pairs,
-            )
-
-        _in_workers(work, range(0, nblocks, per_step), workers)
-    elif nblocks:
-        per_step = max(1, nblocks) if not threads else max(1, (_WORKER_STEP if threads == 1 else _STEP) // blocksize)
-        index = torch.empty(per_step * blocksize // 2, dtype=torch.int32, device=data.device)  # reused scratch
-        values = torch.empty(per_step * blocksize // 2, dtype=torch.float64, device=data.device)  # fp32 pairs
-        for codes, scale, dst in _steps(data, absmax, out, blocksize, nblocks, per_step):
-            _dequantize_step(codes, scale, dst, pairs, index, values)
+        _in_workers(steps, pairs, per_step * blocksize // 2, workers)
+    else:
+        _dequantize_steps(steps, pairs, per_step * blocksize // 2)
     if nblocks * blocksize < n:
         start = nblocks * blocksize
         tail = pairs.index_select(0, data[start // 2 :].int()).view(torch.float32)[: n - start]
@@ -409,28 +399,21 @@ def _dequantize_4bit_reference(
     return out
 
 
-def _dequantize_step(
-    codes: torch.Tensor,
-    scale: torch.Tensor,
-    dst: torch.Tensor,
-    pairs: torch.Tensor,
-    index: torch.Tensor | None = None,
-    values: torch.Tensor | None = None,
-) -> None:
-    """``dst = dtype(pairs[codes] * scale)``: bytes ``(k / 2,)``, scale ``(b, 1)``, dst ``(b, blocksize)``.
-
-    ``index`` (int32) and ``values`` (float64) are scratch of at least ``k / 2`` entries (made here if None).
-    """
-    k2 = codes.numel()
-    index = torch.empty(k2, dtype=torch.int32, device=codes.device) if index is None else index[:k2]
-    values = torch.empty(k2, dtype=torch.float64, device=codes.device) if values is None else values[:k2]
-    index.copy_(codes)
-    torch.index_select(pairs, 0, index, out=values)
-    val32 = values.view(torch.float32).view(dst.shape)  # (b, blocksize)
-    if dst.dtype == torch.float32:
-        torch.mul(val32, scale, out=dst)
-    else:
-        dst.copy_(val32.mul_(scale))  # fp32 product, then one rounding to dtype
+def _dequantize_steps(steps: Callable[[], Step | None] | Iterator[Step], pairs: torch.Tensor, size: int) -> None:
+    """``dst = dtype(pairs[codes] * scale)`` for each step ``(codes (k / 2,), scale (b, 1), dst (b, blocksize))``
+    from an iterator or a function returning None at the end; ``size`` is the largest ``k / 2``."""
+    index = torch.empty(size, dtype=torch.int32, device=pairs.device)  # scratch reused across steps
+    values = torch.empty(size, dtype=torch.float64, device=pairs.device)  # fp32 pairs
+    for codes, scale, dst in iter(steps, None) if callable(steps) else steps:
+        if codes.numel() != index.numel():  # a shorter step
+            index, values = index[: codes.numel()], values[: codes.numel()]
+        index.copy_(codes)
+        torch.index_select(pairs, 0, index, out=values)
+        val32 = values.view(torch.float32).view(dst.shape)  # (b, blocksize)
+        if dst.dtype == torch.float32:
+            torch.mul(val32, scale, out=dst)
+        else:
+            dst.copy_(val32.mul_(scale))  # fp32 product, then one rounding to dtype
 
 
 def _cpu_workers(threads: int) -> int:
@@ -444,10 +427,10 @@ _POOL_LOCK = threading.Lock()
 _POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, max_workers, pool), made on first use
 
 
-def _in_workers(fn: Callable[[int], None], items: range, workers: int) -> None:
-    """``fn(item)`` for every item, on ``workers`` threads of a persistent pool, each running torch ops inline.
+def _in_workers(steps: Iterator[Step], pairs: torch.Tensor, size: int, workers: int) -> None:
+    """:func:`_dequantize_steps` on ``workers`` threads of a persistent pool, each running torch ops inline.
 
-    The items are handed out one at a time from a shared iterator (a descheduled worker's share goes to the
+    The steps are handed out one at a time from the shared iterator (a descheduled worker's share goes to the
     others). Each worker sets itself to one intra-op thread once; OpenMP keeps that setting per thread, but
     ``torch.set_num_threads`` also sets process-wide defaults (for threads not yet started, MKL's pool), so the
     caller's value is set again afterwards. Workers run under inference mode: they write into views of the
@@ -459,24 +442,23 @@ def _in_workers(fn: Callable[[int], None], items: range, workers: int) -> None:
         if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < workers:  # a forked child gets a new pool
             _POOL = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="lorakit-dequant"))
         pool = _POOL[2]
-    lock, todo = threading.Lock(), iter(items)
+    lock = threading.Lock()
+
+    def next_step() -> Step | None:
+        with lock:
+            return next(steps, None)
 
     def worker() -> bool:
         changed = torch.get_num_threads() != 1
         if changed:
             torch.set_num_threads(1)
         with torch.inference_mode():
-            while True:
-                with lock:
-                    item = next(todo, None)
-                if item is None:
-                    return changed
-                fn(item)
+            _dequantize_steps(next_step, pairs, size)
+        return changed
 
     futures = [pool.submit(worker) for _ in range(workers)]
     wait(futures)
-    changed = [f.result() for f in futures]  # raises a worker's exception
-    if any(changed):
+    if any([f.result() for f in futures]):  # result() raises a worker's exception
         torch.set_num_threads(threads)
 
 
@@ -492,7 +474,7 @@ def _byte_pairs(code: torch.Tensor) -> torch.Tensor:
 
 def _steps(
     data: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor, blocksize: int, nblocks: int, per_step: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+) -> Iterator[Step]:
     """``(bytes (k / 2,), absmax (b, 1), out (b, blocksize))`` per step of ``b = per_step`` full blocks (the
     last step may be shorter); views made by ``unbind`` (one call each, cheaper than slicing per step)."""
     even = nblocks - nblocks % per_step

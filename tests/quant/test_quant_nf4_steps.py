@@ -147,7 +147,7 @@ def test_worker_exceptions_reach_the_caller(monkeypatch, threads):
     def fail(*args):
         raise RuntimeError("step failed")
 
-    monkeypatch.setattr(nf4, "_dequantize_step", fail)
+    monkeypatch.setattr(nf4, "_dequantize_steps", fail)
     packed, state = quantize_4bit(torch.randn(8, 1024))
     with pytest.raises(RuntimeError, match="step failed"):
         dequantize_4bit(packed, state)

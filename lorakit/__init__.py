@@ -22,6 +22,7 @@ from lorakit.quant.load import load_model, quantize_model
 from lorakit.quant.prepare import prepare_model_for_kbit_training
 from lorakit.variants.corda import preprocess_corda
 from lorakit.variants.eva import get_eva_state_dict, initialize_lora_eva_weights
+from lorakit.variants.loftq_replace import replace_lora_weights_loftq
 
 __version__ = "0.1.0"
 
@@ -50,5 +51,6 @@ __all__ = [
     "prepare_model_for_kbit_training",
     "preprocess_corda",
     "quantize_model",
+    "replace_lora_weights_loftq",
     "set_peft_model_state_dict",
 ]

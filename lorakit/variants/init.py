@@ -109,13 +109,25 @@ def loftq_decompose(
     res = weight
     for i in range(num_iter):
         qweight = _quantize_roundtrip(res, bits)  # (out, in)
-        u, sv, vh = torch.linalg.svd(weight - qweight, full_matrices=False)
-        sr = torch.sqrt(sv[:r] / scaling)  # (r,)
-        lora_b = u[:, :r] * sr  # (out, r)
-        lora_a = sr[:, None] * vh[:r]  # (r, in)
+        lora_a, lora_b = loftq_factors(weight, qweight, r, scaling)
         if i + 1 < num_iter:
             res = weight - scaling * lora_b @ lora_a
     return qweight, lora_a, lora_b
+
+
+@torch.no_grad()
+def loftq_factors(
+    weight: torch.Tensor, qweight: torch.Tensor, r: int, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoftQ's adapter step for a fixed quantized weight: the best rank-r fit of the quantization residual,
+
+        s B A = SVD_r(W - Q) = U_r S_r V_r^T,        B = U_r sqrt(S_r / s)  (out, r),  A = sqrt(S_r / s) V_r^T  (r, in)
+
+    (Eckart-Young: no rank-r ``s B A`` brings ``Q + s B A`` closer to ``W`` in Frobenius norm). ``weight`` W and
+    ``qweight`` Q (the dequantized weight) are (out, in) fp32. Returns ``(A, B)``."""
+    u, sv, vh = torch.linalg.svd(weight - qweight, full_matrices=False)  # (out, k), (k,), (k, in)
+    sr = torch.sqrt(sv[:r] / scaling)  # (r,)
+    return sr[:, None] * vh[:r], u[:, :r] * sr
 
 
 @torch.no_grad()

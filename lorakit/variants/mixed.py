@@ -8,16 +8,27 @@ looping over adapters with masked copies (PEFT). With ``n`` adapters of ranks ``
     A_all (n+1, R, in),  B_all (n+1, out, R) = s_i B_i,   idx (batch,) row -> slot
     h = bmm(x, A_all[idx]^T)        (batch, T, R)
     y = result + bmm(h, B_all[idx]^T)                       (batch, T, out)
-    (few tokens per row: y = result + ((x A_cat^T) * onehot(idx) per R-block) B_cat^T, no per-row gathers)
+    few tokens per row, no per-row gathers: with A_cat (n R, in) = A_all[1:] flattened, B_cat (n R, out) =
+    B_all[1:]'s blocks stacked and M (batch, n R) = 1 on each row's own R-block (all 0 for "__base__" rows),
+        y = addmm(result, (x A_cat^T) * M, B_cat)
     DoRA: y = (result - b + bmm(...)) * g_all[idx] + b,     g_all (n+1, out) = m / ||W + s B A||_c, 1 for LoRA rows
 
+modules_to_save: row ``i`` goes through adapter ``adapter_names[i]``'s copy of the module, or the original module
+("__base__", adapters without a copy); each module runs once on its own rows.
+
 Gathering keeps autograd, so mixed batches train. Per-row dropout uses each adapter's own ``p``.
+
+Per-call cost matters at decode (one token per row), where the matmuls are tiny: the stacked factors are kept
+across calls under ``no_grad`` (keyed by each factor's identity, storage and version counter, so an optimizer step,
+``load_adapter``, a hotswap or a replaced tensor rebuilds them), row -> slot indices and masks are kept while the
+row names stay the same, and within one call (``generate``'s steps) each wrapper resolves its plan once.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,94 +40,175 @@ BASE = "__base__"
 #: Below this many (tokens per row x slots), the masked one-GEMM form is used: its extra FLOPs (every row
 #: through every slot's A) cost less than gathering a (batch, R, in) copy of the factors.
 _FEW_TOKENS = 32
+_WRAPPERS = (*LORA_WRAPPERS, ModulesToSaveWrapper)
+
+
+class RowAdapters(list):
+    """One call's per-row adapter names, as the wrappers see them in ``row_adapters``, with the call's memo
+    (each wrapper's resolved plan, row -> slot indices shared by wrappers with the same adapters)."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(names)
+        self.key = tuple(names)
+        self.unique = tuple(dict.fromkeys(names))
+        self.memo: dict[Any, Any] = {}
+
+    def for_batch(self, batch: int) -> tuple[str, ...]:
+        """The names of a batch of ``batch`` rows: ``generate`` repeats each row in place (beams, samples)."""
+        if batch == len(self.key):
+            return self.key
+        if batch % len(self.key):
+            raise ValueError(
+                f"adapter_names has {len(self.key)} entries for a batch of {batch} rows: pass one name per row."
+            )
+        return tuple(n for n in self.key for _ in range(batch // len(self.key)))
+
+
+def _wrappers(model: nn.Module) -> list[nn.Module]:
+    """Every LoRA and modules_to_save wrapper in ``model``. Does not walk a LoRA wrapper's own adapters: with many
+    adapters they are most of the model's submodules, and ``model.modules()`` made every call pay for them."""
+    found, stack = [], [model]
+    while stack:
+        module = stack.pop()
+        if isinstance(module, _WRAPPERS):
+            found.append(module)
+            if isinstance(module, LORA_WRAPPERS):
+                continue
+        stack.extend(m for m in module._modules.values() if m is not None)
+    return found
 
 
 @contextlib.contextmanager
 def mixed_batch(model: nn.Module, adapter_names: list[str], known: list[str]) -> Iterator[None]:
     """Within the block, row ``i`` of every batch uses adapter ``adapter_names[i]`` in every wrapper of ``model``."""
-    names = list(adapter_names)
-    unknown = sorted({n for n in names if n != BASE and n not in known})
+    rows = RowAdapters(adapter_names)
+    unknown = sorted(n for n in rows.unique if n != BASE and n not in known)
     if unknown:
         raise ValueError(f"adapter_names has unknown adapters {unknown}; available: {sorted(known)} or {BASE!r}.")
-    wrappers = []
-    for module in model.modules():
-        if isinstance(module, ModulesToSaveWrapper) and set(names) & set(module.modules_to_save):
-            raise NotImplementedError("adapter_names= with modules_to_save adapters is not implemented in lorakit.")
-        if isinstance(module, LORA_WRAPPERS):
-            merged = set(module.merged_adapters)
-            if merged:
-                raise ValueError(f"adapter_names= needs unmerged adapters; {sorted(merged)} are merged: unmerge first.")
-            wrappers.append(module)
-    slot_cache: dict = {}  # one call's row -> slot indices, shared by the wrappers (same rows everywhere)
+    wrappers = _wrappers(model)
     for module in wrappers:
-        module.row_adapters = names
-        module.row_slot_cache = slot_cache
+        if isinstance(module, LORA_WRAPPERS) and module.merged_adapters:
+            merged = sorted(module.merged_adapters)
+            raise ValueError(f"adapter_names= needs unmerged adapters; {merged} are merged: unmerge first.")
+    for module in wrappers:
+        module.row_adapters = rows
     try:
         yield
     finally:
         for module in wrappers:
             module.row_adapters = None
-            module.row_slot_cache = None
 
 
-def _slots(wrapper: nn.Module, batch: int, device: torch.device) -> tuple[list[nn.Module], torch.Tensor]:
-    """The adapters present in the batch (slot i+1) and the slot of each row (batch,); slot 0 is "no adapter"."""
-    names = wrapper.row_adapters
-    if batch != len(names):
-        if batch % len(names):
-            raise ValueError(f"adapter_names has {len(names)} entries for a batch of {batch} rows.")
-        names = [n for n in names for _ in range(batch // len(names))]  # generate() expands rows in place
-    present = tuple(dict.fromkeys(n for n in names if n in wrapper.adapters))
-    cache = getattr(wrapper, "row_slot_cache", None)
-    key = (present, batch, device)
-    idx = cache.get(key) if cache is not None else None
-    if idx is None:
+# ---- plans: which adapters run, row -> slot, stacked factors -------------------------------------------------
+class _Slots:
+    """Row -> slot indices ``idx`` (batch,) for one tuple of present adapters (slot 0: no adapter), and the masks
+    of the few-token form, built on first use."""
+
+    def __init__(self, names: tuple[str, ...], present: tuple[str, ...], device: torch.device) -> None:
         slot = {n: i + 1 for i, n in enumerate(present)}
-        idx = torch.tensor([slot.get(n, 0) for n in names], device=device)
-        if cache is not None:
-            cache[key] = idx
-    return [wrapper.adapters[n] for n in present], idx
+        self.count = len(present) + 1
+        self.idx = torch.tensor([slot.get(n, 0) for n in names], device=device)  # (batch,)
+        self._masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def mask(self, rank: int, dtype: torch.dtype) -> torch.Tensor:
+        """``M`` (batch, n*R): 1 on each row's own R-block of ``x A_cat^T``, 0 elsewhere (slot 0 left out)."""
+        mask = self._masks.get((rank, dtype))
+        if mask is None:
+            mask = F.one_hot(self.idx, self.count)[:, 1:].to(dtype).repeat_interleave(rank, dim=1)
+            self._masks[(rank, dtype)] = mask
+        return mask
 
 
-def _cached_factors(wrapper: nn.Module, adapters: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_stack_factors``, reused across calls when no graph is being built (inference, generation): keyed by
-    each factor's identity, storage and version counter, so any in-place update (optimizer step, load, merge
-    preparation) or replacement rebuilds it. Under autograd the stack is rebuilt every call (it is in the graph)."""
-    if torch.is_grad_enabled():
-        return _stack_factors(adapters)
-    params = [p for ad in adapters for p in _factor_params(ad)]
-    key = tuple((id(p), p.data_ptr(), p._version) for p in params) + tuple(float(ad.scaling) for ad in adapters)
-    cached = getattr(wrapper, "_mixed_factors", None)
-    if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
-    a_all, b_all = _stack_factors(adapters)
-    wrapper._mixed_factors = (key, a_all, b_all)
-    return a_all, b_all
+class _Factors(NamedTuple):
+    """The present adapters' factors, stacked with slot 0 all zeros and the scaling folded into B."""
+
+    a_all: torch.Tensor  # (S, R, in)
+    b_all: torch.Tensor  # (S, out, R)
+    b_cat: torch.Tensor  # (S*R, out): row s*R + j is b_all[s, :, j]
+    bias_all: torch.Tensor | None  # (S, out): s_i * lora_B.bias (lora_bias), None if no adapter has one
+    dora: bool  # any adapter rescales the base output
 
 
-def _factor_params(ad: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+class _Plan(NamedTuple):
+    adapters: list[nn.Module]  # slot i+1 holds adapters[i]
+    slots: _Slots
+    factors: _Factors | None  # None under autograd: stacked again every call (it is in the graph)
+
+
+def _factor_params(ad: nn.Module) -> tuple[torch.Tensor | None, ...]:
+    # Read through ``_modules``/``_parameters``: ``nn.Module.__getattr__`` costs ~1 us a lookup, and this runs for
+    # every adapter of every layer on every decode step.
     if isinstance(ad, LoraEmbeddingAdapter):
-        return ad.lora_embedding_A, ad.lora_embedding_B
-    return ad.lora_A.weight, ad.lora_B.weight
+        return ad._parameters["lora_embedding_A"], ad._parameters["lora_embedding_B"]
+    lora_b = ad._modules["lora_B"]
+    return ad._modules["lora_A"]._parameters["weight"], lora_b._parameters["weight"], lora_b._parameters.get("bias")
 
 
-def _stack_factors(adapters: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``A_all`` (n+1, R, in) and ``B_all`` (n+1, out, R) with the scaling folded into B; slot 0 zeros."""
+def _stack_factors(adapters: list[nn.Module]) -> _Factors:
     rank = max(ad.r for ad in adapters)
-    a_list, b_list = [], []
+    a_list, b_list, biases = [], [], []
     for ad in adapters:
-        a, b = _factor_params(ad)
+        a, b, *bias = _factor_params(ad)
         a_list.append(F.pad(a, (0, 0, 0, rank - ad.r)))  # (R, in)
         b_list.append(F.pad(b * ad.scaling, (0, rank - ad.r)))  # (out, R)
-    a_all = torch.stack([torch.zeros_like(a_list[0])] + a_list)
-    b_all = torch.stack([torch.zeros_like(b_list[0])] + b_list)
-    return a_all, b_all
+        biases.append(bias[0] * ad.scaling if bias and bias[0] is not None else None)
+    a_all = torch.stack([torch.zeros_like(a_list[0])] + a_list)  # (S, R, in)
+    b_all = torch.stack([torch.zeros_like(b_list[0])] + b_list)  # (S, out, R)
+    b_cat = b_all.transpose(1, 2).reshape(-1, b_all.shape[1])  # (S*R, out)
+    bias_all = None
+    if any(b is not None for b in biases):
+        zeros = torch.zeros(b_all.shape[1], device=b_all.device, dtype=b_all.dtype)
+        bias_all = torch.stack([zeros] + [zeros if b is None else b for b in biases])  # (S, out)
+    return _Factors(a_all, b_all, b_cat, bias_all, any(ad.wraps_base_output for ad in adapters))
 
 
-def _magnitudes(wrapper: nn.Module, adapters: list[nn.Module], b_all: torch.Tensor) -> torch.Tensor | None:
-    """``g_all`` (n+1, out): DoRA's ``m / ||W + s B A||_c`` per slot, 1 for LoRA slots; None without DoRA."""
-    if not any(ad.wraps_base_output for ad in adapters):
+def _cached_factors(wrapper: nn.Module, adapters: list[nn.Module]) -> _Factors:
+    """``_stack_factors``, reused across inference calls while every factor keeps its identity, storage and
+    version counter (in-place updates bump it; ``.data =`` moves the storage) and every scaling is unchanged."""
+    params = [p for ad in adapters for p in _factor_params(ad) if p is not None]
+    key = (
+        tuple(map(id, params)),  # the cache holds ``params``: no id is reused while it lives
+        tuple(p.data_ptr() for p in params),
+        tuple(p._version for p in params),
+        tuple(ad.scaling for ad in adapters),
+    )
+    cached = wrapper.__dict__.get("_mixed_factors")
+    if cached is not None and cached[0] == key:
+        return cached[2]
+    factors = _stack_factors(adapters)
+    wrapper._mixed_factors = (key, params, factors)
+    return factors
+
+
+def _plan(wrapper: nn.Module, batch: int, device: torch.device) -> _Plan | None:
+    """What ``wrapper`` runs for a batch of ``batch`` rows in this call; None when no row has one of its adapters."""
+    rows: RowAdapters = wrapper.row_adapters
+    grad = torch.is_grad_enabled()
+    memo_key = (id(wrapper), batch)
+    plan = rows.memo.get(memo_key)
+    if plan is not None and (grad or plan.factors is not None):
+        return _Plan(plan.adapters, plan.slots, None) if grad else plan
+    own = wrapper.adapters._modules
+    present = tuple(n for n in rows.unique if n in own)
+    if not present:
         return None
+    slots_key = (rows.key, present, batch, device)  # kept on the wrapper across calls with the same rows
+    cached = wrapper.__dict__.get("_mixed_slots")
+    if cached is not None and cached[0] == slots_key:
+        slots = cached[1]
+    else:
+        slots = rows.memo.get(slots_key)
+        if slots is None:
+            slots = rows.memo[slots_key] = _Slots(rows.for_batch(batch), present, device)
+        wrapper._mixed_slots = (slots_key, slots)
+    adapters = [own[n] for n in present]
+    plan = _Plan(adapters, slots, None if grad else _cached_factors(wrapper, adapters))
+    rows.memo[memo_key] = plan
+    return plan
+
+
+def _magnitudes(wrapper: nn.Module, adapters: list[nn.Module], b_all: torch.Tensor) -> torch.Tensor:
+    """``g_all`` (n+1, out): DoRA's ``m / ||W + s B A||_c`` per slot, 1 for LoRA slots."""
     ones = torch.ones(b_all.shape[1], device=b_all.device, dtype=b_all.dtype)  # (out,)
     rows = [ones] + [
         ad.lora_magnitude_vector / ad.row_norm(wrapper) if ad.wraps_base_output else ones for ad in adapters
@@ -138,32 +230,33 @@ def _dropped(x: torch.Tensor, adapters: list[nn.Module], idx: torch.Tensor, trai
 
 def mixed_linear_forward(wrapper: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """``result`` (batch, ..., out) plus each row's adapter on ``x`` (batch, ..., in)."""
-    adapters, idx = _slots(wrapper, x.shape[0], x.device)
-    if not adapters:
+    plan = _plan(wrapper, x.shape[0], x.device)
+    if plan is None:
         return result
-    a_all, b_all = _cached_factors(wrapper, adapters)
-    if not torch.is_autocast_enabled(x.device.type) and x.dtype != a_all.dtype:
-        x = x.to(a_all.dtype)
-    x3 = _dropped(x, adapters, idx, wrapper.training).reshape(x.shape[0], -1, x.shape[-1])  # (batch, T, in)
-    slots, rank = a_all.shape[0], a_all.shape[1]
+    adapters, idx = plan.adapters, plan.slots.idx
+    f = plan.factors if plan.factors is not None else _stack_factors(adapters)
+    if not torch.is_autocast_enabled(x.device.type) and x.dtype != f.a_all.dtype:
+        x = x.to(f.a_all.dtype)
+    batch, out = x.shape[0], result.shape[-1]
+    x3 = _dropped(x, adapters, idx, wrapper.training).reshape(batch, -1, x.shape[-1])  # (batch, T, in)
+    slots, rank = f.a_all.shape[0], f.a_all.shape[1]
     if x3.shape[1] * slots <= _FEW_TOKENS:  # decode-like: one GEMM over every slot beats per-row gathers
-        h = x3 @ a_all.reshape(slots * rank, -1).T  # (batch, T, slots*R)
-        keep = F.one_hot(idx, slots).to(h.dtype).repeat_interleave(rank, dim=1)  # (batch, slots*R)
-        b_cat = b_all.permute(1, 0, 2).reshape(b_all.shape[1], slots * rank)  # (out, slots*R)
-        lora = (h * keep[:, None, :]) @ b_cat.T  # (batch, T, out)
+        width = (slots - 1) * rank  # slot 0 (zeros) left out
+        h = x3 @ f.a_all[1:].view(width, -1).T  # (batch, T, n*R)
+        h = (h * plan.slots.mask(rank, h.dtype)[:, None, :]).reshape(-1, width)  # (batch*T, n*R)
+        if f.bias_all is None and not f.dora and h.dtype == result.dtype:
+            return torch.addmm(result.reshape(-1, out), h, f.b_cat[rank:]).view(result.shape)  # (batch, ..., out)
+        lora = h @ f.b_cat[rank:]  # (batch*T, out)
     else:
-        h = torch.bmm(x3, a_all[idx].transpose(1, 2))  # (batch, T, R)
-        lora = torch.bmm(h, b_all[idx].transpose(1, 2))  # (batch, T, out)
+        h = torch.bmm(x3, f.a_all[idx].transpose(1, 2))  # (batch, T, R)
+        lora = torch.bmm(h, f.b_all[idx].transpose(1, 2))  # (batch, T, out)
     lora = lora.reshape(result.shape).to(result.dtype)  # (batch, ..., out)
-    if any(getattr(ad.lora_B, "bias", None) is not None for ad in adapters):
-        zeros = torch.zeros(result.shape[-1], device=x.device, dtype=a_all.dtype)
-        biases = torch.stack([zeros] + [ad.lora_B.bias * ad.scaling if ad.lora_B.bias is not None else zeros
-                                        for ad in adapters])  # (n+1, out)
-        lora = lora + biases[idx].view(x.shape[0], *([1] * (result.dim() - 2)), -1).to(result.dtype)
-    g_all = _magnitudes(wrapper, adapters, b_all)
-    if g_all is None:
+    row_shape = (batch, *([1] * (result.dim() - 2)), out)
+    if f.bias_all is not None:
+        lora = lora + f.bias_all[idx].view(row_shape).to(result.dtype)
+    if not f.dora:
         return result + lora
-    g = g_all[idx].view(x.shape[0], *([1] * (result.dim() - 2)), -1).to(result.dtype)  # (batch, 1.., out)
+    g = _magnitudes(wrapper, adapters, f.b_all)[idx].view(row_shape).to(result.dtype)  # (batch, 1.., out)
     bias = getattr(wrapper.base_layer, "bias", None)
     if bias is None:
         return (result + lora) * g
@@ -173,15 +266,44 @@ def mixed_linear_forward(wrapper: nn.Module, x: torch.Tensor, result: torch.Tens
 
 def mixed_embedding_forward(wrapper: nn.Module, ids: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """``result`` (batch, T, dim) plus each row's embedding adapter on ``ids`` (batch, T)."""
-    adapters, idx = _slots(wrapper, ids.shape[0], ids.device)
-    if not adapters:
+    plan = _plan(wrapper, ids.shape[0], ids.device)
+    if plan is None:
         return result
-    a_all, b_all = _cached_factors(wrapper, adapters)  # (n+1, R, vocab), (n+1, dim, R)
+    adapters, idx = plan.adapters, plan.slots.idx
+    f = plan.factors if plan.factors is not None else _stack_factors(adapters)  # (S, R, vocab), (S, dim, R)
     ids2 = ids.reshape(ids.shape[0], -1)  # (batch, T)
-    h = a_all.transpose(1, 2)[idx[:, None], ids2]  # (batch, T, R)
-    lora = torch.bmm(h, b_all[idx].transpose(1, 2)).reshape(result.shape).to(result.dtype)  # (batch, T, dim)
-    g_all = _magnitudes(wrapper, adapters, b_all)
-    if g_all is None:
+    h = f.a_all.transpose(1, 2)[idx[:, None], ids2]  # (batch, T, R)
+    lora = torch.bmm(h, f.b_all[idx].transpose(1, 2)).reshape(result.shape).to(result.dtype)  # (batch, T, dim)
+    if not f.dora:
         return result + lora
-    g = g_all[idx].view(ids.shape[0], *([1] * (result.dim() - 2)), -1).to(result.dtype)
-    return (result + lora) * g
+    g = _magnitudes(wrapper, adapters, f.b_all)[idx].view(ids.shape[0], *([1] * (result.dim() - 2)), -1)
+    return (result + lora) * g.to(result.dtype)
+
+
+def mixed_modules_to_save_forward(wrapper: ModulesToSaveWrapper, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """Row ``i`` of ``x`` (batch, ...) through adapter ``adapter_names[i]``'s copy of the module, or through the
+    original module for ``"__base__"`` and adapters without a copy (PEFT's rule). Rows are grouped by module, each
+    module runs once on its rows, and one gather puts the outputs back in row order:
+
+        y = cat_g(module_g(x[rows_g]))[inverse],   inverse = argsort(cat_g(rows_g))     (batch, ...)
+
+    Other arguments go whole to every module, as in PEFT."""
+    rows: RowAdapters = wrapper.row_adapters
+    batch = x.shape[0]
+    groups = rows.memo.get((id(wrapper), batch))
+    if groups is None:
+        copies = wrapper.modules_to_save._modules
+        by_module: dict[nn.Module, list[int]] = {}
+        for i, name in enumerate(rows.for_batch(batch)):
+            by_module.setdefault(copies.get(name, wrapper.original_module), []).append(i)
+        if len(by_module) == 1:
+            groups = (next(iter(by_module)), [], None)
+        else:
+            index = [torch.tensor(r, device=x.device) for r in by_module.values()]
+            groups = (None, list(zip(by_module, index, strict=True)), torch.argsort(torch.cat(index)))
+        rows.memo[(id(wrapper), batch)] = groups
+    only, parts, inverse = groups
+    if only is not None:  # every row uses the same module
+        return only(x, *args, **kwargs)
+    outs = [module(x.index_select(0, index), *args, **kwargs) for module, index in parts]
+    return torch.cat(outs)[inverse]  # (batch, ...)

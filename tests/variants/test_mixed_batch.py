@@ -141,3 +141,27 @@ def test_cached_factors_follow_weight_changes():
         torch.testing.assert_close(changed[i : i + 1], want, atol=TOL, rtol=TOL)
     for i, want in enumerate(rows_replaced):
         torch.testing.assert_close(replaced[i : i + 1], want, atol=TOL, rtol=TOL)
+
+
+def test_cached_plans_follow_storage_scaling_and_rows():
+    """``.data =`` (new storage, version counter unchanged), a new scaling, and new row names in the next call
+    must each be seen: the caches are keyed on all three."""
+    model = _model(dora_c=False).eval()
+    attn = model.base_model.model.model.layers[0].self_attn  # v_proj, o_proj: q has no effect on 1 token
+    ids = torch.randint(0, 61, (len(ROWS), 1))  # decode shape: the masked form and its cached masks
+
+    def check(names):
+        got = model(ids, adapter_names=names).logits
+        want = torch.cat([_row(model, ids[i : i + 1], n) for i, n in enumerate(names)])
+        torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+        return got
+
+    with torch.no_grad():
+        first = check(ROWS)
+        attn.v_proj.adapters["a"].lora_A.weight.data = torch.randn_like(attn.v_proj.adapters["a"].lora_A.weight)
+        after_data = check(ROWS)
+        attn.o_proj.adapters["b"].scaling *= 3
+        after_scaling = check(ROWS)
+        check(ROWS[::-1])
+    assert (after_data[0] - first[0]).abs().max() > 1e-3  # a's rows changed with its new A
+    assert (after_scaling[1] - after_data[1]).abs().max() > 1e-3  # b's rows changed with its scaling

@@ -465,6 +465,9 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disabled = False
+        #: Per-row adapter names of a mixed batch, set for one call by ``lorakit.variants.mixed.mixed_batch``:
+        #: row ``i`` goes through its adapter's copy (the original module for ``"__base__"`` or no copy).
+        self.row_adapters: list[str] | None = None
 
     def add_adapter(self, name: str, trainable: bool) -> None:
         import copy
@@ -497,6 +500,10 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.row_adapters is not None and not self.disabled:
+            from lorakit.variants.mixed import mixed_modules_to_save_forward
+
+            return mixed_modules_to_save_forward(self, *args, **kwargs)
         return self.active_module(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

@@ -367,11 +367,10 @@ def _dequantize_4bit_reference(
     On CPU no op may open an OpenMP region: on a busy machine each region waits for a descheduled thread
     (steps of 65536 elements with 2 intra-op threads took seconds instead of ~0.2 s). Three ways, by thread:
 
-    - a thread with one intra-op thread runs ops inline: steps of ``_WORKER_STEP`` elements (few ops, so little
-      Python overhead per element);
+    - a thread with one intra-op thread runs ops inline: steps of ``_WORKER_STEP`` (few ops, little overhead);
     - a large tensor on a thread with more: :func:`_in_workers` hands steps of ``_WORKER_STEP`` to one worker
-      thread per usable core, each set to one intra-op thread; a worker that is descheduled leaves its steps
-      to the others, so with one free core this costs about what one thread does;
+      thread per usable core, each with one intra-op thread; a descheduled worker leaves its steps to the
+      others, so with one free core this costs about what one thread does;
     - a small tensor on such a thread: steps of ``_STEP`` (torch's grain size), inline by construction.
 
     Page faults on a fresh output cost more than the arithmetic, so a large output is advised to use huge pages.
@@ -416,11 +415,18 @@ def _dequantize_steps(steps: Callable[[], Step | None] | Iterator[Step], pairs: 
             dst.copy_(val32.mul_(scale))  # fp32 product, then one rounding to dtype
 
 
+@functools.cache
+def _openmp() -> bool:
+    """Whether torch's intra-op threads are OpenMP's, whose thread count is set per calling thread."""
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
 def _cpu_workers(threads: int) -> int:
     """Worker threads for a large CPU dequantization: the calling thread's intra-op threads, at most one per
-    core this process may run on (``sched_getaffinity``; ``cpu_count`` where that is missing)."""
+    core this process may run on (``sched_getaffinity``; ``cpu_count`` where that is missing). None (0) unless
+    the backend is OpenMP: other backends share one thread count, which a worker must not lower."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(threads, cores))
+    return max(1, min(threads, cores)) if _openmp() else 0
 
 
 _POOL_LOCK = threading.Lock()

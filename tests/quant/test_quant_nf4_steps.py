@@ -139,6 +139,20 @@ def test_workers_run_ops_inline_and_under_inference_mode(monkeypatch, threads):
     assert torch.get_num_threads() == 2
 
 
+def test_no_workers_without_openmp(monkeypatch, threads):
+    """Another parallel backend shares one thread count: the calling thread does the work, in steps of _STEP."""
+    threads(2)
+    nf4._openmp.cache_clear()
+    monkeypatch.setattr(torch.__config__, "parallel_info", lambda: "ATen parallel backend: native thread pool")
+    assert nf4._cpu_workers(2) == 0
+    monkeypatch.setattr(nf4, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(nf4, "_in_workers", None)  # not called
+    packed, state = quantize_4bit(torch.randn(8, 1024))
+    assert torch.equal(dequantize_4bit(packed, state), _formula(packed, state, torch.float32))
+    monkeypatch.undo()
+    nf4._openmp.cache_clear()
+
+
 def test_worker_exceptions_reach_the_caller(monkeypatch, threads):
     threads(2)
     monkeypatch.setattr(nf4, "_PARALLEL_MIN", 1)

@@ -10,7 +10,10 @@ Each adapter ``i`` of a layer contributes ``dW_i = s_i B_i A_i`` (out, in) with 
 - ``svd`` (and ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd``) combine the full
   deltas, then keep the top ``svd_rank`` singular triplets: ``B = U_r diag(S_r)``, ``A = Vh_r``.
 
-The new adapter has ``r = lora_alpha = new_rank`` (scaling 1) and is frozen. DoRA, as in PEFT 0.21.2: the new
+The new adapter has ``r = lora_alpha = new_rank`` (scaling 1) and is frozen. Its config is the first adapter's
+with ``use_rslora=False``: PEFT 0.21.2 keeps ``use_rslora`` and so scales the combined delta by ``sqrt(new_rank)``
+(a bug, huggingface/peft#3761); lorakit's combined adapter means what the formulas here say, in PEFT too.
+DoRA, as in PEFT 0.21.2: the new
 adapter takes the first adapter's config (``use_dora`` included), only A and B are combined, and its
 ``lora_magnitude_vector`` keeps the value injection gave it, ``m = ||W + s B_0 A_0||_c`` with the init's ``B_0``
 (``||W||_c`` for the default init); the sources' trained magnitudes are not combined (a warning says so). Merging
@@ -200,6 +203,7 @@ def add_weighted_adapter(
         alpha_pattern={},
         rank_pattern={},
         init_lora_weights=init,
+        use_rslora=False,  # the factors below are built for scaling 1 (PEFT keeps rsLoRA: sqrt(new_rank) too much)
     )
     model.inject(config, adapter_name)
     for wrapper in model.model.modules():

@@ -88,3 +88,25 @@ def test_unequal_ranks_error_names_adapters_and_ranks(pair):
     with pytest.raises(ValueError, match=r"'a': r=4, 'c': r=2"):
         ours.add_weighted_adapter(["a", "c"], [1.0, 1.0], "bad", combination_type="linear")
     assert "bad" not in ours.peft_config
+
+
+@pytest.mark.parametrize("combination_type", ["cat", "svd", "linear"])
+def test_rslora_sources_combine_to_the_delta_the_formulas_give(combination_type):
+    """The new adapter has scaling 1 (use_rslora off): combining one rsLoRA adapter at weight 1 reproduces its
+    delta (PEFT 0.21.2's own call keeps use_rslora and scales the result by sqrt(new_rank): peft#3761)."""
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = lorakit.get_peft_model(
+        tf.LlamaForCausalLM(cfg).eval(),
+        lorakit.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj"], init_lora_weights=False),
+    )
+    kwargs = {"svd_rank": 4} if combination_type == "svd" else {}
+    model.add_weighted_adapter(["default"], [1.0], "one", combination_type=combination_type, **kwargs)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert model.peft_config["one"].use_rslora is False and layer.adapters["one"].scaling == 1.0
+    torch.testing.assert_close(
+        layer.adapters["one"].delta_weight(), layer.adapters["default"].delta_weight(), atol=1e-5, rtol=1e-5
+    )

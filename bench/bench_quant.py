@@ -28,16 +28,21 @@ from pathlib import Path
 import torch
 
 
-def _interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each ``fns`` entry, the entries taking turns (so load from other jobs hits all)."""
+def _interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int, cpu: dict[str, list[float]] | None = None
+) -> dict[str, list[float]]:
+    """Seconds per call of each ``fns`` entry, the entries taking turns (so load from other jobs hits all);
+    ``cpu`` (if given) gets the process CPU seconds per call (all threads: CPU / wall ~2 means two cores)."""
     for fn in fns.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(time.process_time() - c0)
     return times
 
 
@@ -63,6 +68,7 @@ def bench_dequant(rows: int, cols: int, repeats: int, tokens: int) -> None:
             nf4._PARALLEL_MIN, nf4._WORKER_STEP = saved
 
     print(f"load before: {_load()}")
+    cpu: dict[str, list[float]] = {}
     times = _interleaved(
         {
             "lorakit": lambda: dequantize_4bit(packed, state),
@@ -70,6 +76,7 @@ def bench_dequant(rows: int, cols: int, repeats: int, tokens: int) -> None:
             "bnb": lambda: bnbF.dequantize_4bit(bnb_packed, bnb_state),
         },
         repeats,
+        cpu,
     )
     n = A.numel()
     print(f"load after:  {_load()}")
@@ -82,7 +89,8 @@ def bench_dequant(rows: int, cols: int, repeats: int, tokens: int) -> None:
     )
     for label, name in rows_:
         med, low = statistics.median(times[name]), min(times[name])
-        print(f"  {label} {med * 1e3:8.1f} ms ({low * 1e3:6.1f})  {n / med / 1e6:8.0f} Melem/s")
+        rate, per_wall = n / med / 1e6, sum(cpu[name]) / sum(times[name])
+        print(f"  {label} {med * 1e3:8.1f} ms ({low * 1e3:6.1f})  {rate:8.0f} Melem/s  CPU/wall {per_wall:.2f}")
     for name, other in (("lorakit", "bnb"), ("one_thread", "bnb"), ("lorakit", "one_thread")):
         ratios = [a / b for a, b in zip(times[name], times[other], strict=True)]
         print(f"  ratio {name} / {other} time: median of per-rep ratios {statistics.median(ratios):.2f}x")

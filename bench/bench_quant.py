@@ -82,12 +82,12 @@ def bench_dequant(rows: int, cols: int, repeats: int, tokens: int) -> None:
     print(f"load after:  {_load()}")
     print(f"dequant NF4 -> bf16, {rows}x{cols}, double quant, interleaved, {repeats} reps, "
           f"{torch.get_num_threads()} threads, {len(os.sched_getaffinity(0))} cores: median (min)")  # fmt: skip
-    rows_ = (
+    labels = (
         ("lorakit (PyTorch)         ", "lorakit"),
         ("lorakit, calling thread   ", "one_thread"),
         ("bitsandbytes (C++ CPU)    ", "bnb"),
     )
-    for label, name in rows_:
+    for label, name in labels:
         med, low = statistics.median(times[name]), min(times[name])
         rate, per_wall = n / med / 1e6, sum(cpu[name]) / sum(times[name])
         print(f"  {label} {med * 1e3:8.1f} ms ({low * 1e3:6.1f})  {rate:8.0f} Melem/s  CPU/wall {per_wall:.2f}")

@@ -8,9 +8,10 @@ looping over adapters with masked copies (PEFT). With ``n`` adapters of ranks ``
     A_all (n+1, R, in),  B_all (n+1, out, R) = s_i B_i,   idx (batch,) row -> slot
     h = bmm(x, A_all[idx]^T)        (batch, T, R)
     y = result + bmm(h, B_all[idx]^T)                       (batch, T, out)
-    few tokens per row, no per-row gathers: with A_cat (n R, in) = A_all[1:] flattened, B_cat (n R, out) =
-    B_all[1:]'s blocks stacked and M (batch, n R) = 1 on each row's own R-block (all 0 for "__base__" rows),
-        y = addmm(result, (x A_cat^T) * M, B_cat)
+    few tokens per row (decode), no copies of the factors: rows grouped by slot, each group padded to the
+    largest, G, with a zero row (gather (n G,), dest (n G,): row of each position),
+        x_g = x[gather].view(n, G T, in)
+        y = result.index_add(0, dest, bmm(bmm(x_g, A_all[1:]^T), B_all[1:]^T))     (n, G T, R) -> (n G, T, out)
     DoRA: y = (result - b + bmm(...)) * g_all[idx] + b,     g_all (n+1, out) = m / ||W + s B A||_c, 1 for LoRA rows
 
 modules_to_save: row ``i`` goes through adapter ``adapter_names[i]``'s copy of the module, or the original module
@@ -20,7 +21,7 @@ Gathering keeps autograd, so mixed batches train. Per-row dropout uses each adap
 
 Per-call cost matters at decode (one token per row), where the matmuls are tiny: the stacked factors are kept
 across calls under ``no_grad`` (keyed by each factor's identity, storage and version counter, so an optimizer step,
-``load_adapter``, a hotswap or a replaced tensor rebuilds them), row -> slot indices and masks are kept while the
+``load_adapter``, a hotswap or a replaced tensor rebuilds them), row -> slot indices and row groups are kept while the
 row names stay the same, and within one call (``generate``'s steps) each wrapper resolves its plan once.
 """
 
@@ -37,9 +38,10 @@ from torch import nn
 from lorakit.layers import LORA_WRAPPERS, LoraEmbeddingAdapter, ModulesToSaveWrapper
 
 BASE = "__base__"
-#: Below this many (tokens per row x slots), the masked one-GEMM form is used: its extra FLOPs (every row
-#: through every slot's A) cost less than gathering a (batch, R, in) copy of the factors.
-_FEW_TOKENS = 32
+#: Up to this many tokens per row, rows are grouped by adapter (copies of x, batch T in) rather than the factors
+#: gathered per row (batch R (in + out)). bench_variants' layers, 32 rows over 8 adapters, r=16, in 256/688: at 1
+#: and 4 tokens grouping costs 1/4 to 1/7 of gathering; at 16 and 64 it is slower (up to 3x, larger copies).
+_GROUPED_TOKENS = 4
 _WRAPPERS = (*LORA_WRAPPERS, ModulesToSaveWrapper)
 
 
@@ -101,22 +103,20 @@ def mixed_batch(model: nn.Module, adapter_names: list[str], known: list[str]) ->
 
 # ---- plans: which adapters run, row -> slot, stacked factors -------------------------------------------------
 class _Slots:
-    """Row -> slot indices ``idx`` (batch,) for one tuple of present adapters (slot 0: no adapter), and the masks
-    of the few-token form, built on first use."""
+    """Row -> slot indices for one tuple of present adapters (slot 0: no adapter), and the grouped form's rows:
+    ``gather`` (n*G,) the rows of slots 1..n, each group padded to the largest, G, with ``batch`` (a zero row
+    appended to x), and ``dest`` (n*G,) the row each position adds to (pads add exact zeros to row 0)."""
 
     def __init__(self, names: tuple[str, ...], present: tuple[str, ...], device: torch.device) -> None:
         slot = {n: i + 1 for i, n in enumerate(present)}
-        self.count = len(present) + 1
-        self.idx = torch.tensor([slot.get(n, 0) for n in names], device=device)  # (batch,)
-        self._masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}
-
-    def mask(self, rank: int, dtype: torch.dtype) -> torch.Tensor:
-        """``M`` (batch, n*R): 1 on each row's own R-block of ``x A_cat^T``, 0 elsewhere (slot 0 left out)."""
-        mask = self._masks.get((rank, dtype))
-        if mask is None:
-            mask = F.one_hot(self.idx, self.count)[:, 1:].to(dtype).repeat_interleave(rank, dim=1)
-            self._masks[(rank, dtype)] = mask
-        return mask
+        ids = [slot.get(n, 0) for n in names]
+        groups = [[row for row, s in enumerate(ids) if s == k] for k in range(1, len(present) + 1)]
+        self.group = max(map(len, groups))
+        self.padded = any(len(g) < self.group for g in groups)
+        pad = range(self.group)
+        self.idx = torch.tensor(ids, device=device)  # (batch,)
+        self.gather = torch.tensor([g[i] if i < len(g) else len(ids) for g in groups for i in pad], device=device)
+        self.dest = torch.tensor([g[i] if i < len(g) else 0 for g in groups for i in pad], device=device)
 
 
 class _Factors(NamedTuple):
@@ -124,7 +124,8 @@ class _Factors(NamedTuple):
 
     a_all: torch.Tensor  # (S, R, in)
     b_all: torch.Tensor  # (S, out, R)
-    b_cat: torch.Tensor  # (S*R, out): row s*R + j is b_all[s, :, j]
+    a_t: torch.Tensor  # (n, in, R): A_all[1:]^T, a view
+    b_t: torch.Tensor  # (n, R, out): B_all[1:]^T, a view
     bias_all: torch.Tensor | None  # (S, out): s_i * lora_B.bias (lora_bias), None if no adapter has one
     dora: bool  # any adapter rescales the base output
 
@@ -154,12 +155,12 @@ def _stack_factors(adapters: list[nn.Module]) -> _Factors:
         biases.append(bias[0] * ad.scaling if bias and bias[0] is not None else None)
     a_all = torch.stack([torch.zeros_like(a_list[0])] + a_list)  # (S, R, in)
     b_all = torch.stack([torch.zeros_like(b_list[0])] + b_list)  # (S, out, R)
-    b_cat = b_all.transpose(1, 2).reshape(-1, b_all.shape[1])  # (S*R, out)
     bias_all = None
     if any(b is not None for b in biases):
         zeros = torch.zeros(b_all.shape[1], device=b_all.device, dtype=b_all.dtype)
         bias_all = torch.stack([zeros] + [zeros if b is None else b for b in biases])  # (S, out)
-    return _Factors(a_all, b_all, b_cat, bias_all, any(ad.wraps_base_output for ad in adapters))
+    a_t, b_t = a_all[1:].transpose(1, 2), b_all[1:].transpose(1, 2)
+    return _Factors(a_all, b_all, a_t, b_t, bias_all, any(ad.wraps_base_output for ad in adapters))
 
 
 def _cached_factors(wrapper: nn.Module, adapters: list[nn.Module]) -> _Factors:
@@ -239,18 +240,20 @@ def mixed_linear_forward(wrapper: nn.Module, x: torch.Tensor, result: torch.Tens
         x = x.to(f.a_all.dtype)
     batch, out = x.shape[0], result.shape[-1]
     x3 = _dropped(x, adapters, idx, wrapper.training).reshape(batch, -1, x.shape[-1])  # (batch, T, in)
-    slots, rank = f.a_all.shape[0], f.a_all.shape[1]
-    if x3.shape[1] * slots <= _FEW_TOKENS:  # decode-like: one GEMM over every slot beats per-row gathers
-        width = (slots - 1) * rank  # slot 0 (zeros) left out
-        h = x3 @ f.a_all[1:].view(width, -1).T  # (batch, T, n*R)
-        h = (h * plan.slots.mask(rank, h.dtype)[:, None, :]).reshape(-1, width)  # (batch*T, n*R)
-        if f.bias_all is None and not f.dora and h.dtype == result.dtype:
-            return torch.addmm(result.reshape(-1, out), h, f.b_cat[rank:]).view(result.shape)  # (batch, ..., out)
-        lora = h @ f.b_cat[rank:]  # (batch*T, out)
+    if x3.shape[1] <= _GROUPED_TOKENS:  # decode-like: rows grouped by adapter, no per-row copies of factors
+        groups, n = plan.slots, len(adapters)
+        if groups.padded:
+            x3 = torch.cat([x3, x3.new_zeros(1, *x3.shape[1:])])  # (batch+1, T, in): row ``batch`` is the pad
+        xg = x3.index_select(0, groups.gather).view(n, -1, x3.shape[-1])  # (n, G*T, in)
+        lora = torch.bmm(torch.bmm(xg, f.a_t), f.b_t)  # (n, G*T, R) -> (n, G*T, out)
+        lora = lora.view(n * groups.group, *result.shape[1:]).to(result.dtype)  # (n*G, ..., out)
+        if f.bias_all is None and not f.dora:
+            return result.index_add(0, groups.dest, lora)  # (batch, ..., out)
+        lora = torch.zeros_like(result).index_add(0, groups.dest, lora)
     else:
         h = torch.bmm(x3, f.a_all[idx].transpose(1, 2))  # (batch, T, R)
         lora = torch.bmm(h, f.b_all[idx].transpose(1, 2))  # (batch, T, out)
-    lora = lora.reshape(result.shape).to(result.dtype)  # (batch, ..., out)
+        lora = lora.reshape(result.shape).to(result.dtype)  # (batch, ..., out)
     row_shape = (batch, *([1] * (result.dim() - 2)), out)
     if f.bias_all is not None:
         lora = lora + f.bias_all[idx].view(row_shape).to(result.dtype)

@@ -39,8 +39,9 @@ from lorakit.layers import LORA_WRAPPERS, LoraEmbeddingAdapter, ModulesToSaveWra
 
 BASE = "__base__"
 #: Up to this many tokens per row, rows are grouped by adapter (copies of x, batch T in) rather than the factors
-#: gathered per row (batch R (in + out)). bench_variants' layers, 32 rows over 8 adapters, r=16, in 256/688: at 1
-#: and 4 tokens grouping costs 1/4 to 1/7 of gathering; at 16 and 64 it is slower (up to 3x, larger copies).
+#: gathered per row (batch R (in + out)). bench_variants' layers, 32 rows over 8 adapters, r=16, in 256 and 688,
+#: one layer timed alone: at 1 and 4 tokens grouping took 0.13-0.28x the gathered form's time; at 16 tokens (in 688)
+#: and 64 tokens, 1-6x (the copies of x and of the output grow with T).
 _GROUPED_TOKENS = 4
 _WRAPPERS = (*LORA_WRAPPERS, ModulesToSaveWrapper)
 

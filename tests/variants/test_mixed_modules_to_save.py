@@ -169,3 +169,20 @@ def test_equals_peft(tmp_path, task):
     torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
     torch.testing.assert_close(got, torch.cat(single), atol=TOL, rtol=TOL)
     assert (got[0] - got[2]).abs().max() > 1e-3 and (got[1] - got[2]).abs().max() > 1e-3
+
+
+def test_generate_with_beams_expands_rows_in_place():
+    """``generate`` repeats each row (beams x return sequences) in place: row ``i``'s copies keep its adapter."""
+    model = _causal_lm().eval()
+    ids = torch.randint(1, 61, (len(ROWS), 4))
+    kw = dict(max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False, pad_token_id=0)
+    got = model.generate(input_ids=ids, adapter_names=ROWS, **kw)
+    for i, name in enumerate(ROWS):
+        if name == "__base__":
+            with model.disable_adapter():
+                want = model.generate(input_ids=ids[i : i + 1], **kw)
+        else:
+            model.set_adapter(name)
+            want = model.generate(input_ids=ids[i : i + 1], **kw)
+        n = want.shape[1]
+        assert torch.equal(got[2 * i : 2 * i + 2, :n], want) and (got[2 * i : 2 * i + 2, n:] == 0).all()

@@ -374,8 +374,11 @@ class LoraLinear(_LoraWrapper):
         weight, transposed = self.dora_weight()
         return (weight.T if transposed else weight).float()
 
-    #: Opt-in fused autograd (``lorakit.kernels.lora_fused``): set by ``PeftModel.enable_fused_lora``.
-    use_fused: bool = False
+    #: The fused autograd (``lorakit.kernels.lora_fused``: dX = dY W + s (dY B) A in one accumulation, dB as
+    #: (h^T dY)^T, no extra saved copies). ``None`` (default): wherever it computes exactly what the plain path
+    #: computes (``_fuses_by_default``); ``True`` (``PeftModel.enable_fused_lora``): also where the plain path would
+    #: run the adapter in its own dtype on a copy of x (the fused one runs it in the compute dtype); ``False``: never.
+    use_fused: bool | None = None
 
     def _fused_weight(self, x: torch.Tensor) -> Any:
         """The frozen base weight (out, in) for the fused path, or a callable that dequantizes it on demand."""
@@ -385,8 +388,23 @@ class LoraLinear(_LoraWrapper):
             return lambda: base.dequantize(dtype)
         return base.weight.T if self.fan_in_fan_out else base.weight
 
-    def _can_fuse(self, adapters: list[nn.Module], args: tuple, kwargs: dict) -> bool:
-        if not (self.use_fused and len(adapters) == 1 and type(adapters[0]) is LoraAdapter) or args or kwargs:
+    def _fuses_by_default(self, x: torch.Tensor, adapter: nn.Module) -> bool:
+        """The fused path is the plain path's formula here: a plain ``nn.Linear`` / GPT-2 ``Conv1D`` or a lorakit
+        quantized base with no hooks (accelerate's offloading hooks run in the base's forward, which the fused
+        path does not call), the adapter in the compute dtype, and no ``torch.compile`` tracing."""
+        base = self.base_layer
+        if not (type(base) is nn.Linear or type(base).__name__ == "Conv1D" or isinstance(base, DequantLinearModule)):
+            return False
+        if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__ or hasattr(base, "_hf_hook"):
+            return False
+        if torch.compiler.is_compiling():
+            return False
+        return torch.is_autocast_enabled(x.device.type) or x.dtype == adapter.lora_A.weight.dtype
+
+    def _can_fuse(self, adapters: list[nn.Module], x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+        if self.use_fused is False or args or kwargs or len(adapters) != 1 or type(adapters[0]) is not LoraAdapter:
+            return False
+        if self.use_fused is None and not self._fuses_by_default(x, adapters[0]):
             return False
         base = self.base_layer
         bias = getattr(base, "bias", None)
@@ -395,9 +413,9 @@ class LoraLinear(_LoraWrapper):
         return frozen and (isinstance(base, DequantLinearModule) or weight.is_floating_point())
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.use_fused and self.row_adapters is None:
+        if self.use_fused is not False and self.row_adapters is None:
             adapters = self._adapters_to_run()
-            if self._can_fuse(adapters, args, kwargs):
+            if self._can_fuse(adapters, x, args, kwargs):
                 from lorakit.kernels.lora_fused import lora_linear
 
                 a = adapters[0]

@@ -296,11 +296,17 @@ class PeftModel(nn.Module):
             base.enable_input_require_grads()
 
     def enable_fused_lora(self, enabled: bool = True, mlp: bool = True) -> None:
-        """Use the fused LoRA autograd (``lorakit.fused``): linear layers with one plain active adapter over a
-        frozen base save only x, the dropout mask and x A^T for the backward and dequantize 4-bit weights on
-        demand; with ``mlp``, Llama-style SwiGLU MLPs run as one fused op that recomputes the activation. The
-        adapters run in the compute dtype (not an fp32 copy of x), so over half-precision bases outputs differ
-        from the default path by rounding. Not part of PEFT's API; off by default; parameter names unchanged."""
+        """Use the fused LoRA autograd (``lorakit.fused``) everywhere it applies: linear layers with one plain
+        active adapter over a frozen base save only x, the dropout mask and x A^T for the backward and dequantize
+        4-bit weights on demand; with ``mlp``, Llama-style SwiGLU MLPs run as one fused op that recomputes the
+        activation. Not part of PEFT's API; parameter names unchanged.
+
+        Without this call, linear layers already take the fused path where it computes what the plain path
+        computes (adapter in the compute dtype, plain or lorakit-quantized base without hooks; see
+        ``LoraLinear.use_fused``). This call extends it to adapters kept in another dtype than the compute dtype
+        (they then run in the compute dtype, not on an fp32 copy of x, so over half-precision bases outputs
+        differ from the plain path by rounding) and adds the fused MLPs. ``enabled=False``: the plain autograd
+        path everywhere."""
         from lorakit.fused import disable_fused, enable_fused
 
         disable_fused(self.get_base_model())

@@ -375,9 +375,10 @@ class LoraLinear(_LoraWrapper):
         return (weight.T if transposed else weight).float()
 
     #: The fused autograd (``lorakit.kernels.lora_fused``: dX = dY W + s (dY B) A in one accumulation, dB as
-    #: (h^T dY)^T, no extra saved copies). ``None`` (default): wherever it computes exactly what the plain path
-    #: computes (``_fuses_by_default``); ``True`` (``PeftModel.enable_fused_lora``): also where the plain path would
-    #: run the adapter in its own dtype on a copy of x (the fused one runs it in the compute dtype); ``False``: never.
+    #: (h^T dY)^T, no extra saved copies). ``None`` (default): in training wherever it computes exactly what the
+    #: plain path computes (``_fuses_by_default``); ``True`` (``PeftModel.enable_fused_lora``): also where the
+    #: plain path would run the adapter in its own dtype on a copy of x (the fused one runs it in the compute
+    #: dtype); ``False``: never.
     use_fused: bool | None = None
 
     def _fused_weight(self, x: torch.Tensor) -> Any:
@@ -391,13 +392,15 @@ class LoraLinear(_LoraWrapper):
     def _fuses_by_default(self, x: torch.Tensor, adapter: nn.Module) -> bool:
         """The fused path is the plain path's formula here: a plain ``nn.Linear`` / GPT-2 ``Conv1D`` or a lorakit
         quantized base with no hooks (accelerate's offloading hooks run in the base's forward, which the fused
-        path does not call), the adapter in the compute dtype, and no ``torch.compile`` tracing."""
+        path does not call), the adapter in the compute dtype, gradients on (without them the fused path saves
+        nothing and its per-call overhead costs more than it saves: decoding one token was slower), and no
+        ``torch.compile`` tracing."""
         base = self.base_layer
         if not (type(base) is nn.Linear or type(base).__name__ == "Conv1D" or isinstance(base, DequantLinearModule)):
             return False
         if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__ or hasattr(base, "_hf_hook"):
             return False
-        if torch.compiler.is_compiling():
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return False
         return torch.is_autocast_enabled(x.device.type) or x.dtype == adapter.lora_A.weight.dtype
 

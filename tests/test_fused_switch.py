@@ -79,6 +79,9 @@ def test_default_takes_the_fused_path_where_it_computes_the_same(quantized: bool
     for module in default.modules():
         if hasattr(module, "use_fused"):
             module.use_fused = None  # what get_peft_model leaves
+    with _CountFused() as calls, torch.no_grad():
+        default(input_ids=input_ids)
+    assert not calls  # inference keeps the plain path (less per-call overhead)
     with _CountFused() as calls:
         out_d = default(input_ids=input_ids, labels=input_ids)
     assert len(calls) == 14

@@ -400,7 +400,7 @@ class LoraLinear(_LoraWrapper):
             return False
         if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__ or hasattr(base, "_hf_hook"):
             return False
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # (gradients on: checked by forward before anything else)
             return False
         return torch.is_autocast_enabled(x.device.type) or x.dtype == adapter.lora_A.weight.dtype
 
@@ -416,7 +416,7 @@ class LoraLinear(_LoraWrapper):
         return frozen and (isinstance(base, DequantLinearModule) or weight.is_floating_point())
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.use_fused is not False and self.row_adapters is None:
+        if self.row_adapters is None and (self.use_fused or (self.use_fused is None and torch.is_grad_enabled())):
             adapters = self._adapters_to_run()
             if self._can_fuse(adapters, x, args, kwargs):
                 from lorakit.kernels.lora_fused import lora_linear

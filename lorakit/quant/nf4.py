@@ -49,7 +49,7 @@ _WORKER_STEP = 2**18  # elements per dequantization step on a thread with one in
 _PARALLEL_MIN = 2**21  # elements from which dequantization goes to worker threads
 _QUANT_STEP = 2**20  # elements per step of quantize_4bit on CPU (a multiple of every blocksize)
 _HUGE_PAGE = 2**21  # bytes (x86-64 / aarch64 transparent huge page)
-Step = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # one dequantization step: bytes, absmax, output (_steps)
+_Step = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # one dequantization step: bytes, absmax, output (_steps)
 
 # NF4: quantiles of N(0, 1) normalised to [-1, 1] with an exact zero (QLoRA paper, appendix E).
 _NF4 = [
@@ -398,7 +398,7 @@ def _dequantize_4bit_reference(
     return out
 
 
-def _dequantize_steps(steps: Callable[[], Step | None] | Iterator[Step], pairs: torch.Tensor, size: int) -> None:
+def _dequantize_steps(steps: Callable[[], _Step | None] | Iterator[_Step], pairs: torch.Tensor, size: int) -> None:
     """``dst = dtype(pairs[codes] * scale)`` for each step ``(codes (k / 2,), scale (b, 1), dst (b, blocksize))``
     from an iterator or a function returning None at the end; ``size`` is the largest ``k / 2``."""
     index = torch.empty(size, dtype=torch.int32, device=pairs.device)  # scratch reused across steps
@@ -423,7 +423,7 @@ def _openmp() -> bool:
 
 def _cpu_workers(threads: int) -> int:
     """Worker threads for a large CPU dequantization: the calling thread's intra-op threads, at most one per
-    core this process may run on (``sched_getaffinity``; ``cpu_count`` where that is missing). None (0) unless
+    core this process may run on (``sched_getaffinity``; ``cpu_count`` where that is missing). 0 (none) unless
     the backend is OpenMP: other backends share one thread count, which a worker must not lower."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(threads, cores)) if _openmp() else 0
@@ -433,7 +433,7 @@ _POOL_LOCK = threading.Lock()
 _POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, max_workers, pool), made on first use
 
 
-def _in_workers(steps: Iterator[Step], pairs: torch.Tensor, size: int, workers: int) -> None:
+def _in_workers(steps: Iterator[_Step], pairs: torch.Tensor, size: int, workers: int) -> None:
     """:func:`_dequantize_steps` on ``workers`` threads of a persistent pool, each running torch ops inline.
 
     The steps are handed out one at a time from the shared iterator (a descheduled worker's share goes to the
@@ -450,7 +450,7 @@ def _in_workers(steps: Iterator[Step], pairs: torch.Tensor, size: int, workers: 
         pool = _POOL[2]
     lock = threading.Lock()
 
-    def next_step() -> Step | None:
+    def next_step() -> _Step | None:
         with lock:
             return next(steps, None)
 
@@ -480,7 +480,7 @@ def _byte_pairs(code: torch.Tensor) -> torch.Tensor:
 
 def _steps(
     data: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor, blocksize: int, nblocks: int, per_step: int
-) -> Iterator[Step]:
+) -> Iterator[_Step]:
     """``(bytes (k / 2,), absmax (b, 1), out (b, blocksize))`` per step of ``b = per_step`` full blocks (the
     last step may be shorter); views made by ``unbind`` (one call each, cheaper than slicing per step)."""
     even = nblocks - nblocks % per_step

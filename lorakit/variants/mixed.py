@@ -5,7 +5,7 @@ the call (``mixed_batch``); the wrappers then gather each row's factors and run 
 looping over adapters with masked copies (PEFT). With ``n`` adapters of ranks ``r_i`` padded to ``R = max r_i``
 (zero rows of A and zero columns of B add nothing) and slot 0 all zeros for ``"__base__"``:
 
-    A_all (n+1, R, in),  B_all (n+1, out, R) = s_i B_i,   idx (batch,) row -> slot
+    A_all (n+1, R, in),  B_all (n+1, out, R) = s_i B_i,   idx (batch,) row -> slot   (kept transposed, contiguous)
     h = bmm(x, A_all[idx]^T)        (batch, T, R)
     y = result + bmm(h, B_all[idx]^T)                       (batch, T, out)
     few tokens per row (decode), no copies of the factors: rows grouped by slot, each group padded to the
@@ -123,10 +123,8 @@ class _Slots:
 class _Factors(NamedTuple):
     """The present adapters' factors, stacked with slot 0 all zeros and the scaling folded into B."""
 
-    a_all: torch.Tensor  # (S, R, in)
-    b_all: torch.Tensor  # (S, out, R)
-    a_t: torch.Tensor  # (n, in, R): A_all[1:]^T, a view
-    b_t: torch.Tensor  # (n, R, out): B_all[1:]^T, a view
+    a_t: torch.Tensor  # (S, in, R): A_all^T, contiguous (row gathers read whole R-vectors)
+    b_t: torch.Tensor  # (S, R, out): B_all^T, contiguous
     bias_all: torch.Tensor | None  # (S, out): s_i * lora_B.bias (lora_bias), None if no adapter has one
     dora: bool  # any adapter rescales the base output
 
@@ -154,14 +152,13 @@ def _stack_factors(adapters: list[nn.Module]) -> _Factors:
         a_list.append(F.pad(a, (0, 0, 0, rank - ad.r)))  # (R, in)
         b_list.append(F.pad(b * ad.scaling, (0, rank - ad.r)))  # (out, R)
         biases.append(bias[0] * ad.scaling if bias and bias[0] is not None else None)
-    a_all = torch.stack([torch.zeros_like(a_list[0])] + a_list)  # (S, R, in)
-    b_all = torch.stack([torch.zeros_like(b_list[0])] + b_list)  # (S, out, R)
+    a_t = torch.stack([torch.zeros_like(a_list[0])] + a_list).transpose(1, 2).contiguous()  # (S, in, R)
+    b_t = torch.stack([torch.zeros_like(b_list[0])] + b_list).transpose(1, 2).contiguous()  # (S, R, out)
     bias_all = None
     if any(b is not None for b in biases):
-        zeros = torch.zeros(b_all.shape[1], device=b_all.device, dtype=b_all.dtype)
+        zeros = torch.zeros(b_t.shape[2], device=b_t.device, dtype=b_t.dtype)
         bias_all = torch.stack([zeros] + [zeros if b is None else b for b in biases])  # (S, out)
-    a_t, b_t = a_all[1:].transpose(1, 2), b_all[1:].transpose(1, 2)
-    return _Factors(a_all, b_all, a_t, b_t, bias_all, any(ad.wraps_base_output for ad in adapters))
+    return _Factors(a_t, b_t, bias_all, any(ad.wraps_base_output for ad in adapters))
 
 
 def _cached_factors(wrapper: nn.Module, adapters: list[nn.Module]) -> _Factors:
@@ -209,9 +206,9 @@ def _plan(wrapper: nn.Module, batch: int, device: torch.device) -> _Plan | None:
     return plan
 
 
-def _magnitudes(wrapper: nn.Module, adapters: list[nn.Module], b_all: torch.Tensor) -> torch.Tensor:
+def _magnitudes(wrapper: nn.Module, adapters: list[nn.Module], b_t: torch.Tensor) -> torch.Tensor:
     """``g_all`` (n+1, out): DoRA's ``m / ||W + s B A||_c`` per slot, 1 for LoRA slots."""
-    ones = torch.ones(b_all.shape[1], device=b_all.device, dtype=b_all.dtype)  # (out,)
+    ones = torch.ones(b_t.shape[2], device=b_t.device, dtype=b_t.dtype)  # (out,)
     rows = [ones] + [
         ad.lora_magnitude_vector / ad.row_norm(wrapper) if ad.wraps_base_output else ones for ad in adapters
     ]
@@ -237,8 +234,8 @@ def mixed_linear_forward(wrapper: nn.Module, x: torch.Tensor, result: torch.Tens
         return result
     adapters, idx = plan.adapters, plan.slots.idx
     f = plan.factors if plan.factors is not None else _stack_factors(adapters)
-    if not torch.is_autocast_enabled(x.device.type) and x.dtype != f.a_all.dtype:
-        x = x.to(f.a_all.dtype)
+    if not torch.is_autocast_enabled(x.device.type) and x.dtype != f.a_t.dtype:
+        x = x.to(f.a_t.dtype)
     batch, out = x.shape[0], result.shape[-1]
     x3 = _dropped(x, adapters, idx, wrapper.training).reshape(batch, -1, x.shape[-1])  # (batch, T, in)
     if x3.shape[1] <= _GROUPED_TOKENS:  # decode-like: rows grouped by adapter, no per-row copies of factors
@@ -246,21 +243,21 @@ def mixed_linear_forward(wrapper: nn.Module, x: torch.Tensor, result: torch.Tens
         if groups.padded:
             x3 = torch.cat([x3, x3.new_zeros(1, *x3.shape[1:])])  # (batch+1, T, in): row ``batch`` is the pad
         xg = x3.index_select(0, groups.gather).view(n, -1, x3.shape[-1])  # (n, G*T, in)
-        lora = torch.bmm(torch.bmm(xg, f.a_t), f.b_t)  # (n, G*T, R) -> (n, G*T, out)
+        lora = torch.bmm(torch.bmm(xg, f.a_t[1:]), f.b_t[1:])  # (n, G*T, R) -> (n, G*T, out)
         lora = lora.view(n * groups.group, *result.shape[1:]).to(result.dtype)  # (n*G, ..., out)
         if f.bias_all is None and not f.dora:
             return result.index_add(0, groups.dest, lora)  # (batch, ..., out)
         lora = torch.zeros_like(result).index_add(0, groups.dest, lora)
     else:
-        h = torch.bmm(x3, f.a_all[idx].transpose(1, 2))  # (batch, T, R)
-        lora = torch.bmm(h, f.b_all[idx].transpose(1, 2))  # (batch, T, out)
+        h = torch.bmm(x3, f.a_t[idx])  # (batch, T, R)
+        lora = torch.bmm(h, f.b_t[idx])  # (batch, T, out)
         lora = lora.reshape(result.shape).to(result.dtype)  # (batch, ..., out)
     row_shape = (batch, *([1] * (result.dim() - 2)), out)
     if f.bias_all is not None:
         lora = lora + f.bias_all[idx].view(row_shape).to(result.dtype)
     if not f.dora:
         return result + lora
-    g = _magnitudes(wrapper, adapters, f.b_all)[idx].view(row_shape).to(result.dtype)  # (batch, 1.., out)
+    g = _magnitudes(wrapper, adapters, f.b_t)[idx].view(row_shape).to(result.dtype)  # (batch, 1.., out)
     bias = getattr(wrapper.base_layer, "bias", None)
     if bias is None:
         return (result + lora) * g
@@ -274,13 +271,13 @@ def mixed_embedding_forward(wrapper: nn.Module, ids: torch.Tensor, result: torch
     if plan is None:
         return result
     adapters, idx = plan.adapters, plan.slots.idx
-    f = plan.factors if plan.factors is not None else _stack_factors(adapters)  # (S, R, vocab), (S, dim, R)
+    f = plan.factors if plan.factors is not None else _stack_factors(adapters)  # (S, vocab, R), (S, R, dim)
     ids2 = ids.reshape(ids.shape[0], -1)  # (batch, T)
-    h = f.a_all.transpose(1, 2)[idx[:, None], ids2]  # (batch, T, R)
-    lora = torch.bmm(h, f.b_all[idx].transpose(1, 2)).reshape(result.shape).to(result.dtype)  # (batch, T, dim)
+    h = f.a_t[idx[:, None], ids2]  # (batch, T, R)
+    lora = torch.bmm(h, f.b_t[idx]).reshape(result.shape).to(result.dtype)  # (batch, T, dim)
     if not f.dora:
         return result + lora
-    g = _magnitudes(wrapper, adapters, f.b_all)[idx].view(ids.shape[0], *([1] * (result.dim() - 2)), -1)
+    g = _magnitudes(wrapper, adapters, f.b_t)[idx].view(ids.shape[0], *([1] * (result.dim() - 2)), -1)
     return (result + lora) * g.to(result.dtype)
 
 

@@ -93,13 +93,15 @@ def mixed_batch(model: nn.Module, adapter_names: list[str], known: list[str]) ->
         if isinstance(module, LORA_WRAPPERS) and module.merged_adapters:
             merged = sorted(module.merged_adapters)
             raise ValueError(f"adapter_names= needs unmerged adapters; {merged} are merged: unmerge first.")
+    # ``row_adapters`` is a plain attribute (set in each wrapper's __init__): written straight into ``__dict__``,
+    # skipping ``nn.Module.__setattr__``'s registration checks, twice per wrapper on every decode step.
     for module in wrappers:
-        module.row_adapters = rows
+        module.__dict__["row_adapters"] = rows
     try:
         yield
     finally:
         for module in wrappers:
-            module.row_adapters = None
+            module.__dict__["row_adapters"] = None
 
 
 # ---- plans: which adapters run, row -> slot, stacked factors -------------------------------------------------
@@ -165,12 +167,8 @@ def _cached_factors(wrapper: nn.Module, adapters: list[nn.Module]) -> _Factors:
     """``_stack_factors``, reused across inference calls while every factor keeps its identity, storage and
     version counter (in-place updates bump it; ``.data =`` moves the storage) and every scaling is unchanged."""
     params = [p for ad in adapters for p in _factor_params(ad) if p is not None]
-    key = (
-        tuple(map(id, params)),  # the cache holds ``params``: no id is reused while it lives
-        tuple(p.data_ptr() for p in params),
-        tuple(p._version for p in params),
-        tuple(ad.scaling for ad in adapters),
-    )
+    # the cache holds ``params``: no id is reused while it lives
+    key = (tuple([(id(p), p.data_ptr(), p._version) for p in params]), tuple([ad.scaling for ad in adapters]))
     cached = wrapper.__dict__.get("_mixed_factors")
     if cached is not None and cached[0] == key:
         return cached[2]
@@ -187,7 +185,7 @@ def _plan(wrapper: nn.Module, batch: int, device: torch.device) -> _Plan | None:
     plan = rows.memo.get(memo_key)
     if plan is not None and (grad or plan.factors is not None):
         return _Plan(plan.adapters, plan.slots, None) if grad else plan
-    own = wrapper.adapters._modules
+    own = wrapper._modules["adapters"]._modules  # not through nn.Module.__getattr__ (see _factor_params)
     present = tuple(n for n in rows.unique if n in own)
     if not present:
         return None

@@ -70,10 +70,9 @@ def bench_dora(reps: int) -> None:
         )
 
 
-def bench_mixed(reps: int, tokens: int = 64) -> None:
-    """32 rows x ``tokens`` tokens over 8 adapters (``tokens=1`` is a decode step, where per-op cost dominates)."""
+def _mixed_models() -> tuple[lorakit.PeftModel, peft.PeftModel, list[str]]:
+    """The same 8 adapters (r=16, B != 0) in lorakit and PEFT, and 32 row names cycling through them."""
     base = _base().eval()
-    ids = torch.randint(0, 1024, (32, tokens))
     kw = dict(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], init_lora_weights=False)
     names = [f"a{i}" for i in range(8)]
     ours = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(**kw), adapter_name=names[0])
@@ -81,9 +80,13 @@ def bench_mixed(reps: int, tokens: int = 64) -> None:
     for n in names[1:]:
         ours.add_adapter(n, lorakit.LoraConfig(**kw))
         ref.add_adapter(n, peft.LoraConfig(**kw))
-    ours.eval()
-    ref.eval()
-    rows = [names[i % 8] for i in range(32)]
+    return ours.eval(), ref.eval(), [names[i % 8] for i in range(32)]
+
+
+def bench_mixed(reps: int, tokens: int = 64) -> None:
+    """32 rows x ``tokens`` tokens over 8 adapters (``tokens=1`` is a decode step, where per-op cost dominates)."""
+    ours, ref, rows = _mixed_models()
+    ids = torch.randint(0, 1024, (32, tokens))
     with torch.no_grad():
         single, mixed, peft_mixed = _medians(
             [
@@ -102,6 +105,29 @@ def bench_mixed(reps: int, tokens: int = 64) -> None:
     )
 
 
+def bench_mixed_generate(reps: int, prompt: int = 8, new_tokens: int = 16) -> None:
+    """``generate`` on 32 rows over 8 adapters, greedy, exactly ``new_tokens`` steps: decode as served, where one
+    call covers every step (lorakit resolves each layer's plan once per call)."""
+    ours, ref, rows = _mixed_models()
+    ids = torch.randint(1, 1024, (32, prompt))
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    single, mixed, peft_mixed = _medians(
+        [
+            lambda: ours.generate(input_ids=ids, **kw),
+            lambda: ours.generate(input_ids=ids, adapter_names=rows, **kw),
+            lambda: ref.generate(input_ids=ids, adapter_names=rows, **kw),
+        ],
+        reps,
+    )
+    print(f"generate, 32 rows x ({prompt} prompt + {new_tokens} new) tokens:")
+    print("| single adapter (ours) | 8 adapters mixed (ours) | 8 adapters mixed (PEFT) | mixed/single | PEFT/ours |")
+    print("|---|---|---|---|---|")
+    print(
+        f"| {single * 1e3:.1f} ms | {mixed * 1e3:.1f} ms | {peft_mixed * 1e3:.1f} ms | {mixed / single:.2f}x | "
+        f"{peft_mixed / mixed:.2f}x |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reps", type=int, default=10)
@@ -112,6 +138,8 @@ def main() -> None:
     bench_mixed(args.reps)
     print()
     bench_mixed(args.reps, tokens=1)
+    print()
+    bench_mixed_generate(args.reps)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ looping over adapters with masked copies (PEFT). With ``n`` adapters of ranks ``
     h = bmm(x, A_all[idx]^T)        (batch, T, R)
     y = result + bmm(h, B_all[idx]^T)                       (batch, T, out)
     few tokens per row (decode), no copies of the factors: rows grouped by slot, each group padded to the
-    largest, G, with a zero row (gather (n G,), dest (n G,): row of each position),
+    largest, G (gather (n G,), dest (n G,): row of each position; pad outputs zeroed),
         x_g = x[gather].view(n, G T, in)
         y = result.index_add(0, dest, bmm(bmm(x_g, A_all[1:]^T), B_all[1:]^T))     (n, G T, R) -> (n G, T, out)
     DoRA: y = (result - b + bmm(...)) * g_all[idx] + b,     g_all (n+1, out) = m / ||W + s B A||_c, 1 for LoRA rows
@@ -39,9 +39,10 @@ from lorakit.layers import LORA_WRAPPERS, LoraEmbeddingAdapter, ModulesToSaveWra
 
 BASE = "__base__"
 #: Up to this many tokens per row, rows are grouped by adapter (copies of x, batch T in) rather than the factors
-#: gathered per row (batch R (in + out)). bench_variants' layers, 32 rows over 8 adapters, r=16, in 256 and 688,
-#: one layer timed alone: at 1 and 4 tokens grouping took 0.13-0.28x the gathered form's time; at 16 tokens (in 688)
-#: and 64 tokens, 1-6x (the copies of x and of the output grow with T).
+#: gathered per row (batch R (in + out)). bench_variants' layers, 32 rows over 8 adapters, r=16, in 256 and 688, one
+#: layer timed alone: grouping took 0.13-0.28x the gathered form's time at 1 and 4 tokens. At 64 tokens it took
+#: 0.67-0.92x alone, but the whole model's time did not move (bench_mixed, 2 runs), so long rows keep the form
+#: that does not pad.
 _GROUPED_TOKENS = 4
 _WRAPPERS = (*LORA_WRAPPERS, ModulesToSaveWrapper)
 
@@ -107,19 +108,20 @@ def mixed_batch(model: nn.Module, adapter_names: list[str], known: list[str]) ->
 # ---- plans: which adapters run, row -> slot, stacked factors -------------------------------------------------
 class _Slots:
     """Row -> slot indices for one tuple of present adapters (slot 0: no adapter), and the grouped form's rows:
-    ``gather`` (n*G,) the rows of slots 1..n, each group padded to the largest, G, with ``batch`` (a zero row
-    appended to x), and ``dest`` (n*G,) the row each position adds to (pads add exact zeros to row 0)."""
+    ``gather`` (n*G,) the rows of slots 1..n, each group padded to the largest, G, with row 0; ``dest`` (n*G,)
+    the row each position adds to; ``pads`` the padded positions (their outputs are zeroed), None without any."""
 
     def __init__(self, names: tuple[str, ...], present: tuple[str, ...], device: torch.device) -> None:
         slot = {n: i + 1 for i, n in enumerate(present)}
         ids = [slot.get(n, 0) for n in names]
         groups = [[row for row, s in enumerate(ids) if s == k] for k in range(1, len(present) + 1)]
         self.group = max(map(len, groups))
-        self.padded = any(len(g) < self.group for g in groups)
-        pad = range(self.group)
+        self.rows = len(groups) * self.group  # n*G
+        positions = [g[i] if i < len(g) else -1 for g in groups for i in range(self.group)]  # -1: a pad
+        pads = [k for k, row in enumerate(positions) if row < 0]
         self.idx = torch.tensor(ids, device=device)  # (batch,)
-        self.gather = torch.tensor([g[i] if i < len(g) else len(ids) for g in groups for i in pad], device=device)
-        self.dest = torch.tensor([g[i] if i < len(g) else 0 for g in groups for i in pad], device=device)
+        self.gather = self.dest = torch.tensor([max(row, 0) for row in positions], device=device)  # (n*G,)
+        self.pads = torch.tensor(pads, device=device) if pads else None
 
 
 class _Factors(NamedTuple):
@@ -236,13 +238,14 @@ def mixed_linear_forward(wrapper: nn.Module, x: torch.Tensor, result: torch.Tens
         x = x.to(f.a_t.dtype)
     batch, out = x.shape[0], result.shape[-1]
     x3 = _dropped(x, adapters, idx, wrapper.training).reshape(batch, -1, x.shape[-1])  # (batch, T, in)
+    groups = plan.slots
     if x3.shape[1] <= _GROUPED_TOKENS:  # decode-like: rows grouped by adapter, no per-row copies of factors
-        groups, n = plan.slots, len(adapters)
-        if groups.padded:
-            x3 = torch.cat([x3, x3.new_zeros(1, *x3.shape[1:])])  # (batch+1, T, in): row ``batch`` is the pad
-        xg = x3.index_select(0, groups.gather).view(n, -1, x3.shape[-1])  # (n, G*T, in)
+        xg = x3.index_select(0, groups.gather).view(len(adapters), -1, x3.shape[-1])  # (n, G*T, in)
         lora = torch.bmm(torch.bmm(xg, f.a_t[1:]), f.b_t[1:])  # (n, G*T, R) -> (n, G*T, out)
-        lora = lora.view(n * groups.group, *result.shape[1:]).to(result.dtype)  # (n*G, ..., out)
+        lora = lora.view(groups.rows, *result.shape[1:])  # (n*G, ..., out)
+        if groups.pads is not None:
+            lora.index_fill_(0, groups.pads, 0.0)  # bmm keeps its inputs for backward, not its output
+        lora = lora.to(result.dtype)
         if f.bias_all is None and not f.dora:
             return result.index_add(0, groups.dest, lora)  # (batch, ..., out)
         lora = torch.zeros_like(result).index_add(0, groups.dest, lora)

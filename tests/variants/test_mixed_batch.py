@@ -46,33 +46,44 @@ def _row(model, ids, name):
     return model(ids).logits
 
 
-@pytest.mark.parametrize("tokens", [1, 4, 12])  # 1, 4: rows grouped by adapter; 12: factors gathered per row
-def test_mixed_batch_equals_per_row_runs(tokens):
+SKEWED = ["a", "a", "a", "a", "b", "c"]  # q_proj, v_proj: groups of 4 and 1 (the grouped form pads 3 rows)
+
+
+def _branch(tokens: int) -> str:
+    """The form the linear layers take: "grouped" rows or "gathered" factors (mixed_linear_forward's rule)."""
     from lorakit.variants import mixed
 
-    assert (tokens <= mixed._GROUPED_TOKENS) == (tokens < 12)  # both branches run
+    return "grouped" if tokens <= mixed._GROUPED_TOKENS else "gathered"
+
+
+@pytest.mark.parametrize(
+    "tokens, rows, branch",
+    [(1, ROWS, "grouped"), (4, SKEWED, "grouped"), (12, ROWS, "gathered"), (12, SKEWED, "gathered")],
+)
+def test_mixed_batch_equals_per_row_runs(tokens, rows, branch):
     model = _model().eval()
-    ids = torch.randint(0, 61, (len(ROWS), tokens))
+    assert _branch(tokens) == branch
+    ids = torch.randint(0, 61, (len(rows), tokens))
     with torch.no_grad():
-        got = model(ids, adapter_names=ROWS).logits
-        rows = [_row(model, ids[i : i + 1], n) for i, n in enumerate(ROWS)]
+        got = model(ids, adapter_names=rows).logits
+        want = [_row(model, ids[i : i + 1], n) for i, n in enumerate(rows)]
     assert all(w.row_adapters is None for w in model.modules() if hasattr(w, "row_adapters"))
-    for i, want in enumerate(rows):
-        torch.testing.assert_close(got[i : i + 1], want, atol=TOL, rtol=TOL)
-    assert (rows[0] - rows[2]).abs().max() > 1e-3  # adapters change the outputs
+    for i, w in enumerate(want):
+        torch.testing.assert_close(got[i : i + 1], w, atol=TOL, rtol=TOL)
+    assert (want[0] - want[-1]).abs().max() > 1e-3  # adapters change the outputs
 
 
-@pytest.mark.parametrize("tokens", [2, 6])  # both branches: grouped rows, gathered factors
-def test_mixed_batch_trains(tokens):
+@pytest.mark.parametrize("tokens, rows", [(2, SKEWED), (6, ROWS)])  # grouped rows (padded); gathered factors
+def test_mixed_batch_trains(tokens, rows):
     model = _model()
     model.train()
-    ids = torch.randint(0, 61, (len(ROWS), tokens))
-    weights = torch.randn(len(ROWS), tokens, 61)
-    (model(ids, adapter_names=ROWS).logits * weights).sum().backward()
+    ids = torch.randint(0, 61, (len(rows), tokens))
+    weights = torch.randn(len(rows), tokens, 61)
+    (model(ids, adapter_names=rows).logits * weights).sum().backward()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     mixed = {n: p.grad.clone() for n, p in trainable.items()}
     model.zero_grad()
-    for i, name in enumerate(ROWS):
+    for i, name in enumerate(rows):
         if name != "__base__":  # the base row has no trainable path
             (_row(model, ids[i : i + 1], name) * weights[i : i + 1]).sum().backward()
     for n, p in trainable.items():

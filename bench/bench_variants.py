@@ -4,6 +4,7 @@ Model: a random Llama (hidden 256, intermediate 688, 2 layers, vocab 1024), LoRA
 Times are medians over ``--reps`` runs after 2 warm-ups (1 thread).
 
     python bench/bench_variants.py [--reps 10]
+    python bench/bench_variants.py --dora-core --reps 5   # DoRA on bench_core.py's model (hidden 512, 8 layers)
 """
 
 from __future__ import annotations
@@ -52,9 +53,20 @@ def _step(model, ids):
     return run
 
 
-def bench_dora(reps: int) -> None:
-    base = _base()
-    ids = torch.randint(0, 1024, (4, 128))
+def _core_base():
+    """The core benchmark's model (bench_core.py): hidden 512, 8 layers, intermediate 1376, vocab 8000."""
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=8,
+    )
+    return tf.LlamaForCausalLM(cfg)
+
+
+def bench_dora(reps: int, core: bool = False) -> None:
+    """DoRA vs LoRA vs PEFT's DoRA training steps; ``core``: on the core benchmark's model, batch 4 x 256."""
+    base = _core_base() if core else _base()
+    ids = torch.randint(0, base.config.vocab_size, (4, 256 if core else 128))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     print("| dropout | lorakit LoRA | lorakit DoRA | PEFT DoRA | ours/PEFT DoRA | DoRA/LoRA (ours) |")
     print("|---|---|---|---|---|---|")
@@ -131,8 +143,12 @@ def bench_mixed_generate(reps: int, prompt: int = 8, new_tokens: int = 16) -> No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--dora-core", action="store_true", help="DoRA on the core benchmark's model only")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.dora_core:
+        bench_dora(args.reps, core=True)
+        return
     bench_dora(args.reps)
     print()
     bench_mixed(args.reps)

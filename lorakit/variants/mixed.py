@@ -28,6 +28,7 @@ row names stay the same, and within one call (``generate``'s steps) each wrapper
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -165,17 +166,53 @@ def _stack_factors(adapters: list[nn.Module]) -> _Factors:
     return _Factors(a_t, b_t, bias_all, any(ad.wraps_base_output for ad in adapters))
 
 
+def _param_slots(adapters: list[nn.Module]) -> list[tuple[dict, str]]:
+    """Where each factor of ``adapters`` lives: (its module's ``_parameters``, key); a missing bias is skipped."""
+    out = []
+    for ad in adapters:
+        if isinstance(ad, LoraEmbeddingAdapter):
+            out += [(ad._parameters, "lora_embedding_A"), (ad._parameters, "lora_embedding_B")]
+            continue
+        lora_b = ad._modules["lora_B"]._parameters
+        out += [(ad._modules["lora_A"]._parameters, "weight"), (lora_b, "weight")]
+        if lora_b.get("bias") is not None:
+            out.append((lora_b, "bias"))
+    return out
+
+
+class _FactorCache(NamedTuple):
+    adapters: list[nn.Module]
+    slots: list[tuple[dict, str]]  # _param_slots(adapters)
+    params: list[torch.Tensor]  # the factors the stack was built from (held: no id is reused while it lives)
+    state: tuple  # their storage pointers and version counters, and the adapters' scalings
+    factors: _Factors
+
+
+def _factor_state(params: list[torch.Tensor], adapters: list[nn.Module]) -> tuple:
+    return (
+        tuple(map(torch.Tensor.data_ptr, params)),
+        tuple(map(_VERSION, params)),
+        tuple([ad.scaling for ad in adapters]),
+    )
+
+
+_VERSION = operator.attrgetter("_version")
+
+
 def _cached_factors(wrapper: nn.Module, adapters: list[nn.Module]) -> _Factors:
-    """``_stack_factors``, reused across inference calls while every factor keeps its identity, storage and
-    version counter (in-place updates bump it; ``.data =`` moves the storage) and every scaling is unchanged."""
-    params = [p for ad in adapters for p in _factor_params(ad) if p is not None]
-    # the cache holds ``params``: no id is reused while it lives
-    key = (tuple([(id(p), p.data_ptr(), p._version) for p in params]), tuple([ad.scaling for ad in adapters]))
-    cached = wrapper.__dict__.get("_mixed_factors")
-    if cached is not None and cached[0] == key:
-        return cached[2]
+    """``_stack_factors``, reused across inference calls while every factor is the same tensor object with the same
+    storage and version counter (in-place updates bump it; ``.data =`` moves the storage) and every scaling is
+    unchanged. Checked on every call, with C-level maps: a decode step runs this for every adapted layer."""
+    cached: _FactorCache | None = wrapper.__dict__.get("_mixed_factors")
+    if cached is not None and cached.adapters == adapters:
+        params = cached.params
+        same = all([d.get(k) is p for (d, k), p in zip(cached.slots, params, strict=True)])  # list: faster
+        if same and _factor_state(params, adapters) == cached.state:
+            return cached.factors
+    slots = _param_slots(adapters)
+    params = [d[k] for d, k in slots]
     factors = _stack_factors(adapters)
-    wrapper._mixed_factors = (key, params, factors)
+    wrapper._mixed_factors = _FactorCache(list(adapters), slots, params, _factor_state(params, adapters), factors)
     return factors
 
 

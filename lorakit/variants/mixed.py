@@ -28,7 +28,6 @@ row names stay the same, and within one call (``generate``'s steps) each wrapper
 from __future__ import annotations
 
 import contextlib
-import itertools
 import operator
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -47,7 +46,6 @@ BASE = "__base__"
 #: that does not pad.
 _GROUPED_TOKENS = 4
 _WRAPPERS = (*LORA_WRAPPERS, ModulesToSaveWrapper)
-_EPOCHS = itertools.count()
 
 
 class RowAdapters(list):
@@ -59,9 +57,6 @@ class RowAdapters(list):
         self.key = tuple(names)
         self.unique = tuple(dict.fromkeys(names))
         self.memo: dict[Any, Any] = {}
-        self.epoch = next(_EPOCHS)
-        self.trusted: int | None = None  # a previous call's epoch whose factor caches need no check (see _Snapshot)
-        self.verified: list[_FactorCache] = []  # the factor caches this call found current
 
     def for_batch(self, batch: int) -> tuple[str, ...]:
         """The names of a batch of ``batch`` rows: ``generate`` repeats each row in place (beams, samples)."""
@@ -102,9 +97,6 @@ def mixed_batch(model: nn.Module, adapter_names: list[str], known: list[str]) ->
             raise ValueError(f"adapter_names= needs unmerged adapters; {merged} are merged: unmerge first.")
     # ``row_adapters`` is a plain attribute (set in each wrapper's __init__): written straight into ``__dict__``,
     # skipping ``nn.Module.__setattr__``'s registration checks, twice per wrapper on every decode step.
-    snapshot: _Snapshot | None = model.__dict__.get("_mixed_snapshot")
-    if snapshot is not None and snapshot.current():
-        rows.trusted = snapshot.epoch
     for module in wrappers:
         module.__dict__["row_adapters"] = rows
     try:
@@ -112,7 +104,6 @@ def mixed_batch(model: nn.Module, adapter_names: list[str], known: list[str]) ->
     finally:
         for module in wrappers:
             module.__dict__["row_adapters"] = None
-        model.__dict__["_mixed_snapshot"] = _snapshot(rows.verified, rows.epoch) if rows.verified else None
 
 
 # ---- plans: which adapters run, row -> slot, stacked factors -------------------------------------------------
@@ -189,40 +180,12 @@ def _param_slots(adapters: list[nn.Module]) -> list[tuple[dict, str]]:
     return out
 
 
-class _FactorCache:
-    """A wrapper's stacked factors and what they were built from."""
-
-    __slots__ = ("adapters", "slots", "params", "state", "factors", "epoch")
-
-    def __init__(self, adapters: list[nn.Module], slots: list[tuple[dict, str]], factors: _Factors, epoch: int) -> None:
-        self.adapters = list(adapters)
-        self.slots = slots  # _param_slots(adapters)
-        self.params = [d[k] for d, k in slots]  # held: no id is reused while the cache lives
-        self.state = _factor_state(self.params, adapters)  # storage pointers, version counters, scalings
-        self.factors = factors
-        self.epoch = epoch  # the call that last found it current
-
-
-class _Snapshot(NamedTuple):
-    """Every factor cache one inference call found current (``epoch``), flattened: if all of their factors are
-    unchanged at the next call's start, those caches need no per-layer check in that call."""
-
-    epoch: int
-    slots: list[tuple[dict, str]]
-    params: list[torch.Tensor]
+class _FactorCache(NamedTuple):
     adapters: list[nn.Module]
-    state: tuple
-
-    def current(self) -> bool:
-        same = all([d.get(k) is p for (d, k), p in zip(self.slots, self.params, strict=True)])  # list: faster
-        return same and _factor_state(self.params, self.adapters) == self.state
-
-
-def _snapshot(caches: list[_FactorCache], epoch: int) -> _Snapshot:
-    slots = [slot for c in caches for slot in c.slots]
-    params = [p for c in caches for p in c.params]
-    adapters = [ad for c in caches for ad in c.adapters]
-    return _Snapshot(epoch, slots, params, adapters, _factor_state(params, adapters))
+    slots: list[tuple[dict, str]]  # _param_slots(adapters)
+    params: list[torch.Tensor]  # the factors the stack was built from (held: no id is reused while it lives)
+    state: tuple  # their storage pointers and version counters, and the adapters' scalings
+    factors: _Factors
 
 
 def _factor_state(params: list[torch.Tensor], adapters: list[nn.Module]) -> tuple:
@@ -236,27 +199,21 @@ def _factor_state(params: list[torch.Tensor], adapters: list[nn.Module]) -> tupl
 _VERSION = operator.attrgetter("_version")
 
 
-def _cached_factors(wrapper: nn.Module, adapters: list[nn.Module], rows: RowAdapters) -> _Factors:
+def _cached_factors(wrapper: nn.Module, adapters: list[nn.Module]) -> _Factors:
     """``_stack_factors``, reused across inference calls while every factor is the same tensor object with the same
     storage and version counter (in-place updates bump it; ``.data =`` moves the storage) and every scaling is
-    unchanged. A decode step runs this for every adapted layer, so the check is skipped for caches that the
-    previous call found current when ``mixed_batch`` found all of their factors unchanged at this call's start
-    (``rows.trusted``); else it runs here, with C-level maps."""
+    unchanged. Checked on every call, with C-level maps: a decode step runs this for every adapted layer."""
     cached: _FactorCache | None = wrapper.__dict__.get("_mixed_factors")
     if cached is not None and cached.adapters == adapters:
-        if cached.epoch == rows.trusted:
-            cached.epoch = rows.epoch
-            rows.verified.append(cached)
+        params = cached.params
+        same = all([d.get(k) is p for (d, k), p in zip(cached.slots, params, strict=True)])  # list: faster
+        if same and _factor_state(params, adapters) == cached.state:
             return cached.factors
-        same = all([d.get(k) is p for (d, k), p in zip(cached.slots, cached.params, strict=True)])  # list: faster
-        if same and _factor_state(cached.params, adapters) == cached.state:
-            cached.epoch = rows.epoch
-            rows.verified.append(cached)
-            return cached.factors
-    cached = _FactorCache(adapters, _param_slots(adapters), _stack_factors(adapters), rows.epoch)
-    wrapper._mixed_factors = cached
-    rows.verified.append(cached)
-    return cached.factors
+    slots = _param_slots(adapters)
+    params = [d[k] for d, k in slots]
+    factors = _stack_factors(adapters)
+    wrapper._mixed_factors = _FactorCache(list(adapters), slots, params, _factor_state(params, adapters), factors)
+    return factors
 
 
 def _plan(wrapper: nn.Module, batch: int, device: torch.device) -> _Plan | None:
@@ -281,7 +238,7 @@ def _plan(wrapper: nn.Module, batch: int, device: torch.device) -> _Plan | None:
             slots = rows.memo[slots_key] = _Slots(rows.for_batch(batch), present, device)
         wrapper._mixed_slots = (slots_key, slots)
     adapters = [own[n] for n in present]
-    plan = _Plan(adapters, slots, None if grad else _cached_factors(wrapper, adapters, rows))
+    plan = _Plan(adapters, slots, None if grad else _cached_factors(wrapper, adapters))
     rows.memo[memo_key] = plan
     return plan
 

@@ -1,6 +1,8 @@
-"""Opt-in fused paths on an adapted model: fused LoRA linears, fused SwiGLU LoRA MLPs, RMSNorm kernels.
+"""Fused paths on an adapted model: fused LoRA linears, fused SwiGLU LoRA MLPs, RMSNorm kernels.
 
-``enable_fused(model)`` switches every ``LoraLinear`` to ``lorakit.kernels.lora_fused.lora_linear`` and replaces each
+Linear layers already take ``lorakit.kernels.lora_fused.lora_linear`` by default in training where it computes
+what the plain path computes (``LoraLinear.use_fused = None``). ``enable_fused(model)`` (opt-in) switches every
+``LoraLinear`` to it wherever it applies (``use_fused = True``) and replaces each
 Llama-style MLP *instance* (``down(silu(gate(x)) * up(x))``) by a ``FusedLoraMLP`` that runs
 ``lorakit.kernels.lora_fused.lora_mlp``: it saves x, gate(x), up(x) and the rank-r adapter activations for the
 backward instead of autograd's silu(g), silu(g) * u and fp32 input copies, and recomputes the SwiGLU.
@@ -118,7 +120,8 @@ def enable_fused(model: nn.Module, mlp: bool = True, norm_kernels: bool | None =
 
 
 def disable_fused(model: nn.Module) -> None:
-    """Undo ``enable_fused``: the default autograd paths and the original MLP instances."""
+    """Undo ``enable_fused`` and turn the fused linear path off (``use_fused = False``: the plain autograd path
+    everywhere), with the original MLP instances back."""
     for name, module in list(model.named_modules()):
         if isinstance(module, FusedLoraMLP):
             _replace(model, name, module.restore())

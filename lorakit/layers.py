@@ -402,7 +402,10 @@ class LoraLinear(_LoraWrapper):
             return False
         if torch.compiler.is_compiling():  # (gradients on: checked by forward before anything else)
             return False
-        return torch.is_autocast_enabled(x.device.type) or x.dtype == adapter.lora_A.weight.dtype
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if isinstance(base, DequantLinearModule) and (autocast or base.compute_dtype not in (None, x.dtype)):
+            return False  # its forward casts x to compute_dtype and the output back; the fused path does not
+        return autocast or x.dtype == adapter.lora_A.weight.dtype
 
     def _can_fuse(self, adapters: list[nn.Module], x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
         if self.use_fused is False or args or kwargs or len(adapters) != 1 or type(adapters[0]) is not LoraAdapter:

@@ -117,3 +117,14 @@ def test_default_keeps_the_plain_path_for_other_dtypes_and_hooked_bases(input_id
     with _CountFused() as calls, torch.autocast("cpu", dtype=torch.bfloat16):
         model(input_ids=input_ids)
     assert len(calls) == 13  # under autocast both paths run the adapter in bf16
+
+
+def test_default_keeps_the_plain_path_over_a_4bit_base_with_another_compute_dtype(input_ids) -> None:
+    """lorakit's Linear4bit casts x to its compute dtype and the output back; the fused path computes in x's dtype,
+    so it is not taken by default there."""
+    base = quantize_model(make_tiny_llama(hidden=64), BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4"))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    with _CountFused() as calls:
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+    assert not calls

@@ -375,8 +375,9 @@ class LoraLinear(_LoraWrapper):
         return (weight.T if transposed else weight).float()
 
     #: The fused autograd (``lorakit.kernels.lora_fused``: dX = dY W + s (dY B) A in one accumulation, dB as
-    #: (h^T dY)^T, no extra saved copies). ``None`` (default): in training wherever it computes exactly what the
-    #: plain path computes (``_fuses_by_default``); ``True`` (``PeftModel.enable_fused_lora``): also where the
+    #: (h^T dY)^T, no extra saved copies). ``None`` (default): in training wherever it computes the plain path's
+    #: formula in the plain path's dtypes (``_fuses_by_default``; in half precision the fused additions round
+    #: once instead of twice); ``True`` (``PeftModel.enable_fused_lora``): also where the
     #: plain path would run the adapter in its own dtype on a copy of x (the fused one runs it in the compute
     #: dtype); ``False``: never.
     use_fused: bool | None = None

@@ -430,7 +430,18 @@ def _cpu_workers(threads: int) -> int:
 
 
 _POOL_LOCK = threading.Lock()
-_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, max_workers, pool), made on first use
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (max_workers, pool), made on first use
+
+
+def _forget_pool() -> None:
+    """In a forked child: the parent's worker threads do not exist there, and another thread of the parent may
+    have held the lock at the fork; the child starts with no pool and a free lock."""
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _in_workers(steps: Iterator[_Step], pairs: torch.Tensor, size: int, workers: int) -> None:
@@ -439,32 +450,35 @@ def _in_workers(steps: Iterator[_Step], pairs: torch.Tensor, size: int, workers:
     The steps are handed out one at a time from the shared iterator (a descheduled worker's share goes to the
     others). Each worker sets itself to one intra-op thread once; OpenMP keeps that setting per thread, but
     ``torch.set_num_threads`` also sets process-wide defaults (for threads not yet started, MKL's pool), so the
-    caller's value is set again afterwards. Workers run under inference mode: they write into views of the
-    caller's output, which may be an inference tensor.
+    caller's value is set again afterwards, also when a worker raised. Workers run under inference mode: they
+    write into views of the caller's output, which may be an inference tensor. A pool too small for
+    ``workers`` is replaced; the old one is shut down without waiting (its running calls finish).
     """
     global _POOL
     threads = torch.get_num_threads()
-    with _POOL_LOCK:
-        if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < workers:  # a forked child gets a new pool
-            _POOL = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="lorakit-dequant"))
-        pool = _POOL[2]
     lock = threading.Lock()
 
     def next_step() -> _Step | None:
         with lock:
             return next(steps, None)
 
-    def worker() -> bool:
-        changed = torch.get_num_threads() != 1
-        if changed:
+    def worker() -> None:
+        if torch.get_num_threads() != 1:
             torch.set_num_threads(1)
         with torch.inference_mode():
             _dequantize_steps(next_step, pairs, size)
-        return changed
 
-    futures = [pool.submit(worker) for _ in range(workers)]
-    wait(futures)
-    if any([f.result() for f in futures]):  # result() raises a worker's exception
+    try:
+        with _POOL_LOCK:  # submitted under the lock: another caller may not shut this pool down before
+            if _POOL is None or _POOL[0] < workers:
+                if _POOL is not None:
+                    _POOL[1].shutdown(wait=False)
+                _POOL = (workers, ThreadPoolExecutor(workers, thread_name_prefix="lorakit-dequant"))
+            futures = [_POOL[1].submit(worker) for _ in range(workers)]
+        wait(futures)
+        for f in futures:
+            f.result()  # raises a worker's exception
+    finally:
         torch.set_num_threads(threads)
 
 

@@ -8,6 +8,9 @@ off the CPU and under torch.compile) is the comparison. No tolerances: everythin
 torch.equal on the raw bits.
 """
 
+import os
+import threading
+
 import pytest
 import torch
 
@@ -134,7 +137,7 @@ def test_workers_run_ops_inline_and_under_inference_mode(monkeypatch, threads):
     with torch.inference_mode():
         assert torch.equal(dequantize_4bit(packed, state), expected)
     assert torch.equal(dequantize_4bit(packed, state), expected)
-    pool = nf4._POOL[2]
+    pool = nf4._POOL[1]
     assert [f.result() for f in [pool.submit(torch.get_num_threads) for _ in range(8)]] == [1] * 8
     assert torch.get_num_threads() == 2
 
@@ -154,14 +157,58 @@ def test_no_workers_without_openmp(monkeypatch, threads):
 
 
 def test_worker_exceptions_reach_the_caller(monkeypatch, threads):
+    """A worker's exception is raised to the caller, and the process-wide default the workers' one intra-op
+    thread changed is set back to the caller's count: a thread started afterwards sees it, on every call."""
     threads(2)
     monkeypatch.setattr(nf4, "_PARALLEL_MIN", 1)
     monkeypatch.setattr(nf4, "_cpu_workers", lambda threads: 2)
+    monkeypatch.setattr(nf4, "_POOL", None)  # fresh workers, whose first step sets them to one thread
 
     def fail(*args):
         raise RuntimeError("step failed")
 
+    def fresh_thread_count() -> int:
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        return seen[0]
+
     monkeypatch.setattr(nf4, "_dequantize_steps", fail)
     packed, state = quantize_4bit(torch.randn(8, 1024))
-    with pytest.raises(RuntimeError, match="step failed"):
-        dequantize_4bit(packed, state)
+    try:
+        for _ in range(2):  # the second call finds its workers already at one thread
+            with pytest.raises(RuntimeError, match="step failed"):
+                dequantize_4bit(packed, state)
+            assert torch.get_num_threads() == 2
+            assert fresh_thread_count() == 2
+    finally:
+        nf4._POOL[-1].shutdown()
+
+
+def test_a_replaced_pool_is_shut_down(monkeypatch, threads):
+    """A call wanting more workers than the pool has gets a new pool; the old one is shut down, not leaked."""
+    threads(3)
+    monkeypatch.setattr(nf4, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(nf4, "_POOL", None)
+    packed, state = quantize_4bit(torch.randn(8, 1024))
+    expected = _formula(packed, state, torch.float32)
+    pools = []
+    for workers in (2, 3):
+        monkeypatch.setattr(nf4, "_cpu_workers", lambda threads, workers=workers: workers)
+        assert torch.equal(dequantize_4bit(packed, state), expected)
+        pools.append(nf4._POOL[-1])
+    assert pools[0] is not pools[1]
+    assert pools[0]._shutdown and not pools[1]._shutdown
+    pools[1].shutdown()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_forked_child_gets_a_free_lock_and_no_pool():
+    """A fork while another thread holds the pool lock: the child's lock is free and it has no pool."""
+    with nf4._POOL_LOCK:
+        pid = os.fork()
+        if pid == 0:  # the child: report through the exit status only
+            os._exit(0 if nf4._POOL is None and nf4._POOL_LOCK.acquire(timeout=5) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -8,8 +8,8 @@ looping over adapters with masked copies (PEFT). With ``n`` adapters of ranks ``
     A_all (n+1, R, in),  B_all (n+1, out, R) = s_i B_i,   idx (batch,) row -> slot   (kept transposed, contiguous)
     h = bmm(x, A_all[idx]^T)        (batch, T, R)
     y = result + bmm(h, B_all[idx]^T)                       (batch, T, out)
-    few tokens per row (decode), no copies of the factors: rows grouped by slot, each group padded to the
-    largest, G (gather (n G,), dest (n G,): row of each position; pad outputs zeroed),
+    few tokens per row (decode) and n G <= 2 batch, no copies of the factors: rows grouped by slot, each group
+    padded to the largest, G (gather (n G,), dest (n G,): row of each position; pad outputs zeroed),
         x_g = x[gather].view(n, G T, in)
         y = result.index_add(0, dest, bmm(bmm(x_g, A_all[1:]^T), B_all[1:]^T))     (n, G T, R) -> (n G, T, out)
     DoRA: y = (result - b + bmm(...)) * g_all[idx] + b,     g_all (n+1, out) = m / ||W + s B A||_c, 1 for LoRA rows
@@ -45,6 +45,12 @@ BASE = "__base__"
 #: 0.67-0.92x alone, but the whole model's time did not move (bench_mixed, 2 runs), so long rows keep the form
 #: that does not pad.
 _GROUPED_TOKENS = 4
+#: ... and while the groups, each padded to the largest, hold at most this many positions per row of the batch
+#: (n*G <= 2 batch). The bench case above has no padding (n*G = batch); a skewed batch pads without bound (25 rows
+#: on one adapter and 7 on one each: n*G = 8*25 = 200 for 32 rows), and there the gathered form, which does not
+#: pad, wins. At 2 the grouped form does at most twice the unpadded case's work, which took 0.13-0.28x the gathered
+#: form's time; that its time grows about linearly in its rows is assumed here, not measured.
+_GROUPED_PADDING = 2
 _WRAPPERS = (*LORA_WRAPPERS, ModulesToSaveWrapper)
 
 
@@ -110,19 +116,24 @@ def mixed_batch(model: nn.Module, adapter_names: list[str], known: list[str]) ->
 class _Slots:
     """Row -> slot indices for one tuple of present adapters (slot 0: no adapter), and the grouped form's rows:
     ``gather`` (n*G,) the rows of slots 1..n, each group padded to the largest, G, with row 0; ``dest`` (n*G,)
-    the row each position adds to; ``pads`` the padded positions (their outputs are zeroed), None without any."""
+    the row each position adds to; ``pads`` the padded positions (their outputs are zeroed), None without any.
+    ``grouped``: whether the padding is small enough for the grouped form (``_GROUPED_PADDING``); without it
+    ``gather``, ``dest`` and ``pads`` are None."""
 
     def __init__(self, names: tuple[str, ...], present: tuple[str, ...], device: torch.device) -> None:
         slot = {n: i + 1 for i, n in enumerate(present)}
         ids = [slot.get(n, 0) for n in names]
+        self.idx = torch.tensor(ids, device=device)  # (batch,)
         groups = [[row for row, s in enumerate(ids) if s == k] for k in range(1, len(present) + 1)]
         self.group = max(map(len, groups))
         self.rows = len(groups) * self.group  # n*G
-        positions = [g[i] if i < len(g) else -1 for g in groups for i in range(self.group)]  # -1: a pad
-        pads = [k for k, row in enumerate(positions) if row < 0]
-        self.idx = torch.tensor(ids, device=device)  # (batch,)
-        self.gather = self.dest = torch.tensor([max(row, 0) for row in positions], device=device)  # (n*G,)
-        self.pads = torch.tensor(pads, device=device) if pads else None
+        self.grouped = self.rows <= _GROUPED_PADDING * len(ids)
+        self.gather = self.dest = self.pads = None
+        if self.grouped:
+            positions = [g[i] if i < len(g) else -1 for g in groups for i in range(self.group)]  # -1: a pad
+            pads = [k for k, row in enumerate(positions) if row < 0]
+            self.gather = self.dest = torch.tensor([max(row, 0) for row in positions], device=device)  # (n*G,)
+            self.pads = torch.tensor(pads, device=device) if pads else None
 
 
 class _Factors(NamedTuple):
@@ -276,7 +287,7 @@ def mixed_linear_forward(wrapper: nn.Module, x: torch.Tensor, result: torch.Tens
     batch, out = x.shape[0], result.shape[-1]
     x3 = _dropped(x, adapters, idx, wrapper.training).reshape(batch, -1, x.shape[-1])  # (batch, T, in)
     groups = plan.slots
-    if x3.shape[1] <= _GROUPED_TOKENS:  # decode-like: rows grouped by adapter, no per-row copies of factors
+    if groups.grouped and x3.shape[1] <= _GROUPED_TOKENS:  # decode-like, little padding: rows grouped by adapter
         xg = x3.index_select(0, groups.gather).view(len(adapters), -1, x3.shape[-1])  # (n, G*T, in)
         lora = torch.bmm(torch.bmm(xg, f.a_t[1:]), f.b_t[1:])  # (n, G*T, R) -> (n, G*T, out)
         lora = lora.view(groups.rows, *result.shape[1:])  # (n*G, ..., out)

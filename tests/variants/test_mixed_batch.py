@@ -50,7 +50,8 @@ SKEWED = ["a", "a", "a", "a", "b", "c"]  # q_proj, v_proj: groups of 4 and 1 (th
 
 
 def _branch(tokens: int) -> str:
-    """The form the linear layers take: "grouped" rows or "gathered" factors (mixed_linear_forward's rule)."""
+    """The form the linear layers take for ROWS and SKEWED (little padding): "grouped" rows or "gathered" factors
+    (mixed_linear_forward's rule on the tokens per row)."""
     from lorakit.variants import mixed
 
     return "grouped" if tokens <= mixed._GROUPED_TOKENS else "gathered"
@@ -71,6 +72,32 @@ def test_mixed_batch_equals_per_row_runs(tokens, rows, branch):
     for i, w in enumerate(want):
         torch.testing.assert_close(got[i : i + 1], w, atol=TOL, rtol=TOL)
     assert (want[0] - want[-1]).abs().max() > 1e-3  # adapters change the outputs
+
+
+# q_proj and v_proj hold a, d and b or c: groups of 8, 1 and 1 pad to 3 * 8 = 24 positions for 11 rows
+VERY_SKEWED = ["a"] * 8 + ["b", "c", "d"]
+
+
+@pytest.mark.parametrize("rows, form", [(VERY_SKEWED, "gathered"), (["a", "b", "c", "d", "__base__"], "grouped")])
+def test_decode_groups_only_while_the_padding_is_small(monkeypatch, rows, form):
+    """One token per row: the grouped form pads every adapter's group to the largest, so a skewed batch takes
+    the gathered form (no padding); either way each row equals its single-adapter run."""
+    model = _model().eval()
+    model.add_adapter("d", lorakit.LoraConfig(r=3, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids = torch.randint(0, 61, (len(rows), 1))
+    computed = []  # (rows, tokens) of each first bmm operand: grouped (n, G*T, in), gathered (batch, T, in)
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b: computed.append(a.shape[0] * a.shape[1]) or bmm(a, b))
+    with torch.no_grad():
+        got = model(ids, adapter_names=rows).logits
+    monkeypatch.setattr(torch, "bmm", bmm)
+    assert max(computed) <= len(rows)  # neither form computes pad rows here
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q._mixed_slots[1].grouped == (form == "grouped")
+    with torch.no_grad():
+        want = [_row(model, ids[i : i + 1], n) for i, n in enumerate(rows)]
+    for i, w in enumerate(want):
+        torch.testing.assert_close(got[i : i + 1], w, atol=TOL, rtol=TOL)
 
 
 @pytest.mark.parametrize("tokens, rows", [(2, SKEWED), (6, ROWS)])  # grouped rows (padded); gathered factors

@@ -227,6 +227,16 @@ def _cached_factors(wrapper: nn.Module, adapters: list[nn.Module]) -> _Factors:
     return factors
 
 
+def clear_mixed_caches(wrapper: nn.Module) -> None:
+    """Drops every mixed-batch cache ``wrapper`` holds across calls: the stacked factors (``_mixed_factors``,
+    which also holds the factors it was stacked from) and the row -> slot indices (``_mixed_slots``); the next
+    mixed call builds them again. For ``delete_adapter``, whose adapter these would keep alive, and after an
+    in-place update through ``.data``, which the cache cannot see. Any module may be passed; one without caches
+    is unchanged. (A call's own memo, in ``row_adapters``, lives only for that call.)"""
+    wrapper.__dict__.pop("_mixed_factors", None)
+    wrapper.__dict__.pop("_mixed_slots", None)
+
+
 def _plan(wrapper: nn.Module, batch: int, device: torch.device) -> _Plan | None:
     """What ``wrapper`` runs for a batch of ``batch`` rows in this call; None when no row has one of its adapters."""
     rows: RowAdapters = wrapper.row_adapters

@@ -6,6 +6,8 @@ in eval and in training (gradients), with adapters of different ranks, DoRA, an 
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import peft
 import pytest
@@ -202,3 +204,30 @@ def test_cached_plans_follow_storage_scaling_and_rows():
         check(ROWS[::-1])
     assert (after_data[0] - first[0]).abs().max() > 1e-3  # a's rows changed with its new A
     assert (after_scaling[1] - after_data[1]).abs().max() > 1e-3  # b's rows changed with its scaling
+
+
+def test_clear_mixed_caches_drops_them_and_the_next_call_rebuilds():
+    """After delete_adapter, the kept stack would hold the deleted adapter's factors alive; clear_mixed_caches
+    drops every mixed-batch cache of a wrapper, and the next mixed call is still each row's single-adapter run."""
+    from lorakit.variants.mixed import clear_mixed_caches
+
+    model = _model(dora_c=False).eval()
+    ids = torch.randint(0, 61, (len(ROWS), 1))
+    with torch.no_grad():
+        model(ids, adapter_names=ROWS)
+    wrappers = [m for m in model.modules() if "_mixed_factors" in m.__dict__]
+    assert wrappers and all("_mixed_slots" in m.__dict__ for m in wrappers)
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    deleted = weakref.ref(q.adapters["b"].lora_A.weight)
+    model.delete_adapter("b")
+    for m in model.modules():
+        clear_mixed_caches(m)
+    gc.collect()
+    assert deleted() is None
+    assert not [m for m in model.modules() if {"_mixed_factors", "_mixed_slots"} & m.__dict__.keys()]
+    rows = [n for n in ROWS if n != "b"]
+    with torch.no_grad():
+        got = model(ids[: len(rows)], adapter_names=rows).logits
+        want = [_row(model, ids[i : i + 1], n) for i, n in enumerate(rows)]
+    for i, w in enumerate(want):
+        torch.testing.assert_close(got[i : i + 1], w, atol=TOL, rtol=TOL)

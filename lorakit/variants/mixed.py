@@ -22,7 +22,10 @@ Gathering keeps autograd, so mixed batches train. Per-row dropout uses each adap
 Per-call cost matters at decode (one token per row), where the matmuls are tiny: the stacked factors are kept
 across calls under ``no_grad`` (keyed by each factor's identity, storage and version counter, so an optimizer step,
 ``load_adapter``, a hotswap or a replaced tensor rebuilds them), row -> slot indices and row groups are kept while the
-row names stay the same, and within one call (``generate``'s steps) each wrapper resolves its plan once.
+row names stay the same, and within one call (``generate``'s steps) each wrapper resolves its plan once. An in-place
+update through ``.data`` (``p.data.mul_()``, ``p.data.copy_()``) is not seen: ``.data`` has its own version counter,
+so the stacked factors go stale; update the parameter itself under ``torch.no_grad()`` (``p.mul_()``,
+``p.copy_()``, as optimizers do) or assign a new tensor. :func:`clear_mixed_caches` drops a wrapper's caches.
 """
 
 from __future__ import annotations
@@ -212,8 +215,14 @@ _VERSION = operator.attrgetter("_version")
 
 def _cached_factors(wrapper: nn.Module, adapters: list[nn.Module]) -> _Factors:
     """``_stack_factors``, reused across inference calls while every factor is the same tensor object with the same
-    storage and version counter (in-place updates bump it; ``.data =`` moves the storage) and every scaling is
-    unchanged. Checked on every call, with C-level maps: a decode step runs this for every adapted layer."""
+    storage and version counter and every scaling is unchanged. Checked on every call, with C-level maps: a decode
+    step runs this for every adapted layer.
+
+    In-place ops on the parameter bump its version counter and ``.data =`` moves its storage, so both are seen; an
+    in-place op through ``.data`` (``p.data.mul_()``, ``p.data.copy_()``) is not: ``.data`` has its own version
+    counter, and the stale stack is served. Update the parameter itself under ``torch.no_grad()`` (``p.mul_()``,
+    ``p.copy_()``, as optimizers do) or assign a new tensor; or call :func:`clear_mixed_caches` after a ``.data``
+    update."""
     cached: _FactorCache | None = wrapper.__dict__.get("_mixed_factors")
     if cached is not None and cached.adapters == adapters:
         params = cached.params

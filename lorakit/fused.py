@@ -119,13 +119,13 @@ def enable_fused(model: nn.Module, mlp: bool = True, norm_kernels: bool | None =
                 _replace(model, name, FusedLoraMLP(module))
 
 
-def disable_fused(model: nn.Module) -> None:
-    """Undo ``enable_fused`` and turn the fused linear path off (``use_fused = False``: the plain autograd path
-    everywhere), with the original MLP instances back."""
+def disable_fused(model: nn.Module, plain: bool = False) -> None:
+    """Undo ``enable_fused``: the original MLP instances back, and linear layers on their default
+    (``use_fused = None``), or with ``plain`` on the plain autograd path everywhere (``use_fused = False``)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, FusedLoraMLP):
             _replace(model, name, module.restore())
         elif isinstance(module, RMSNormWithKernel):
             _replace(model, name, module.base_layer)
         elif isinstance(module, LoraLinear):
-            module.use_fused = False
+            module.use_fused = False if plain else None

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad
 
 from lorakit import quant
 from lorakit.config import lora_scaling
@@ -338,6 +339,20 @@ class _LoraWrapper(nn.Module):
             return getattr(self.base_layer, name)
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether running ``module``'s computation without calling it would skip a hook: its own forward/backward
+    hooks, an instance-level ``forward`` (accelerate's ``_hf_hook`` wrappers), or a global module hook."""
+    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
+        return True
+    if "forward" in module.__dict__ or hasattr(module, "_hf_hook"):
+        return True
+    g = torch.nn.modules.module
+    return bool(
+        g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+        or g._global_backward_pre_hooks
+    )
+
+
 class LoraLinear(_LoraWrapper):
     """LoRA around a linear-like base: ``nn.Linear``, GPT-2 ``Conv1D`` (``fan_in_fan_out``), or a quantized
     linear (lorakit's or bitsandbytes' 4-bit/8-bit)."""
@@ -375,11 +390,10 @@ class LoraLinear(_LoraWrapper):
         return (weight.T if transposed else weight).float()
 
     #: The fused autograd (``lorakit.kernels.lora_fused``: dX = dY W + s (dY B) A in one accumulation, dB as
-    #: (h^T dY)^T, no extra saved copies). ``None`` (default): in training wherever it computes the plain path's
-    #: formula in the plain path's dtypes (``_fuses_by_default``; in half precision the fused additions round
-    #: once instead of twice); ``True`` (``PeftModel.enable_fused_lora``): also where the
-    #: plain path would run the adapter in its own dtype on a copy of x (the fused one runs it in the compute
-    #: dtype); ``False``: never.
+    #: (h^T dY)^T, no extra saved copies). ``None`` (default): in fp32/fp64 training wherever it computes what the
+    #: plain path computes (``_fuses_by_default``); ``True`` (``PeftModel.enable_fused_lora``): wherever it applies,
+    #: the adapter then running in the compute dtype (over half precision outputs differ by rounding); ``False``
+    #: (``enable_fused_lora(False)``): never.
     use_fused: bool | None = None
 
     def _fused_weight(self, x: torch.Tensor) -> Any:
@@ -391,22 +405,34 @@ class LoraLinear(_LoraWrapper):
         return base.weight.T if self.fan_in_fan_out else base.weight
 
     def _fuses_by_default(self, x: torch.Tensor, adapter: nn.Module) -> bool:
-        """The fused path is the plain path's formula here: a plain ``nn.Linear`` / GPT-2 ``Conv1D`` or a lorakit
-        quantized base with no hooks (accelerate's offloading hooks run in the base's forward, which the fused
-        path does not call), the adapter in the compute dtype, gradients on (without them the fused path saves
-        nothing and its per-call overhead costs more than it saves: decoding one token was slower), and no
-        ``torch.compile`` tracing."""
+        """Where the fused path computes what the plain path computes, value for value, so that switching between
+        them changes nothing (reentrant checkpointing runs the forward without gradients, on the plain path, and
+        recomputes it with them, on the fused one):
+
+        - fp32/fp64 compute: x, the adapter and the base weight in one such dtype, no autocast (in half precision
+          the fused additions round once where the plain path rounds twice);
+        - a plain ``nn.Linear`` / GPT-2 ``Conv1D`` or a lorakit quantized base computing in x's dtype;
+        - no hooks on the base (accelerate's offloading hooks live in its forward, which the fused path does not
+          call; backward hooks and global module hooks would be skipped as well);
+        - no ``torch.compile`` tracing, ``torch.func`` transform or forward-mode AD (the autograd function has no
+          vmap or jvp rule). Gradients on: checked by ``forward`` first (inference keeps the plain path, whose
+          per-call overhead is lower)."""
         base = self.base_layer
-        if not (type(base) is nn.Linear or type(base).__name__ == "Conv1D" or isinstance(base, DequantLinearModule)):
+        dtype = x.dtype
+        if dtype not in (torch.float32, torch.float64) or adapter.lora_A.weight.dtype != dtype:
             return False
-        if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__ or hasattr(base, "_hf_hook"):
+        if isinstance(base, DequantLinearModule):
+            if base.compute_dtype not in (None, dtype):
+                return False
+        elif not (type(base) is nn.Linear or type(base).__name__ == "Conv1D") or base.weight.dtype != dtype:
             return False
-        if torch.compiler.is_compiling():  # (gradients on: checked by forward before anything else)
+        if torch.is_autocast_enabled(x.device.type) or _has_hooks(base):
             return False
-        autocast = torch.is_autocast_enabled(x.device.type)
-        if isinstance(base, DequantLinearModule) and (autocast or base.compute_dtype not in (None, x.dtype)):
-            return False  # its forward casts x to compute_dtype and the output back; the fused path does not
-        return autocast or x.dtype == adapter.lora_A.weight.dtype
+        return not (
+            torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()
+            or forward_ad._current_level >= 0
+        )
 
     def _can_fuse(self, adapters: list[nn.Module], x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
         if self.use_fused is False or args or kwargs or len(adapters) != 1 or type(adapters[0]) is not LoraAdapter:

@@ -301,15 +301,15 @@ class PeftModel(nn.Module):
         4-bit weights on demand; with ``mlp``, Llama-style SwiGLU MLPs run as one fused op that recomputes the
         activation. Not part of PEFT's API; parameter names unchanged.
 
-        Without this call, linear layers already take the fused path where it computes what the plain path
-        computes (adapter in the compute dtype, plain or lorakit-quantized base without hooks; see
-        ``LoraLinear.use_fused``). This call extends it to adapters kept in another dtype than the compute dtype
-        (they then run in the compute dtype, not on an fp32 copy of x, so over half-precision bases outputs
-        differ from the plain path by rounding) and adds the fused MLPs. ``enabled=False``: the plain autograd
-        path everywhere."""
+        Without this call, linear layers already take the fused path in fp32/fp64 training where it computes what
+        the plain path computes (see ``LoraLinear.use_fused``). This call extends it to half precision, autocast
+        and adapters kept in another dtype than the compute dtype (they then run in the compute dtype, not on an
+        fp32 copy of x, so outputs differ from the plain path by rounding) and adds the fused MLPs.
+        ``enabled=False``: the plain autograd path everywhere. ``merge_and_unload`` / ``unload`` restore the
+        default first."""
         from lorakit.fused import disable_fused, enable_fused
 
-        disable_fused(self.get_base_model())
+        disable_fused(self.get_base_model(), plain=not enabled)
         if enabled:
             enable_fused(self.get_base_model(), mlp=mlp)
 

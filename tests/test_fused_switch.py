@@ -114,9 +114,61 @@ def test_default_keeps_the_plain_path_for_other_dtypes_and_hooked_bases(input_id
     with _CountFused() as calls:
         model(input_ids=input_ids)
     assert not calls
+    model.float()
     with _CountFused() as calls, torch.autocast("cpu", dtype=torch.bfloat16):
         model(input_ids=input_ids)
-    assert len(calls) == 13  # under autocast both paths run the adapter in bf16
+    assert not calls  # half-precision compute: the fused additions would round differently
+    k = model.base_model.model.model.layers[0].self_attn.k_proj
+    k.base_layer.register_full_backward_hook(lambda *_: None)
+    with _CountFused() as calls:
+        model(input_ids=input_ids)
+    assert len(calls) == 12  # q (forward pre-hook) and k (backward hook) run their bases' own forward
+
+
+def test_default_keeps_the_plain_path_under_torch_func_and_forward_ad() -> None:
+    """The fused autograd function has no vmap or jvp rule: per-sample gradients and forward-mode AD must still
+    work on a default model, through the plain path."""
+    from torch.func import functional_call, grad, vmap
+
+    layer = get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(6, 5)), LoraConfig(r=2, target_modules=["0"], init_lora_weights=False)
+    ).base_model.model[0]
+    params = {k: v.detach() for k, v in layer.named_parameters() if v.requires_grad}
+    x = torch.randn(4, 6)
+
+    def loss(p, xi):
+        return functional_call(layer, p, (xi[None],)).square().sum()
+
+    with _CountFused() as calls:
+        per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    assert not calls
+    for i in range(4):  # each row's gradient equals an ordinary backward on that row alone
+        want = torch.autograd.grad(loss(dict(layer.named_parameters()), x[i]), [p for _, p in layer.named_parameters()
+                                   if p.requires_grad])
+        for got, w in zip(per_sample.values(), want, strict=True):
+            torch.testing.assert_close(got[i], w)
+    import torch.autograd.forward_ad as fwAD
+
+    with _CountFused() as calls, fwAD.dual_level():
+        tangent = torch.randn(4, 6)
+        out = layer(fwAD.make_dual(x, tangent))
+        jvp = fwAD.unpack_dual(out).tangent
+    assert not calls
+    torch.testing.assert_close(jvp, torch.func.jvp(layer, (x,), (tangent,))[1])
+
+
+def test_enable_fused_lora_false_is_plain_and_unload_restores_the_default(input_ids) -> None:
+    model = get_peft_model(
+        make_tiny_llama(hidden=64), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
+    layers = [m for m in model.modules() if hasattr(m, "use_fused")]
+    assert {m.use_fused for m in layers} == {None}
+    model.enable_fused_lora(False)
+    assert {m.use_fused for m in layers} == {False}
+    model.enable_fused_lora()
+    assert {m.use_fused for m in layers} == {True}
+    model.merge_and_unload()
+    assert {m.use_fused for m in layers} == {None}
 
 
 def test_default_keeps_the_plain_path_over_a_4bit_base_with_another_compute_dtype(input_ids) -> None:
@@ -128,3 +180,29 @@ def test_default_keeps_the_plain_path_over_a_4bit_base_with_another_compute_dtyp
     with _CountFused() as calls:
         model(input_ids=input_ids, labels=input_ids).loss.backward()
     assert not calls
+
+
+def test_fused_dropout_draws_what_nn_dropout_draws(input_ids) -> None:
+    """From the same RNG state the fused path drops the same entries as nn.Dropout (reentrant checkpointing may
+    run the forward on one path and recompute it on the other): equal logits and grads in training mode."""
+    cfg = LoraConfig(r=4, lora_dropout=0.3, target_modules="all-linear", init_lora_weights=False)
+    fused = get_peft_model(make_tiny_llama(hidden=64), cfg).train()
+    fused.enable_fused_lora()
+    plain = copy.deepcopy(fused)
+    plain.enable_fused_lora(False)
+    torch.manual_seed(5)
+    with _CountFused() as calls:
+        out_f = fused(input_ids=input_ids, labels=input_ids)
+    assert len(calls) == 8  # the attention linears; the MLPs run as fused MLPs (same draws, same order)
+    torch.manual_seed(5)
+    out_p = plain(input_ids=input_ids, labels=input_ids)
+    torch.manual_seed(6)
+    other = plain(input_ids=input_ids).logits
+    assert (other - out_p.logits).abs().max() > 1e-4  # dropout does act here
+    torch.testing.assert_close(out_f.logits, out_p.logits, atol=1e-5, rtol=0)
+    out_f.loss.backward()
+    out_p.loss.backward()
+    grads = dict(plain.named_parameters())
+    for n, p in fused.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n].grad, atol=1e-5, rtol=1e-4)

@@ -2,7 +2,7 @@
 
 LoRA (Hu et al., https://arxiv.org/abs/2106.09685) with a frozen base weight W (out, in):
 
-    x_d = dropout(x) = x * m / (1 - p)          # m ~ Bernoulli(1 - p), (M, in); x_d = x when p = 0
+    x_d = dropout(x) = x * m / (1 - p)          # m ~ Bernoulli(1 - p) (nn.Dropout's draws), (M, in); x_d = x when p = 0
     h   = x_d A^T                               # (M, r)
     y   = x W^T + b + s (h B^T + b_B)           # (M, out)
 
@@ -34,8 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lorakit.kernels.backend import use_triton
-from lorakit.kernels.swiglu import swiglu_backward, swiglu_backward_, swiglu_forward
+from lorakit.kernels.swiglu import swiglu_for_backward, swiglu_forward
 
 WeightOrFn = torch.Tensor | Callable[[], torch.Tensor]
 
@@ -97,8 +96,12 @@ def _projection_forward(
     mask = None
     x_d = x
     if training and proj.dropout_p > 0:
-        mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - proj.dropout_p)  # (M, in)
-        x_d = x * mask / (1.0 - proj.dropout_p)
+        # nn.Dropout's own draws (F.dropout on a tensor of x's shape and dtype), so the fused and the plain path
+        # drop the same entries from the same RNG state on every device (reentrant checkpointing may run one and
+        # recompute with the other)
+        scale = F.dropout(torch.ones_like(x), proj.dropout_p, True)  # (M, in): 0 or 1 / (1 - p)
+        x_d = x * scale
+        mask = scale != 0  # (M, in) bool: what the backward keeps
     h = x_d @ proj.lora_A.to(dtype).t()  # (M, r)
     y.addmm_(h, proj.lora_B.to(dtype).t(), alpha=proj.scaling)  # (M, out)
     if proj.lora_B_bias is not None:
@@ -122,8 +125,9 @@ def _projection_backward(
     a, b, s = proj.lora_A.to(dtype), proj.lora_B.to(dtype), proj.scaling
     keep = 1.0 / (1.0 - proj.dropout_p)
     x_d = x if mask is None else x * mask * keep  # (M, in), transient
-    # dB^T = h^T dY as an (r, out) product read back transposed: BLAS runs this orientation about twice as fast
-    # on CPU as dY^T h (measured: 0.23 vs 0.44 ms at M=1024, out=512, r=16, one thread).
+    # dB^T = h^T dY as an (r, out) product read back transposed: on CPU, one thread, M=1024, r=16, this took 0.23 ms
+    # vs 0.44 ms for dY^T h at out=512 (with two threads 0.16 vs 0.23 ms at out=512, but 0.40 vs 0.33 ms at
+    # out=1376; not measured on GPU). Either orientation is the same sum.
     d_b = (h.t() @ dy).mul_(s).t().to(proj.lora_B.dtype)  # (out, r)
     d_b_bias = None if proj.lora_B_bias is None else (dy.sum(0) * s).to(proj.lora_B_bias.dtype)  # (out,)
     dh = (dy @ b).mul_(s)  # (M, r)
@@ -244,18 +248,10 @@ class _LoraMLP(torch.autograd.Function):
         lead = dy.shape[:-1]
         with torch.autocast(dy.device.type, enabled=False):
             dy2 = dy.reshape(-1, dy.shape[-1]).to(ctx.dtype)  # (M, H)
-            if use_triton(g, ctx.backend) or g.dtype not in (torch.float32, torch.float64):
-                act = swiglu_forward(g, u, ctx.backend)  # (M, I)
-                d_act, *grads_d = _projection_backward(dy2, act, mask_d, h_d, down, True, ctx.dtype)
-                del act
-                dg, du = swiglu_backward(d_act, g, u, ctx.backend)  # (M, I) each
-            else:  # torch's fused ops, silu(g) computed once and every temporary reused in place
-                silu_g = F.silu(g)  # (M, I)
-                act = silu_g * u  # (M, I)
-                d_act, *grads_d = _projection_backward(dy2, act, mask_d, h_d, down, True, ctx.dtype)
-                del act
-                du = silu_g.mul_(d_act)  # da * silu(g), in silu_g's storage
-                dg, du = swiglu_backward_(d_act.mul_(u), g, du)  # dg in d_act's storage
+            act, swiglu_grads = swiglu_for_backward(g, u, ctx.backend)  # act (M, I) recomputed
+            d_act, *grads_d = _projection_backward(dy2, act, mask_d, h_d, down, True, ctx.dtype)
+            del act
+            dg, du = swiglu_grads(d_act)  # (M, I) each; d_act is ours (consumed)
             del d_act
             need_dx = ctx.needs_input_grad[0]
             dx, *grads_g = _projection_backward(dg, x2, mask_g, h_g, gate, need_dx, ctx.dtype)

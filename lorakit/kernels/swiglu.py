@@ -15,6 +15,7 @@ Half-precision tensors keep the reference (one rounding at the end instead of on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -72,6 +73,25 @@ def swiglu_backward(
     if _native(g) and g.dtype == u.dtype == da.dtype:
         return swiglu_backward_(da * u, g, F.silu(g).mul_(da))
     return swiglu_backward_reference(da, g, u)
+
+
+def swiglu_for_backward(
+    g: torch.Tensor, u: torch.Tensor, backend: str = "auto"
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
+    """``(a, grads)`` for a backward that recomputes ``a = silu(g) * u`` and then needs ``grads(da) -> (dg, du)``.
+
+    On the torch fp32/fp64 path ``silu(g)`` is computed once for both, and ``grads`` writes into its own
+    temporaries and into ``da``, which must be a tensor the caller owns and no longer needs.
+    """
+    if use_triton(g, backend) or not (_native(g) and g.dtype == u.dtype):
+        return swiglu_forward(g, u, backend), lambda da: swiglu_backward(da, g, u, backend)
+    silu_g = F.silu(g)  # (..., I)
+
+    def grads(da: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        du = silu_g.mul_(da)  # da * silu(g), in silu_g's storage
+        return swiglu_backward_(da.mul_(u), g, du)  # dg in da's storage
+
+    return silu_g * u, grads
 
 
 def swiglu_backward_(da_u: torch.Tensor, g: torch.Tensor, du: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,10 +12,10 @@ residual is already zero). The base is left as it is. PEFT splits ``sqrt(S_r)`` 
 factors when ``lora_alpha = r`` (s = 1); for other alphas PEFT's ``Q + s B A`` overshoots ``W``, ours does not.
 
 Differences from PEFT 0.21.2, all on inputs PEFT cannot handle or gets wrong: it runs on any device (PEFT sends
-the weights to "cuda"/"xpu"); every checkpoint key is checked before the first layer is changed (PEFT fails midway,
-with the earlier layers already replaced); a DoRA adapter's magnitude is set to ``||Q + s B A||_c`` afterwards, as
-after lorakit's other inits (PEFT keeps the magnitude of the old factors); layers without ``adapter_name`` are
-skipped (PEFT raises a ``KeyError``).
+the weights to "cuda"/"xpu"); every checkpoint key and its shape (from the safetensors headers) are checked before the
+first layer is changed (PEFT fails midway, with the earlier layers already replaced); a DoRA adapter's magnitude is
+set to ``||Q + s B A||_c`` afterwards, as after lorakit's other inits (PEFT keeps the magnitude of the old factors);
+layers without ``adapter_name`` are skipped (PEFT raises a ``KeyError``).
 """
 
 from __future__ import annotations
@@ -77,6 +77,13 @@ class _Checkpoint:
         raise KeyError(
             f"{' or '.join(map(repr, candidates))} not found in {self.path}: is it the checkpoint of this base model?"
         )
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """``name``'s shape, from its file's header (no tensor data is read)."""
+        from safetensors import safe_open
+
+        with safe_open(self.files[name], framework="pt", device="cpu") as f:
+            return tuple(f.get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -158,15 +165,17 @@ def replace_lora_weights_loftq(
     checkpoint = _Checkpoint(_model_path(base, model_path))
     prefix = getattr(base, "base_model_prefix", None)
     keys = {name: checkpoint.resolve(name + ".weight", prefix) for name, _ in layers}  # all, before any change
+    for name, module in layers:  # every shape too, from the headers
+        found, expected = checkpoint.shape(keys[name]), (module.base_layer.out_features, module.base_layer.in_features)
+        if found != expected:
+            raise ValueError(
+                f"{keys[name]!r} in the checkpoint has shape {found} but {name!r} is {expected} (out, in): not the "
+                "checkpoint of this model."
+            )
     for name, module in layers:
         adapter = module.adapters[adapter_name]
         weight = checkpoint.get(keys[name]).to(device=adapter.lora_A.weight.device, dtype=torch.float32)  # (out, in)
         qweight = quant.dequantize_weight(module.base_layer).to(weight.device)  # (out, in) fp32
-        if weight.shape != qweight.shape:
-            raise ValueError(
-                f"{keys[name]!r} in the checkpoint has shape {tuple(weight.shape)} but {name!r} is "
-                f"{tuple(qweight.shape)} (out, in): not the checkpoint of this model."
-            )
         lora_a, lora_b = loftq_factors(weight, qweight, adapter.r, adapter.scaling)
         before = _snapshot(adapter) if callback is not None else None
         _set_factors(adapter, lora_a, lora_b)

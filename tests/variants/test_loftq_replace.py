@@ -169,6 +169,13 @@ def test_errors_name_the_problem_and_change_nothing(saved, tmp_path):
     save_file(partial, tmp_path / "model.safetensors")
     with pytest.raises(KeyError, match="v_proj.weight"):  # q_proj comes first and must not have been replaced
         lorakit.replace_lora_weights_loftq(model, model_path=tmp_path)
+    wrong = tmp_path / "wrong"  # v_proj (32, 64) saved as (64, 64): q_proj comes first and must stay unchanged
+    wrong.mkdir()
+    v_key = "model.layers.0.self_attn.v_proj.weight"
+    save_file({**{k: v.contiguous() for k, v in base.state_dict().items()}, v_key: torch.randn(64, 64)},
+              wrong / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"'{v_key}' in the checkpoint has shape \(64, 64\) .* \(32, 64\)"):
+        lorakit.replace_lora_weights_loftq(model, model_path=wrong)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "model.safetensors.index.json").write_text((sharded / "model.safetensors.index.json").read_text())

@@ -269,6 +269,9 @@ class _LoraWrapper(nn.Module):
         if name in self.adapters:
             del self.adapters[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
+        from lorakit.variants.mixed import clear_mixed_caches
+
+        clear_mixed_caches(self)  # a kept mixed-batch stack would hold the deleted adapter's factors
 
     def set_active(self, names: list[str]) -> None:
         self.active_adapters = [n for n in names if n in self.adapters]

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lorakit import LoraConfig, get_peft_model
 from lorakit.layers import LoraEmbedding, LoraLinear, check_adapter_name
+
+from .conftest import make_tiny_llama
 
 
 def _linear_wrapper(bias: bool = True, lora_bias: bool = False, dropout: float = 0.0) -> LoraLinear:
@@ -144,3 +150,19 @@ def test_disabled_and_inactive_return_base() -> None:
 def test_reserved_adapter_names_rejected(name: str) -> None:
     with pytest.raises(ValueError, match="adapter_name"):
         check_adapter_name(name)
+
+
+def test_delete_adapter_frees_what_mixed_batches_kept(input_ids) -> None:
+    """A mixed-batch call keeps each wrapper's stacked factors across calls; delete_adapter must drop them, or
+    the deleted adapter's tensors stay alive."""
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(make_tiny_llama(hidden=64), cfg, adapter_name="a").eval()
+    model.add_adapter("b", cfg)
+    with torch.no_grad():
+        model(input_ids=input_ids[:2], adapter_names=["a", "b"])
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert "_mixed_factors" in q.__dict__
+    deleted = weakref.ref(q.adapters["b"].lora_A.weight)
+    model.delete_adapter("b")
+    gc.collect()
+    assert deleted() is None and "_mixed_factors" not in q.__dict__

@@ -129,7 +129,7 @@ class TrainingConfig:
     """"all" writes TensorBoard events when tensorboard is importable; "none" writes only metrics.jsonl."""
     fused_lora: bool = False
     """Fused LoRA autograd in every adapted linear and Llama-style MLP (`enable_fused_lora`: fewer saved
-    activations, 4-bit weights dequantized on demand). Without it, linears still fuse where it is exact."""
+    activations, 4-bit weights dequantized on demand). Without it, fp32 linears still fuse where it is exact."""
     offload_activations: bool = False
     """Move saved activations to pinned CPU memory on a side stream (CUDA; for long contexts)."""
     use_chunked_loss: bool = True

@@ -14,6 +14,7 @@ import copy
 import statistics
 import time
 
+import bench_core  # bench/ is sys.path[0] when run as python bench/bench_variants.py
 import peft
 import torch
 import transformers as tf
@@ -53,19 +54,9 @@ def _step(model, ids):
     return run
 
 
-def _core_base():
-    """The core benchmark's model (bench_core.py): hidden 512, 8 layers, intermediate 1376, vocab 8000."""
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-        num_key_value_heads=8,
-    )
-    return tf.LlamaForCausalLM(cfg)
-
-
 def bench_dora(reps: int, core: bool = False) -> None:
     """DoRA vs LoRA vs PEFT's DoRA training steps; ``core``: on the core benchmark's model, batch 4 x 256."""
-    base = _core_base() if core else _base()
+    base = bench_core._model(quick=False) if core else _base()
     ids = torch.randint(0, base.config.vocab_size, (4, 256 if core else 128))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     print("| dropout | lorakit LoRA | lorakit DoRA | PEFT DoRA | ours/PEFT DoRA | DoRA/LoRA (ours) |")

@@ -26,6 +26,14 @@ def _pair(quantized: bool):
     return plain, fused
 
 
+def _assert_same_grads(model: torch.nn.Module, reference: torch.nn.Module) -> None:
+    """Every trainable parameter's gradient equals the reference model's (fp32, 1e-5)."""
+    grads = dict(reference.named_parameters())
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n].grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
 class _CountFused:
     """Counts the calls of the fused linear autograd function within the block."""
 
@@ -53,10 +61,7 @@ def test_fused_equals_plain(quantized: bool, input_ids) -> None:
     torch.testing.assert_close(out_f.logits, out_p.logits, atol=1e-5, rtol=0)
     out_f.loss.backward()
     out_p.loss.backward()
-    grads = dict(plain.named_parameters())
-    for n, p in fused.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads[n].grad, atol=1e-5, rtol=1e-4)
+    _assert_same_grads(fused, plain)
 
 
 def test_fused_falls_back_with_two_active_adapters(input_ids) -> None:
@@ -91,10 +96,7 @@ def test_default_takes_the_fused_path_where_it_computes_the_same(quantized: bool
     torch.testing.assert_close(out_d.logits, out_p.logits, atol=1e-5, rtol=0)
     out_d.loss.backward()
     out_p.loss.backward()
-    grads = dict(plain.named_parameters())
-    for n, p in default.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads[n].grad, atol=1e-5, rtol=1e-4)
+    _assert_same_grads(default, plain)
 
 
 def test_default_keeps_the_plain_path_for_other_dtypes_and_hooked_bases(input_ids) -> None:
@@ -202,7 +204,4 @@ def test_fused_dropout_draws_what_nn_dropout_draws(input_ids) -> None:
     torch.testing.assert_close(out_f.logits, out_p.logits, atol=1e-5, rtol=0)
     out_f.loss.backward()
     out_p.loss.backward()
-    grads = dict(plain.named_parameters())
-    for n, p in fused.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads[n].grad, atol=1e-5, rtol=1e-4)
+    _assert_same_grads(fused, plain)

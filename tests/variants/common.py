@@ -1,4 +1,5 @@
-"""Shared pieces of the variants tests: the tiny model, and the base-modifying-init conversion round trip."""
+"""Shared pieces of the variants tests: the tiny model, per-row references for mixed batches, and the
+base-modifying-init conversion round trip."""
 
 from __future__ import annotations
 
@@ -21,6 +22,30 @@ def tiny_llama(seed: int | None = None) -> tf.LlamaForCausalLM:
         num_key_value_heads=2,
     )
     return tf.LlamaForCausalLM(cfg).eval()
+
+
+def row_logits(model: lorakit.PeftModel, ids: torch.Tensor, name: str) -> torch.Tensor:
+    """Logits of ``ids`` through adapter ``name`` alone (``"__base__"``: adapters disabled): a mixed batch's row."""
+    if name == "__base__":
+        with model.disable_adapter():
+            return model(ids).logits
+    model.set_adapter(name)
+    return model(ids).logits
+
+
+def check_generate_equals_per_row(model: lorakit.PeftModel, ids: torch.Tensor, rows: list[str]) -> None:
+    """Greedy ``generate(..., adapter_names=rows)`` equals each row generated alone with its adapter."""
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    got = model.generate(input_ids=ids, adapter_names=rows, **kw)
+    for i, name in enumerate(rows):
+        if name == "__base__":
+            with model.disable_adapter():
+                want = model.generate(input_ids=ids[i : i + 1], **kw)
+        else:
+            model.set_adapter(name)
+            want = model.generate(input_ids=ids[i : i + 1], **kw)
+        n = want.shape[1]  # a row that hit EOS is padded in the batch
+        assert torch.equal(got[i : i + 1, :n], want) and (got[i, n:] == 0).all()
 
 
 def check_conversion_to_plain_lora(

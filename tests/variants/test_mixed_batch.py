@@ -15,7 +15,7 @@ import torch
 
 import lorakit
 
-from .common import tiny_llama
+from .common import check_generate_equals_per_row, row_logits, tiny_llama
 
 TOL = 1e-5
 ROWS = ["a", "b", "__base__", "c", "a"]
@@ -40,12 +40,6 @@ def _model(dora_c: bool = True):
     return model
 
 
-def _row(model, ids, name):
-    if name == "__base__":
-        with model.disable_adapter():
-            return model(ids).logits
-    model.set_adapter(name)
-    return model(ids).logits
 
 
 SKEWED = ["a", "a", "a", "a", "b", "c"]  # q_proj, v_proj: groups of 4 and 1 (the grouped form pads 3 rows)
@@ -69,7 +63,7 @@ def test_mixed_batch_equals_per_row_runs(tokens, rows, branch):
     ids = torch.randint(0, 61, (len(rows), tokens))
     with torch.no_grad():
         got = model(ids, adapter_names=rows).logits
-        want = [_row(model, ids[i : i + 1], n) for i, n in enumerate(rows)]
+        want = [row_logits(model, ids[i : i + 1], n) for i, n in enumerate(rows)]
     assert all(w.row_adapters is None for w in model.modules() if hasattr(w, "row_adapters"))
     for i, w in enumerate(want):
         torch.testing.assert_close(got[i : i + 1], w, atol=TOL, rtol=TOL)
@@ -97,7 +91,7 @@ def test_decode_groups_only_while_the_padding_is_small(monkeypatch, rows, form):
     q = model.base_model.model.model.layers[0].self_attn.q_proj
     assert q._mixed_slots[1].grouped == (form == "grouped")
     with torch.no_grad():
-        want = [_row(model, ids[i : i + 1], n) for i, n in enumerate(rows)]
+        want = [row_logits(model, ids[i : i + 1], n) for i, n in enumerate(rows)]
     for i, w in enumerate(want):
         torch.testing.assert_close(got[i : i + 1], w, atol=TOL, rtol=TOL)
 
@@ -114,25 +108,15 @@ def test_mixed_batch_trains(tokens, rows):
     model.zero_grad()
     for i, name in enumerate(rows):
         if name != "__base__":  # the base row has no trainable path
-            (_row(model, ids[i : i + 1], name) * weights[i : i + 1]).sum().backward()
+            (row_logits(model, ids[i : i + 1], name) * weights[i : i + 1]).sum().backward()
     for n, p in trainable.items():
         torch.testing.assert_close(mixed[n], p.grad, atol=TOL, rtol=1e-4, msg=n)
 
 
-def test_mixed_batch_generate_equals_per_row():
+def test_mixed_batch_generate_equals_perrow_logits():
     model = _model().eval()
     ids = torch.randint(1, 61, (len(ROWS), 5))
-    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
-    got = model.generate(input_ids=ids, adapter_names=ROWS, **kw)
-    for i, name in enumerate(ROWS):
-        if name == "__base__":
-            with model.disable_adapter():
-                want = model.generate(input_ids=ids[i : i + 1], **kw)
-        else:
-            model.set_adapter(name)
-            want = model.generate(input_ids=ids[i : i + 1], **kw)
-        n = want.shape[1]  # a row that hit EOS is padded in the batch
-        assert torch.equal(got[i : i + 1, :n], want) and (got[i, n:] == 0).all()
+    check_generate_equals_per_row(model, ids, ROWS)
 
 
 def test_mixed_batch_equals_peft(tmp_path):
@@ -171,10 +155,10 @@ def test_cached_factors_follow_weight_changes():
         v = model.base_model.model.model.layers[0].self_attn.v_proj  # v moves the logits more than q
         v.adapters["a"].lora_B.weight.add_(0.5)  # in place: version counter moves
         changed = model(ids, adapter_names=ROWS).logits
-        rows = [_row(model, ids[i : i + 1], n) for i, n in enumerate(ROWS)]
+        rows = [row_logits(model, ids[i : i + 1], n) for i, n in enumerate(ROWS)]
         q.adapters["b"].lora_A.weight = torch.nn.Parameter(torch.randn_like(q.adapters["b"].lora_A.weight))
         replaced = model(ids, adapter_names=ROWS).logits
-        rows_replaced = [_row(model, ids[i : i + 1], n) for i, n in enumerate(ROWS)]
+        rows_replaced = [row_logits(model, ids[i : i + 1], n) for i, n in enumerate(ROWS)]
     assert (changed - first).abs().max() > 1e-3
     for i, want in enumerate(rows):
         torch.testing.assert_close(changed[i : i + 1], want, atol=TOL, rtol=TOL)
@@ -191,7 +175,7 @@ def test_cached_plans_follow_storage_scaling_and_rows():
 
     def check(names):
         got = model(ids, adapter_names=names).logits
-        want = torch.cat([_row(model, ids[i : i + 1], n) for i, n in enumerate(names)])
+        want = torch.cat([row_logits(model, ids[i : i + 1], n) for i, n in enumerate(names)])
         torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
         return got
 
@@ -228,6 +212,6 @@ def test_clear_mixed_caches_drops_them_and_the_next_call_rebuilds():
     rows = [n for n in ROWS if n != "b"]
     with torch.no_grad():
         got = model(ids[: len(rows)], adapter_names=rows).logits
-        want = [_row(model, ids[i : i + 1], n) for i, n in enumerate(rows)]
+        want = [row_logits(model, ids[i : i + 1], n) for i, n in enumerate(rows)]
     for i, w in enumerate(want):
         torch.testing.assert_close(got[i : i + 1], w, atol=TOL, rtol=TOL)

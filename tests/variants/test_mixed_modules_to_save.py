@@ -16,7 +16,7 @@ import transformers as tf
 import lorakit
 from lorakit.layers import ModulesToSaveWrapper
 
-from .common import tiny_llama
+from .common import check_generate_equals_per_row, row_logits, tiny_llama
 
 TOL = 1e-5  # fp32; the same ops in a different order
 ROWS = ["a", "b", "__base__", "c", "a", "b"]
@@ -53,12 +53,6 @@ def _causal_lm() -> lorakit.PeftModel:
     return model
 
 
-def _row(model: lorakit.PeftModel, ids: torch.Tensor, name: str) -> torch.Tensor:
-    if name == "__base__":
-        with model.disable_adapter():
-            return model(ids).logits
-    model.set_adapter(name)
-    return model(ids).logits
 
 
 def test_rows_equal_single_adapter_runs_and_each_copy_runs_once():
@@ -71,7 +65,7 @@ def test_rows_equal_single_adapter_runs_and_each_copy_runs_once():
     with torch.no_grad():
         got = model(ids, adapter_names=ROWS).logits
         assert calls == {"original": 1, "a": 1, "b": 1}  # grouped: one call per module, not per row
-        rows = [_row(model, ids[i : i + 1], n) for i, n in enumerate(ROWS)]
+        rows = [row_logits(model, ids[i : i + 1], n) for i, n in enumerate(ROWS)]
     assert head.row_adapters is None
     for i, want in enumerate(rows):
         torch.testing.assert_close(got[i : i + 1], want, atol=TOL, rtol=TOL)
@@ -101,26 +95,16 @@ def test_mixed_batch_trains_each_copy_from_its_rows():
     model.zero_grad()
     for i, name in enumerate(ROWS):
         if name != "__base__":  # the base row has no trainable path
-            (_row(model, ids[i : i + 1], name) * weights[i : i + 1]).sum().backward()
+            (row_logits(model, ids[i : i + 1], name) * weights[i : i + 1]).sum().backward()
     for n, p in trainable.items():
         assert p.grad is not None and p.grad.abs().max() > 0, n
         torch.testing.assert_close(mixed[n], p.grad, atol=TOL, rtol=1e-4, msg=n)
 
 
-def test_generate_equals_per_row():
+def test_generate_equals_perrow_logits():
     model = _causal_lm().eval()
     ids = torch.randint(1, 61, (len(ROWS), 4))
-    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
-    got = model.generate(input_ids=ids, adapter_names=ROWS, **kw)
-    for i, name in enumerate(ROWS):
-        if name == "__base__":
-            with model.disable_adapter():
-                want = model.generate(input_ids=ids[i : i + 1], **kw)
-        else:
-            model.set_adapter(name)
-            want = model.generate(input_ids=ids[i : i + 1], **kw)
-        n = want.shape[1]  # a row that hit EOS is padded in the batch
-        assert torch.equal(got[i : i + 1, :n], want) and (got[i, n:] == 0).all()
+    check_generate_equals_per_row(model, ids, ROWS)
 
 
 def _seq_cls() -> tf.LlamaForSequenceClassification:
@@ -165,7 +149,7 @@ def test_equals_peft(tmp_path, task):
     with torch.no_grad():
         want = theirs(input_ids=ids, adapter_names=rows).logits
         got = ours(ids, adapter_names=rows).logits
-        single = [_row(ours, ids[i : i + 1], n) for i, n in enumerate(rows)]
+        single = [row_logits(ours, ids[i : i + 1], n) for i, n in enumerate(rows)]
     torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
     torch.testing.assert_close(got, torch.cat(single), atol=TOL, rtol=TOL)
     assert (got[0] - got[2]).abs().max() > 1e-3 and (got[1] - got[2]).abs().max() > 1e-3

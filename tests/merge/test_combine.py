@@ -11,25 +11,18 @@ import copy
 import peft
 import pytest
 import torch
-import transformers as tf
 
 import lorakit
+from lorakit.merge.combine import COMBINATION_TYPES
+from tests.variants.common import tiny_llama
 
 TOL = 1e-5
-TYPES = [
-    "svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd",
-    "magnitude_prune", "magnitude_prune_svd",
-]
+TYPES = COMBINATION_TYPES
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    base = tf.LlamaForCausalLM(cfg).eval()
+    base = tiny_llama(seed=0)
     folder = tmp_path_factory.mktemp("adapters")
     kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], init_lora_weights=False)
     pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw), adapter_name="a")
@@ -94,13 +87,8 @@ def test_unequal_ranks_error_names_adapters_and_ranks(pair):
 def test_rslora_sources_combine_to_the_delta_the_formulas_give(combination_type):
     """The new adapter has scaling 1 (use_rslora off): combining one rsLoRA adapter at weight 1 reproduces its
     delta (PEFT 0.21.2's own call keeps use_rslora and scales the result by sqrt(new_rank): peft#3761)."""
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2,
-    )
     model = lorakit.get_peft_model(
-        tf.LlamaForCausalLM(cfg).eval(),
+        tiny_llama(seed=0),
         lorakit.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj"], init_lora_weights=False),
     )
     kwargs = {"svd_rank": 4} if combination_type == "svd" else {}

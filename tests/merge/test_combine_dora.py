@@ -19,13 +19,11 @@ import pytest
 import torch
 
 import lorakit
+from lorakit.merge.combine import COMBINATION_TYPES
 from tests.variants.common import tiny_llama
 
 TOL = 1e-5
-TYPES = [
-    "svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd",
-    "magnitude_prune", "magnitude_prune_svd",
-]
+TYPES = COMBINATION_TYPES
 TARGETS = ["q_proj", "v_proj", "embed_tokens"]
 
 

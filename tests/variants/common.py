@@ -13,15 +13,21 @@ import transformers as tf
 import lorakit
 
 
-def tiny_llama(seed: int | None = None) -> tf.LlamaForCausalLM:
-    """1-layer Llama, hidden 32, vocab 61, eval mode; seeded first when ``seed`` is given."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    cfg = tf.LlamaConfig(
+def tiny_llama_config(**overrides: object) -> tf.LlamaConfig:
+    """1-layer Llama config, hidden 32, intermediate 64, 4 heads (2 key/value), vocab 61; ``overrides`` replace
+    or add fields."""
+    fields = dict(
         vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2,
     )
-    return tf.LlamaForCausalLM(cfg).eval()
+    return tf.LlamaConfig(**{**fields, **overrides})
+
+
+def tiny_llama(seed: int | None = None, **overrides: object) -> tf.LlamaForCausalLM:
+    """``tiny_llama_config(**overrides)`` as a causal LM in eval mode; seeded first when ``seed`` is given."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return tf.LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
 
 
 def row_logits(model: lorakit.PeftModel, ids: torch.Tensor, name: str) -> torch.Tensor:

@@ -18,21 +18,18 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-import transformers as tf
 from safetensors.torch import save_file
 
 import lorakit
 from lorakit import quant
 
+from .common import tiny_llama
+
 
 def _model() -> torch.nn.Module:
     """1-layer Llama, hidden 64 (q_proj (64, 64), v_proj (32, 64), down_proj (64, 128)), seeded, eval."""
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return tf.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed=0, hidden_size=64, intermediate_size=128)
+
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.0.mlp.down_proj"]

@@ -16,7 +16,7 @@ import transformers as tf
 import lorakit
 from lorakit.layers import ModulesToSaveWrapper
 
-from .common import check_generate_equals_per_row, row_logits, tiny_llama
+from .common import check_generate_equals_per_row, row_logits, tiny_llama, tiny_llama_config
 
 TOL = 1e-5  # fp32; the same ops in a different order
 ROWS = ["a", "b", "__base__", "c", "a", "b"]
@@ -109,17 +109,7 @@ def test_generate_equals_perrow_logits():
 
 def _seq_cls() -> tf.LlamaForSequenceClassification:
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=61,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_labels=3,
-        pad_token_id=0,
-    )
-    return tf.LlamaForSequenceClassification(cfg).eval()
+    return tf.LlamaForSequenceClassification(tiny_llama_config(num_labels=3, pad_token_id=0)).eval()
 
 
 @pytest.mark.parametrize("task", ["SEQ_CLS", "CAUSAL_LM"])

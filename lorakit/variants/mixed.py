@@ -154,13 +154,19 @@ class _Plan(NamedTuple):
     factors: _Factors | None  # None under autograd: stacked again every call (it is in the graph)
 
 
-def _factor_params(ad: nn.Module) -> tuple[torch.Tensor | None, ...]:
-    # Read through ``_modules``/``_parameters``: ``nn.Module.__getattr__`` costs ~1 us a lookup, and this runs for
-    # every adapter of every layer on every decode step.
+def _adapter_slots(ad: nn.Module) -> list[tuple[dict, str]]:
+    """Where ``ad``'s factors live: (the owning module's ``_parameters``, key) for A, B and, on a linear, B's bias
+    (the slot may hold None). Read through ``_modules``/``_parameters``: ``nn.Module.__getattr__`` costs ~1 us a
+    lookup, and this runs for every adapter of every layer on every decode step."""
     if isinstance(ad, LoraEmbeddingAdapter):
-        return ad._parameters["lora_embedding_A"], ad._parameters["lora_embedding_B"]
-    lora_b = ad._modules["lora_B"]
-    return ad._modules["lora_A"]._parameters["weight"], lora_b._parameters["weight"], lora_b._parameters.get("bias")
+        return [(ad._parameters, "lora_embedding_A"), (ad._parameters, "lora_embedding_B")]
+    lora_b = ad._modules["lora_B"]._parameters
+    return [(ad._modules["lora_A"]._parameters, "weight"), (lora_b, "weight"), (lora_b, "bias")]
+
+
+def _factor_params(ad: nn.Module) -> tuple[torch.Tensor | None, ...]:
+    """(A, B) of an embedding adapter, (A, B, B's bias or None) of a linear one."""
+    return tuple(d.get(k) for d, k in _adapter_slots(ad))
 
 
 def _stack_factors(adapters: list[nn.Module]) -> _Factors:
@@ -181,17 +187,8 @@ def _stack_factors(adapters: list[nn.Module]) -> _Factors:
 
 
 def _param_slots(adapters: list[nn.Module]) -> list[tuple[dict, str]]:
-    """Where each factor of ``adapters`` lives: (its module's ``_parameters``, key); a missing bias is skipped."""
-    out = []
-    for ad in adapters:
-        if isinstance(ad, LoraEmbeddingAdapter):
-            out += [(ad._parameters, "lora_embedding_A"), (ad._parameters, "lora_embedding_B")]
-            continue
-        lora_b = ad._modules["lora_B"]._parameters
-        out += [(ad._modules["lora_A"]._parameters, "weight"), (lora_b, "weight")]
-        if lora_b.get("bias") is not None:
-            out.append((lora_b, "bias"))
-    return out
+    """``_adapter_slots`` of every adapter, the empty bias slots left out."""
+    return [(d, k) for ad in adapters for d, k in _adapter_slots(ad) if d.get(k) is not None]
 
 
 class _FactorCache(NamedTuple):
@@ -254,7 +251,7 @@ def _plan(wrapper: nn.Module, batch: int, device: torch.device) -> _Plan | None:
     plan = rows.memo.get(memo_key)
     if plan is not None and (grad or plan.factors is not None):
         return _Plan(plan.adapters, plan.slots, None) if grad else plan
-    own = wrapper._modules["adapters"]._modules  # not through nn.Module.__getattr__ (see _factor_params)
+    own = wrapper._modules["adapters"]._modules  # not through nn.Module.__getattr__ (see _adapter_slots)
     present = tuple(n for n in rows.unique if n in own)
     if not present:
         return None

@@ -9,6 +9,8 @@ Model: Llama, hidden 512, 8 layers, intermediate 1376, vocab 8000, batch 4 x 256
 - unmerged inference forward (lorakit, PEFT) vs the base forward;
 - ``get_peft_model`` time on a meta-device model with 10,240 linear layers (lorakit vs PEFT).
 Runs are interleaved (ours, PEFT, limit, ours, ...) and the median is reported, so both sides see the same load.
+The ratios to the limit are also given as the median of per-round ratios ("per round"): on a shared machine whose
+speed drifts by 10-20% within a minute, a round's steps see the same drift, so this is the steadier figure.
 """
 
 from __future__ import annotations
@@ -67,7 +69,10 @@ def _time(fn, reps: int) -> list[float]:
     return out
 
 
-def bench_training(base: nn.Module, ids: torch.Tensor, dropout: float, steps: int) -> dict[str, float]:
+def bench_training(
+    base: nn.Module, ids: torch.Tensor, dropout: float, steps: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median step time per variant, and the median over rounds of each variant's step time / the limit's."""
     models = {k: _wrap(k, base, dropout) for k in ("lorakit", "lorakit-fused", "peft", "limit")}
     opts = {
         k: (torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) if k != "limit" else None)
@@ -81,7 +86,9 @@ def bench_training(base: nn.Module, ids: torch.Tensor, dropout: float, steps: in
     for _ in range(steps):
         for k, m in models.items():
             times[k] += _time(lambda m=m, k=k: _train_step(m, opts[k], ids), 1)
-    return {k: statistics.median(v) for k, v in times.items()}
+    limit = times["limit"]
+    per_round = {k: statistics.median([a / b for a, b in zip(v, limit, strict=True)]) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items()}, per_round
 
 
 def bench_inference(base: nn.Module, ids: torch.Tensor, steps: int) -> dict[str, float]:
@@ -132,13 +139,14 @@ def main() -> None:
     base = _model(args.quick)
     ids = torch.randint(0, 8000, (4, 64 if args.quick else 256), generator=torch.Generator().manual_seed(0))
     for dropout in (0.0, 0.05):
-        t = bench_training(base, ids, dropout, args.steps)
+        t, per_round = bench_training(base, ids, dropout, args.steps)
         print(
             f"train step, dropout {dropout}: lorakit {t['lorakit'] * 1e3:.1f} ms | lorakit-fused "
             f"{t['lorakit-fused'] * 1e3:.1f} ms | peft {t['peft'] * 1e3:.1f} ms | limit {t['limit'] * 1e3:.1f} ms || "
             f"lorakit/peft {t['lorakit'] / t['peft']:.3f} | fused/peft {t['lorakit-fused'] / t['peft']:.3f} | "
             f"lorakit/limit {t['lorakit'] / t['limit']:.3f} | fused/limit {t['lorakit-fused'] / t['limit']:.3f} | "
-            f"peft/limit {t['peft'] / t['limit']:.3f}"
+            f"peft/limit {t['peft'] / t['limit']:.3f} || per round: lorakit/limit {per_round['lorakit']:.3f} | "
+            f"fused/limit {per_round['lorakit-fused']:.3f} | peft/limit {per_round['peft']:.3f}"
         )
     t = bench_inference(base, ids, args.steps)
     print(

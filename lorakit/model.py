@@ -114,6 +114,9 @@ class LoraModel(nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} not found; available: {sorted(self.peft_config)}.")
         eject_adapter(self.model, adapter_name)
+        from lorakit.variants.mixed import clear_mixed_caches
+
+        clear_mixed_caches(self.model)  # the last mixed call's plans would keep the deleted adapter alive
         del self.peft_config[adapter_name]
         remaining = [n for n in self.active_adapters if n != adapter_name]
         if not remaining and self.peft_config:

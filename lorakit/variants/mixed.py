@@ -22,7 +22,10 @@ Gathering keeps autograd, so mixed batches train. Per-row dropout uses each adap
 Per-call cost matters at decode (one token per row), where the matmuls are tiny: the stacked factors are kept
 across calls under ``no_grad`` (keyed by each factor's identity, storage and version counter, so an optimizer step,
 ``load_adapter``, a hotswap or a replaced tensor rebuilds them), row -> slot indices and row groups are kept while the
-row names stay the same, and within one call (``generate``'s steps) each wrapper resolves its plan once. An in-place
+row names stay the same, and within one call (``generate``'s steps) each wrapper resolves its plan once. A call with
+the same row names as the model's last one reuses that call's plans after a single check of the whole model (same
+wrappers, adapters, module copies, scalings, and factors by identity, storage and version: ``_unchanged``): in
+bench_variants' decode step, checking each layer's factors on every call cost ~10% of the forward. An in-place
 update through ``.data`` (``p.data.mul_()``, ``p.data.copy_()``) is not seen: ``.data`` has its own version counter,
 so the stacked factors go stale; update the parameter itself under ``torch.no_grad()`` (``p.mul_()``,
 ``p.copy_()``, as optimizers do) or assign a new tensor. :func:`clear_mixed_caches` drops a wrapper's caches.
@@ -59,7 +62,8 @@ _WRAPPERS = (*LORA_WRAPPERS, ModulesToSaveWrapper)
 
 class RowAdapters(list):
     """One call's per-row adapter names, as the wrappers see them in ``row_adapters``, with the call's memo
-    (each wrapper's resolved plan, row -> slot indices shared by wrappers with the same adapters)."""
+    (each wrapper's resolved plan, row -> slot indices shared by wrappers with the same adapters). Kept on the model
+    for the next call with the same names while nothing the plans depend on changed (``_call_rows``)."""
 
     def __init__(self, names: list[str]) -> None:
         super().__init__(names)
@@ -95,11 +99,11 @@ def _wrappers(model: nn.Module) -> list[nn.Module]:
 @contextlib.contextmanager
 def mixed_batch(model: nn.Module, adapter_names: list[str], known: list[str]) -> Iterator[None]:
     """Within the block, row ``i`` of every batch uses adapter ``adapter_names[i]`` in every wrapper of ``model``."""
-    rows = RowAdapters(adapter_names)
+    wrappers = _wrappers(model)
+    rows = _call_rows(model, adapter_names, wrappers)
     unknown = sorted(n for n in rows.unique if n != BASE and n not in known)
     if unknown:
         raise ValueError(f"adapter_names has unknown adapters {unknown}; available: {sorted(known)} or {BASE!r}.")
-    wrappers = _wrappers(model)
     for module in wrappers:
         if isinstance(module, LORA_WRAPPERS) and module.merged_adapters:
             merged = sorted(module.merged_adapters)
@@ -113,6 +117,81 @@ def mixed_batch(model: nn.Module, adapter_names: list[str], known: list[str]) ->
     finally:
         for module in wrappers:
             module.__dict__["row_adapters"] = None
+
+
+# ---- the last call's rows, kept on the model while nothing they depend on changed -------------------------------
+#: Bumped by ``clear_mixed_caches``: every model's kept call is then dropped at its next mixed call.
+_generation = 0
+_MODULES = operator.attrgetter("_modules")
+_ADAPTERS = operator.itemgetter("adapters")
+_COPIES = operator.itemgetter("modules_to_save")
+_VERSION = operator.attrgetter("_version")
+_SCALING = operator.attrgetter("scaling")
+_DATA_PTR = torch.Tensor.data_ptr
+
+
+class _CallCache(NamedTuple):
+    """A model's last mixed call: its rows (whose memo holds every wrapper's plan, stacked factors included) and a
+    snapshot of what those plans were built from, so that the next call with the same row names reuses the plans
+    after one check of the whole model (C-level maps over flat lists) instead of a check per layer."""
+
+    generation: int
+    rows: RowAdapters
+    wrappers: list[nn.Module]
+    lora: list[nn.Module]  # the LoRA wrappers among them ...
+    owned: list[dict]  # ... a copy of each one's adapters (``adapters._modules``)
+    saved: list[nn.Module]  # the modules_to_save wrappers ...
+    copies: list[dict]  # ... a copy of each one's module copies
+    adapters: list[nn.Module]  # every adapter of every LoRA wrapper ...
+    scalings: list[float]  # ... its scaling
+    dicts: list[dict]  # with ``keys``: every factor slot (None ones included) ...
+    keys: list[str]
+    slot_values: list[torch.Tensor | None]  # ... what it held
+    params: list[torch.Tensor]  # the factors among them ...
+    versions: list[int]  # ... their version counters
+    pointers: list[int]  # ... and storage pointers
+
+
+def _snapshot(rows: RowAdapters, wrappers: list[nn.Module]) -> _CallCache:
+    lora = [w for w in wrappers if isinstance(w, LORA_WRAPPERS)]
+    saved = [w for w in wrappers if not isinstance(w, LORA_WRAPPERS)]
+    owned = [dict(w._modules["adapters"]._modules) for w in lora]
+    adapters = [ad for own in owned for ad in own.values()]
+    slots = [slot for ad in adapters for slot in _adapter_slots(ad)]
+    values = [d.get(k) for d, k in slots]
+    params = [v for v in values if v is not None]
+    return _CallCache(
+        _generation, rows, wrappers, lora, owned, saved, [dict(w._modules["modules_to_save"]._modules) for w in saved],
+        adapters, list(map(_SCALING, adapters)), [d for d, _ in slots], [k for _, k in slots], values, params,
+        list(map(_VERSION, params)), list(map(_DATA_PTR, params)),
+    )
+
+
+def _unchanged(c: _CallCache, wrappers: list[nn.Module]) -> bool:
+    """Whether every wrapper, adapter, module copy, factor (same tensor, storage and version counter) and scaling
+    is what ``c`` was taken from; as in ``_cached_factors``, an in-place update through ``.data`` is not seen."""
+    return (
+        c.generation == _generation
+        and c.wrappers == wrappers
+        and list(map(_MODULES, map(_ADAPTERS, map(_MODULES, c.lora)))) == c.owned
+        and list(map(_MODULES, map(_COPIES, map(_MODULES, c.saved)))) == c.copies
+        and list(map(_SCALING, c.adapters)) == c.scalings
+        and all(map(operator.is_, map(dict.get, c.dicts, c.keys), c.slot_values))
+        and list(map(_VERSION, c.params)) == c.versions
+        and list(map(_DATA_PTR, c.params)) == c.pointers
+    )
+
+
+def _call_rows(model: nn.Module, adapter_names: list[str], wrappers: list[nn.Module]) -> RowAdapters:
+    """This call's rows: the last call's (with its plans) if the names are the same and nothing changed since,
+    else new ones, remembered on ``model`` for the next call."""
+    names = tuple(adapter_names)
+    cached: _CallCache | None = model.__dict__.get("_mixed_call")
+    if cached is not None and cached.rows.key == names and _unchanged(cached, wrappers):
+        return cached.rows
+    rows = RowAdapters(adapter_names)
+    model.__dict__["_mixed_call"] = _snapshot(rows, wrappers)
+    return rows
 
 
 # ---- plans: which adapters run, row -> slot, stacked factors -------------------------------------------------
@@ -193,54 +272,59 @@ def _param_slots(adapters: list[nn.Module]) -> list[tuple[dict, str]]:
 
 class _FactorCache(NamedTuple):
     adapters: list[nn.Module]
-    slots: list[tuple[dict, str]]  # _param_slots(adapters)
+    dicts: list[dict]  # with ``keys``: where each factor lives (_param_slots(adapters))
+    keys: list[str]
     params: list[torch.Tensor]  # the factors the stack was built from (held: no id is reused while it lives)
-    state: tuple  # their storage pointers and version counters, and the adapters' scalings
+    versions: list[int]  # their version counters ...
+    pointers: list[int]  # ... and storage pointers
+    scalings: list[float]  # the adapters' scalings
     factors: _Factors
-
-
-def _factor_state(params: list[torch.Tensor], adapters: list[nn.Module]) -> tuple:
-    return (
-        tuple(map(torch.Tensor.data_ptr, params)),
-        tuple(map(_VERSION, params)),
-        tuple([ad.scaling for ad in adapters]),
-    )
-
-
-_VERSION = operator.attrgetter("_version")
 
 
 def _cached_factors(wrapper: nn.Module, adapters: list[nn.Module]) -> _Factors:
     """``_stack_factors``, reused across inference calls while every factor is the same tensor object with the same
-    storage and version counter and every scaling is unchanged. Checked on every call, with C-level maps: a decode
-    step runs this for every adapted layer.
+    storage and version counter and every scaling is unchanged. Checked on every call, with C-level maps only (no
+    Python loop): a decode step runs this for every adapted layer, and in a whole model's forward the Python version
+    of this check (a loop over the slots, then tuples of pointers and versions) took ~25 us per layer.
 
     In-place ops on the parameter bump its version counter and ``.data =`` moves its storage, so both are seen; an
     in-place op through ``.data`` (``p.data.mul_()``, ``p.data.copy_()``) is not: ``.data`` has its own version
     counter, and the stale stack is served. Update the parameter itself under ``torch.no_grad()`` (``p.mul_()``,
     ``p.copy_()``, as optimizers do) or assign a new tensor; or call :func:`clear_mixed_caches` after a ``.data``
     update."""
-    cached: _FactorCache | None = wrapper.__dict__.get("_mixed_factors")
-    if cached is not None and cached.adapters == adapters:
-        params = cached.params
-        same = all([d.get(k) is p for (d, k), p in zip(cached.slots, params, strict=True)])  # list: faster
-        if same and _factor_state(params, adapters) == cached.state:
-            return cached.factors
+    c: _FactorCache | None = wrapper.__dict__.get("_mixed_factors")
+    if (
+        c is not None
+        and c.adapters == adapters
+        and all(map(operator.is_, map(dict.get, c.dicts, c.keys), c.params))
+        and list(map(_VERSION, c.params)) == c.versions
+        and list(map(_DATA_PTR, c.params)) == c.pointers
+        and list(map(_SCALING, adapters)) == c.scalings
+    ):
+        return c.factors
     slots = _param_slots(adapters)
+    dicts, keys = [d for d, _ in slots], [k for _, k in slots]
     params = [d[k] for d, k in slots]
     factors = _stack_factors(adapters)
-    wrapper._mixed_factors = _FactorCache(list(adapters), slots, params, _factor_state(params, adapters), factors)
+    wrapper._mixed_factors = _FactorCache(
+        list(adapters), dicts, keys, params, list(map(_VERSION, params)), list(map(_DATA_PTR, params)),
+        list(map(_SCALING, adapters)), factors,
+    )
     return factors
 
 
-def clear_mixed_caches(wrapper: nn.Module) -> None:
-    """Drops every mixed-batch cache ``wrapper`` holds across calls: the stacked factors (``_mixed_factors``,
-    which also holds the factors it was stacked from) and the row -> slot indices (``_mixed_slots``); the next
-    mixed call builds them again. For ``delete_adapter``, whose adapter these would keep alive, and after an
-    in-place update through ``.data``, which the cache cannot see. Any module may be passed; one without caches
-    is unchanged. (A call's own memo, in ``row_adapters``, lives only for that call.)"""
-    wrapper.__dict__.pop("_mixed_factors", None)
-    wrapper.__dict__.pop("_mixed_slots", None)
+def clear_mixed_caches(module: nn.Module) -> None:
+    """Drops every mixed-batch cache ``module`` holds across calls: a wrapper's stacked factors (``_mixed_factors``,
+    which also holds the factors it was stacked from) and row -> slot indices (``_mixed_slots``), a model's last
+    call (``_mixed_call``, whose plans hold stacked factors too); and makes every model's kept call stale, so that
+    no plan stacked before this call is served again. The next mixed call builds them again. For
+    ``delete_adapter``, whose adapter these would keep alive, and after an in-place update through ``.data``, which
+    the caches cannot see. Any module may be passed; one without caches is unchanged."""
+    global _generation
+    _generation += 1
+    module.__dict__.pop("_mixed_factors", None)
+    module.__dict__.pop("_mixed_slots", None)
+    module.__dict__.pop("_mixed_call", None)
 
 
 def _plan(wrapper: nn.Module, batch: int, device: torch.device) -> _Plan | None:
@@ -356,7 +440,8 @@ def mixed_modules_to_save_forward(wrapper: ModulesToSaveWrapper, x: torch.Tensor
     Other arguments go whole to every module, as in PEFT."""
     rows: RowAdapters = wrapper.row_adapters
     batch = x.shape[0]
-    groups = rows.memo.get((id(wrapper), batch))
+    key = (id(wrapper), batch, x.device)  # the memo outlives the call (_call_rows): its index tensors are on a device
+    groups = rows.memo.get(key)
     if groups is None:
         copies = wrapper.modules_to_save._modules
         by_module: dict[nn.Module, list[int]] = {}
@@ -367,7 +452,7 @@ def mixed_modules_to_save_forward(wrapper: ModulesToSaveWrapper, x: torch.Tensor
         else:
             index = [torch.tensor(r, device=x.device) for r in by_module.values()]
             groups = (None, list(zip(by_module, index, strict=True)), torch.argsort(torch.cat(index)))
-        rows.memo[(id(wrapper), batch)] = groups
+        rows.memo[key] = groups
     only, parts, inverse = groups
     if only is not None:  # every row uses the same module
         return only(x, *args, **kwargs)

@@ -203,15 +203,66 @@ def test_clear_mixed_caches_drops_them_and_the_next_call_rebuilds():
     assert wrappers and all("_mixed_slots" in m.__dict__ for m in wrappers)
     q = model.base_model.model.model.layers[0].self_attn.q_proj
     deleted = weakref.ref(q.adapters["b"].lora_A.weight)
-    model.delete_adapter("b")
-    for m in model.modules():
-        clear_mixed_caches(m)
+    model.delete_adapter("b")  # drops the wrappers' stacks and the model's kept call (whose plans hold factors)
     gc.collect()
     assert deleted() is None
-    assert not [m for m in model.modules() if {"_mixed_factors", "_mixed_slots"} & m.__dict__.keys()]
+    for m in model.modules():
+        clear_mixed_caches(m)
+    assert not [m for m in model.modules() if {"_mixed_factors", "_mixed_slots", "_mixed_call"} & m.__dict__.keys()]
     rows = [n for n in ROWS if n != "b"]
     with torch.no_grad():
         got = model(ids[: len(rows)], adapter_names=rows).logits
         want = [row_logits(model, ids[i : i + 1], n) for i, n in enumerate(rows)]
     for i, w in enumerate(want):
         torch.testing.assert_close(got[i : i + 1], w, atol=TOL, rtol=TOL)
+
+
+def _kept_rows(model):
+    return model.get_base_model().__dict__["_mixed_call"].rows
+
+
+def test_next_call_with_the_same_rows_reuses_the_plans_until_something_changes():
+    """A call with the same row names as the last one reuses its plans (one check of the whole model); each change
+    between two such calls must be seen: a factor updated in place, a replaced adapter module, a new adapter in a
+    wrapper, a new scaling, and clear_mixed_caches after an update through ``.data``."""
+    from lorakit.variants.mixed import clear_mixed_caches
+
+    model = _model(dora_c=False).eval()
+    attn = model.base_model.model.model.layers[0].self_attn
+    ids = torch.randint(0, 61, (len(ROWS), 1))
+
+    def mixed():
+        return model(ids, adapter_names=ROWS).logits
+
+    def want():
+        return torch.cat([row_logits(model, ids[i : i + 1], n) for i, n in enumerate(ROWS)])
+
+    def negated_b(adapter):
+        new = copy.deepcopy(adapter)
+        new.lora_B.weight.mul_(-1)
+        return new
+
+    with torch.no_grad():
+        first = mixed()
+        rows = _kept_rows(model)
+        torch.testing.assert_close(mixed(), first)
+        assert _kept_rows(model) is rows  # reused: nothing changed
+        model(ids[:2], adapter_names=ROWS[:2])  # other names: the kept call is replaced ...
+        mixed()
+        assert _kept_rows(model) is not rows  # ... and the same names again build new plans
+        steps = [
+            lambda: attn.v_proj.adapters["a"].lora_B.weight.add_(0.5),  # in place (an optimizer step)
+            lambda: attn.v_proj.adapters.__setitem__("c", negated_b(attn.v_proj.adapters["c"])),  # a new module
+            lambda: model.add_adapter("d", lorakit.LoraConfig(r=2, target_modules=["v_proj"])),  # a new adapter
+            lambda: setattr(attn.o_proj.adapters["b"], "scaling", attn.o_proj.adapters["b"].scaling * 3),
+            lambda: (attn.v_proj.adapters["a"].lora_A.weight.data.mul_(2), clear_mixed_caches(attn.v_proj)),
+        ]
+        before = mixed()
+        for step in steps:
+            rows = _kept_rows(model)
+            step()
+            got = mixed()
+            assert _kept_rows(model) is not rows
+            torch.testing.assert_close(got, want(), atol=TOL, rtol=TOL)
+            assert (got - before).abs().max() > 1e-4 or step is steps[2]  # a new adapter no row uses: same logits
+            before = mixed()

@@ -375,8 +375,12 @@ def _dropped(x: torch.Tensor, adapters: list[nn.Module], idx: torch.Tensor, trai
     return out
 
 
-def mixed_linear_forward(wrapper: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-    """``result`` (batch, ..., out) plus each row's adapter on ``x`` (batch, ..., in)."""
+def mixed_linear_forward(
+    wrapper: nn.Module, x: torch.Tensor, result: torch.Tensor, own_result: bool = False
+) -> torch.Tensor:
+    """``result`` (batch, ..., out) plus each row's adapter on ``x`` (batch, ..., in). ``own_result``: no one else
+    holds ``result`` (the caller computed it with F.linear, which does not keep its output for backward), so the
+    grouped form adds into it in place."""
     plan = _plan(wrapper, x.shape[0], x.device)
     if plan is None:
         return result
@@ -395,7 +399,9 @@ def mixed_linear_forward(wrapper: nn.Module, x: torch.Tensor, result: torch.Tens
             lora.index_fill_(0, groups.pads, 0.0)  # bmm keeps its inputs for backward, not its output
         lora = lora.to(result.dtype)
         if f.bias_all is None and not f.dora:
-            return result.index_add(0, groups.dest, lora)  # (batch, ..., out)
+            if own_result:
+                return result.index_add_(0, groups.dest, lora)  # (batch, ..., out)
+            return result.index_add(0, groups.dest, lora)
         lora = torch.zeros_like(result).index_add(0, groups.dest, lora)
     else:
         h = torch.bmm(x3, f.a_t[idx])  # (batch, T, R)

@@ -271,7 +271,9 @@ class _LoraWrapper(nn.Module):
         self.active_adapters = [a for a in self.active_adapters if a != name]
         from lorakit.variants.mixed import clear_mixed_caches
 
-        clear_mixed_caches(self)  # a kept mixed-batch stack would hold the deleted adapter's factors
+        # a kept mixed-batch stack would hold the deleted adapter's factors; the model's kept call (which holds it
+        # too) is stale from now on and dropped by PeftModel.delete_adapter, or replaced at the next mixed call
+        clear_mixed_caches(self)
 
     def set_active(self, names: list[str]) -> None:
         self.active_adapters = [n for n in names if n in self.adapters]
@@ -466,9 +468,11 @@ class LoraLinear(_LoraWrapper):
 
             base = self._modules["base_layer"]
             if not args and not kwargs and type(base) is nn.Linear and not _has_hooks(base):
-                # what calling it runs, minus nn.Module.__call__ (~5% of a decode step over 8 layers); the output is
-                # then ours alone, so the adapters may be added into it in place
-                return mixed_linear_forward(self, x, F.linear(x, base.weight, base.bias), own_result=True)
+                # what calling it runs, minus nn.Module.__call__; the output is then ours alone, so the adapters may
+                # be added into it in place (not under torch.func / forward AD, where the added term may be batched
+                # or dual while the base output is not)
+                plain = not (torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
+                return mixed_linear_forward(self, x, F.linear(x, base.weight, base.bias), own_result=plain)
             return mixed_linear_forward(self, x, base(x, *args, **kwargs))
         result = self.base_layer(x, *args, **kwargs)  # (..., out)
         for adapter in self._adapters_to_run():

@@ -169,6 +169,9 @@ class LoraModel(nn.Module):
                 continue
             parent_name, _, child = name.rpartition(".")
             setattr(modules[parent_name] if parent_name else self.model, child, replacement)
+        from lorakit.variants.mixed import clear_mixed_caches
+
+        clear_mixed_caches(self.model)  # the last mixed call's plans hold the wrappers and adapters
         self.peft_config.clear()
         self.active_adapters = []
         return self.model

@@ -13,9 +13,10 @@ Backward, given dY (M, out):
     dA   = dh^T x_d                 (r, in)
     dX   = dY W + (dh A) * m / (1 - p)              # W gets no gradient
 
-Only x (shared with the other projections reading the same input), the dropout mask (bool) and h (M, r) are
-saved. Autograd through ``base(x) + lora_B(lora_A(dropout(x))) * s`` saves x_d and h in the adapter's dtype
-(an fp32 copy of x over a bf16 base) and builds the output in three additions. A 4-bit base passes a zero-arg
+Only x (shared with the other projections reading the same input), the dropout mask (bool) and s h (M, r) are
+saved; the rank-r products are written first and the base GEMM accumulates into them (no extra pass over y or
+dX). Autograd through ``base(x) + lora_B(lora_A(dropout(x))) * s`` saves x_d and h in the adapter's dtype (an fp32
+copy of x over a bf16 base) and builds the output in three additions. A 4-bit base passes a zero-arg
 callable that dequantizes W; it is called in the forward and again in the backward and never saved, so the
 dequantized weight lives only while one matmul needs it.
 

@@ -22,10 +22,11 @@ Gathering keeps autograd, so mixed batches train. Per-row dropout uses each adap
 Per-call cost matters at decode (one token per row), where the matmuls are tiny: the stacked factors are kept
 across calls under ``no_grad`` (keyed by each factor's identity, storage and version counter, so an optimizer step,
 ``load_adapter``, a hotswap or a replaced tensor rebuilds them), row -> slot indices and row groups are kept while the
-row names stay the same, and within one call (``generate``'s steps) each wrapper resolves its plan once. A call with
-the same row names as the model's last one reuses that call's plans after a single check of the whole model (same
-wrappers, adapters, module copies, scalings, and factors by identity, storage and version: ``_unchanged``): in
-bench_variants' decode step, checking each layer's factors on every call cost ~10% of the forward. An in-place
+row names stay the same, and within one call (``generate``'s steps) each wrapper resolves its plan once. Once the
+same row names come in two calls in a row, the model keeps that call's plans for the next calls with those names,
+reused after a single check of the whole model (same wrappers, and for the call's names the same adapters, module
+copies, submodules, scalings, and factors by identity, storage and version: ``_unchanged``): in bench_variants'
+decode step, checking each layer's factors on every call cost ~10% of the forward. An in-place
 update through ``.data`` (``p.data.mul_()``, ``p.data.copy_()``) is not seen: ``.data`` has its own version counter,
 so the stacked factors go stale; update the parameter itself under ``torch.no_grad()`` (``p.mul_()``,
 ``p.copy_()``, as optimizers do) or assign a new tensor. :func:`clear_mixed_caches` drops a wrapper's caches.
@@ -122,75 +123,53 @@ def mixed_batch(model: nn.Module, adapter_names: list[str], known: list[str]) ->
 # ---- the last call's rows, kept on the model while nothing they depend on changed -------------------------------
 #: Bumped by ``clear_mixed_caches``: every model's kept call is then dropped at its next mixed call.
 _generation = 0
-_MODULES = operator.attrgetter("_modules")
-_ADAPTERS = operator.itemgetter("adapters")
-_COPIES = operator.itemgetter("modules_to_save")
-_VERSION = operator.attrgetter("_version")
-_SCALING = operator.attrgetter("scaling")
-_DATA_PTR = torch.Tensor.data_ptr
 
 
 class _CallCache(NamedTuple):
-    """A model's last mixed call: its rows (whose memo holds every wrapper's plan, stacked factors included) and a
-    snapshot of what those plans were built from, so that the next call with the same row names reuses the plans
-    after one check of the whole model (C-level maps over flat lists) instead of a check per layer."""
+    """A model's last mixed call: its rows (whose memo holds every wrapper's plan, stacked factors included) and,
+    once the same names came twice in a row, what those plans were built from (``watch``), so that further calls
+    with these names reuse the plans after one check of the whole model (C-level maps over flat lists) instead
+    of a check per layer. Calls whose names keep changing never pay for the snapshot."""
 
     generation: int
     rows: RowAdapters
     wrappers: list[nn.Module]
-    lora: list[nn.Module]  # the LoRA wrappers among them ...
-    owned: list[dict]  # ... a copy of each one's adapters (``adapters._modules``)
-    saved: list[nn.Module]  # the modules_to_save wrappers ...
-    copies: list[dict]  # ... a copy of each one's module copies
-    adapters: list[nn.Module]  # every adapter of every LoRA wrapper ...
-    scalings: list[float]  # ... its scaling
-    dicts: list[dict]  # with ``keys``: every factor slot (None ones included) ...
-    keys: list[str]
-    slot_values: list[torch.Tensor | None]  # ... what it held
-    params: list[torch.Tensor]  # the factors among them ...
-    versions: list[int]  # ... their version counters
-    pointers: list[int]  # ... and storage pointers
+    watch: _Watch | None
 
 
-def _snapshot(rows: RowAdapters, wrappers: list[nn.Module]) -> _CallCache:
-    lora = [w for w in wrappers if isinstance(w, LORA_WRAPPERS)]
-    saved = [w for w in wrappers if not isinstance(w, LORA_WRAPPERS)]
-    owned = [dict(w._modules["adapters"]._modules) for w in lora]
-    adapters = [ad for own in owned for ad in own.values()]
-    slots = [slot for ad in adapters for slot in _adapter_slots(ad)]
-    values = [d.get(k) for d, k in slots]
-    params = [v for v in values if v is not None]
-    return _CallCache(
-        _generation, rows, wrappers, lora, owned, saved, [dict(w._modules["modules_to_save"]._modules) for w in saved],
-        adapters, list(map(_SCALING, adapters)), [d for d, _ in slots], [k for _, k in slots], values, params,
-        list(map(_VERSION, params)), list(map(_DATA_PTR, params)),
-    )
-
-
-def _unchanged(c: _CallCache, wrappers: list[nn.Module]) -> bool:
-    """Whether every wrapper, adapter, module copy, factor (same tensor, storage and version counter) and scaling
-    is what ``c`` was taken from; as in ``_cached_factors``, an in-place update through ``.data`` is not seen."""
-    return (
-        c.generation == _generation
-        and c.wrappers == wrappers
-        and list(map(_MODULES, map(_ADAPTERS, map(_MODULES, c.lora)))) == c.owned
-        and list(map(_MODULES, map(_COPIES, map(_MODULES, c.saved)))) == c.copies
-        and list(map(_SCALING, c.adapters)) == c.scalings
-        and all(map(operator.is_, map(dict.get, c.dicts, c.keys), c.slot_values))
-        and list(map(_VERSION, c.params)) == c.versions
-        and list(map(_DATA_PTR, c.params)) == c.pointers
-    )
+def _snapshot(rows: RowAdapters, wrappers: list[nn.Module]) -> _Watch:
+    """What ``rows``' plans depend on: each wrapper's adapter dict and, for the call's names, the adapter (or copy,
+    or original module) each wrapper would run, and those adapters' submodules, factors and scalings."""
+    slots: list[tuple[dict, Any]] = []
+    adapters: list[nn.Module] = []
+    for w in wrappers:
+        if isinstance(w, LORA_WRAPPERS):
+            own = w._modules["adapters"]._modules
+            slots.append((w._modules, "adapters"))
+            for name in rows.unique:
+                slots.append((own, name))
+                if name in own:
+                    adapters.append(own[name])
+        else:
+            copies = w._modules["modules_to_save"]._modules
+            slots += [(w._modules, "modules_to_save"), (w._modules, "original_module")]
+            slots += [(copies, name) for name in rows.unique]
+    return _watch(slots, adapters)
 
 
 def _call_rows(model: nn.Module, adapter_names: list[str], wrappers: list[nn.Module]) -> RowAdapters:
-    """This call's rows: the last call's (with its plans) if the names are the same and nothing changed since,
-    else new ones, remembered on ``model`` for the next call."""
+    """This call's rows: the last call's (with its plans) if the names are the same, the wrappers are, and nothing
+    in the snapshot changed; else new ones, remembered on ``model`` for the next call (with a snapshot when the
+    names are the last call's)."""
     names = tuple(adapter_names)
     cached: _CallCache | None = model.__dict__.get("_mixed_call")
-    if cached is not None and cached.rows.key == names and _unchanged(cached, wrappers):
-        return cached.rows
+    repeat = cached is not None and cached.rows.key == names
+    if repeat and cached.watch is not None and cached.generation == _generation and cached.wrappers == wrappers:
+        if _unchanged(cached.watch):
+            return cached.rows
     rows = RowAdapters(adapter_names)
-    model.__dict__["_mixed_call"] = _snapshot(rows, wrappers)
+    watch = _snapshot(rows, wrappers) if repeat else None  # taken before any plan of these rows is built
+    model.__dict__["_mixed_call"] = _CallCache(_generation, rows, wrappers, watch)
     return rows
 
 
@@ -265,51 +244,80 @@ def _stack_factors(adapters: list[nn.Module]) -> _Factors:
     return _Factors(a_t, b_t, bias_all, any(ad.wraps_base_output for ad in adapters))
 
 
-def _param_slots(adapters: list[nn.Module]) -> list[tuple[dict, str]]:
-    """``_adapter_slots`` of every adapter, the empty bias slots left out."""
-    return [(d, k) for ad in adapters for d, k in _adapter_slots(ad) if d.get(k) is not None]
+_VERSION = operator.attrgetter("_version")
+_SCALING = operator.attrgetter("scaling")
+_DATA_PTR = torch.Tensor.data_ptr
 
 
-class _FactorCache(NamedTuple):
+class _Watch(NamedTuple):
+    """What a kept stack or plan was built from: slots ``(dicts[i], keys[i])`` and the object each held (a module,
+    a factor, or None), the factors' version counters and storage pointers (their storages held, so that no freed
+    address comes back under another tensor), and the adapters' scalings."""
+
+    dicts: list[dict]
+    keys: list[Any]
+    values: list[Any]
+    params: list[torch.Tensor]
+    versions: list[int]
+    pointers: list[int]
+    storages: list[Any]
     adapters: list[nn.Module]
-    dicts: list[dict]  # with ``keys``: where each factor lives (_param_slots(adapters))
-    keys: list[str]
-    params: list[torch.Tensor]  # the factors the stack was built from (held: no id is reused while it lives)
-    versions: list[int]  # their version counters ...
-    pointers: list[int]  # ... and storage pointers
-    scalings: list[float]  # the adapters' scalings
-    factors: _Factors
+    scalings: list[float]
 
 
-def _cached_factors(wrapper: nn.Module, adapters: list[nn.Module]) -> _Factors:
-    """``_stack_factors``, reused across inference calls while every factor is the same tensor object with the same
-    storage and version counter and every scaling is unchanged. Checked on every call, with C-level maps only (no
-    Python loop): a decode step runs this for every adapted layer, and in a whole model's forward the Python version
-    of this check (a loop over the slots, then tuples of pointers and versions) took ~25 us per layer.
+def _watched_slots(ad: nn.Module) -> list[tuple[dict, str]]:
+    """``_adapter_slots`` and, on a linear adapter, the ``lora_A``/``lora_B`` submodules holding them (a replaced
+    submodule brings its own ``_parameters``)."""
+    if isinstance(ad, LoraEmbeddingAdapter):
+        return _adapter_slots(ad)
+    return [(ad._modules, "lora_A"), (ad._modules, "lora_B"), *_adapter_slots(ad)]
 
-    In-place ops on the parameter bump its version counter and ``.data =`` moves its storage, so both are seen; an
+
+def _watch(slots: list[tuple[dict, Any]], adapters: list[nn.Module]) -> _Watch:
+    slots = slots + [slot for ad in adapters for slot in _watched_slots(ad)]
+    values = [d.get(k) for d, k in slots]
+    params = [v for v in values if isinstance(v, torch.Tensor)]
+    return _Watch(
+        [d for d, _ in slots], [k for _, k in slots], values, params, list(map(_VERSION, params)),
+        list(map(_DATA_PTR, params)), [p.untyped_storage() for p in params], list(adapters),
+        list(map(_SCALING, adapters)),
+    )
+
+
+def _unchanged(w: _Watch) -> bool:
+    """Whether every slot holds the same object, every factor has the same version counter and storage, and every
+    scaling is the same, checked with C-level maps only (no Python loop: this runs on every call of a decode loop).
+
+    In-place ops on a parameter bump its version counter and ``.data =`` moves its storage, so both are seen; an
     in-place op through ``.data`` (``p.data.mul_()``, ``p.data.copy_()``) is not: ``.data`` has its own version
     counter, and the stale stack is served. Update the parameter itself under ``torch.no_grad()`` (``p.mul_()``,
     ``p.copy_()``, as optimizers do) or assign a new tensor; or call :func:`clear_mixed_caches` after a ``.data``
     update."""
-    c: _FactorCache | None = wrapper.__dict__.get("_mixed_factors")
-    if (
-        c is not None
-        and c.adapters == adapters
-        and all(map(operator.is_, map(dict.get, c.dicts, c.keys), c.params))
-        and list(map(_VERSION, c.params)) == c.versions
-        and list(map(_DATA_PTR, c.params)) == c.pointers
-        and list(map(_SCALING, adapters)) == c.scalings
-    ):
-        return c.factors
-    slots = _param_slots(adapters)
-    dicts, keys = [d for d, _ in slots], [k for _, k in slots]
-    params = [d[k] for d, k in slots]
-    factors = _stack_factors(adapters)
-    wrapper._mixed_factors = _FactorCache(
-        list(adapters), dicts, keys, params, list(map(_VERSION, params)), list(map(_DATA_PTR, params)),
-        list(map(_SCALING, adapters)), factors,
+    return (
+        all(map(operator.is_, map(dict.get, w.dicts, w.keys), w.values))
+        and list(map(_VERSION, w.params)) == w.versions
+        and list(map(_DATA_PTR, w.params)) == w.pointers
+        and list(map(_SCALING, w.adapters)) == w.scalings
     )
+
+
+class _FactorCache(NamedTuple):
+    adapters: list[nn.Module]
+    watch: _Watch
+    factors: _Factors
+
+
+def _cached_factors(wrapper: nn.Module, adapters: list[nn.Module]) -> _Factors:
+    """``_stack_factors``, reused across inference calls while ``_unchanged`` (same submodules and factor tensors,
+    same storages and version counters, same scalings). A whole model's decode step runs this for every adapted
+    layer when it does not reuse the last call's plans (``_call_rows``); the Python version of this check (a loop
+    over the slots, then tuples of pointers and versions) took ~25 us per layer there."""
+    c: _FactorCache | None = wrapper.__dict__.get("_mixed_factors")
+    if c is not None and c.adapters == adapters and _unchanged(c.watch):
+        return c.factors
+    watch = _watch([], adapters)  # before stacking: a change during the stacking is seen next time
+    factors = _stack_factors(adapters)
+    wrapper._mixed_factors = _FactorCache(list(adapters), watch, factors)
     return factors
 
 

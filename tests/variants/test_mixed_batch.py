@@ -96,9 +96,10 @@ def test_decode_groups_only_while_the_padding_is_small(monkeypatch, rows, form):
         torch.testing.assert_close(got[i : i + 1], w, atol=TOL, rtol=TOL)
 
 
+@pytest.mark.parametrize("dora_c", [True, False])  # without DoRA, v_proj adds its grouped rows in place
 @pytest.mark.parametrize("tokens, rows", [(2, SKEWED), (6, ROWS)])  # grouped rows (padded); gathered factors
-def test_mixed_batch_trains(tokens, rows):
-    model = _model()
+def test_mixed_batch_trains(tokens, rows, dora_c):
+    model = _model(dora_c)
     model.train()
     ids = torch.randint(0, 61, (len(rows), tokens))
     weights = torch.randn(len(rows), tokens, 61)
@@ -221,10 +222,11 @@ def _kept_rows(model):
     return model.get_base_model().__dict__["_mixed_call"].rows
 
 
-def test_next_call_with_the_same_rows_reuses_the_plans_until_something_changes():
-    """A call with the same row names as the last one reuses its plans (one check of the whole model); each change
-    between two such calls must be seen: a factor updated in place, a replaced adapter module, a new adapter in a
-    wrapper, a new scaling, and clear_mixed_caches after an update through ``.data``."""
+def test_calls_with_the_same_rows_reuse_the_plans_until_something_changes():
+    """Once the same row names come twice in a row, later calls with them reuse the plans (one check of the whole
+    model); each change between two such calls must be seen: a factor updated in place, a replaced adapter module,
+    a replaced lora_B submodule, a new scaling, and clear_mixed_caches after an update through ``.data``. A new
+    adapter that no row uses changes nothing and keeps the plans."""
     from lorakit.variants.mixed import clear_mixed_caches
 
     model = _model(dora_c=False).eval()
@@ -242,27 +244,58 @@ def test_next_call_with_the_same_rows_reuses_the_plans_until_something_changes()
         new.lora_B.weight.mul_(-1)
         return new
 
+    def new_lora_b(adapter):
+        new = copy.deepcopy(adapter.lora_B)
+        new.weight.mul_(2)
+        adapter.lora_B = new
+
     with torch.no_grad():
         first = mixed()
         rows = _kept_rows(model)
-        torch.testing.assert_close(mixed(), first)
-        assert _kept_rows(model) is rows  # reused: nothing changed
-        model(ids[:2], adapter_names=ROWS[:2])  # other names: the kept call is replaced ...
         mixed()
-        assert _kept_rows(model) is not rows  # ... and the same names again build new plans
-        steps = [
-            lambda: attn.v_proj.adapters["a"].lora_B.weight.add_(0.5),  # in place (an optimizer step)
-            lambda: attn.v_proj.adapters.__setitem__("c", negated_b(attn.v_proj.adapters["c"])),  # a new module
-            lambda: model.add_adapter("d", lorakit.LoraConfig(r=2, target_modules=["v_proj"])),  # a new adapter
-            lambda: setattr(attn.o_proj.adapters["b"], "scaling", attn.o_proj.adapters["b"].scaling * 3),
-            lambda: (attn.v_proj.adapters["a"].lora_A.weight.data.mul_(2), clear_mixed_caches(attn.v_proj)),
+        assert _kept_rows(model) is not rows  # the second call with these names takes the snapshot ...
+        rows = _kept_rows(model)
+        torch.testing.assert_close(mixed(), first)
+        assert _kept_rows(model) is rows  # ... and the third reuses its plans
+        model(ids[:2], adapter_names=ROWS[:2])  # other names: the kept call is replaced
+        mixed()
+        assert _kept_rows(model) is not rows
+        steps = [  # (change, whether the rows' outputs change)
+            (lambda: attn.v_proj.adapters["a"].lora_B.weight.add_(0.5), True),  # in place (an optimizer step)
+            (lambda: attn.v_proj.adapters.__setitem__("c", negated_b(attn.v_proj.adapters["c"])), True),
+            (lambda: new_lora_b(attn.o_proj.adapters["b"]), True),  # (q_proj does nothing on 1 token)
+            (lambda: setattr(attn.o_proj.adapters["b"], "scaling", attn.o_proj.adapters["b"].scaling * 3), True),
+            (lambda: (attn.v_proj.adapters["a"].lora_A.weight.data.mul_(2), clear_mixed_caches(attn.v_proj)), True),
+            (lambda: model.add_adapter("d", lorakit.LoraConfig(r=2, target_modules=["v_proj"])), False),
         ]
-        before = mixed()
-        for step in steps:
+        for change, changes_rows in steps:
+            mixed()
+            before = mixed()  # reusing kept plans
             rows = _kept_rows(model)
-            step()
+            change()
             got = mixed()
-            assert _kept_rows(model) is not rows
+            assert (_kept_rows(model) is not rows) == changes_rows
             torch.testing.assert_close(got, want(), atol=TOL, rtol=TOL)
-            assert (got - before).abs().max() > 1e-4 or step is steps[2]  # a new adapter no row uses: same logits
-            before = mixed()
+            assert ((got - before).abs().max() > 1e-4) == changes_rows
+
+
+def test_unload_and_delete_free_what_mixed_calls_kept():
+    """The model's kept call holds wrappers, adapters and stacked factors: unload() and delete_adapter drop it."""
+    for drop in ("unload", "merge_and_unload", "delete_adapter"):
+        model = _model(dora_c=False).eval()
+        ids = torch.randint(0, 61, (len(ROWS), 1))
+        with torch.no_grad():
+            for _ in range(3):
+                model(ids, adapter_names=ROWS)
+        q = model.base_model.model.model.layers[0].self_attn.q_proj
+        kept = weakref.ref(q.adapters["b"].lora_A.weight)
+        wrapper = weakref.ref(q)
+        del q
+        if drop == "delete_adapter":
+            model.delete_adapter("b")
+        else:
+            getattr(model, drop)()
+        gc.collect()
+        assert kept() is None, drop
+        if drop != "delete_adapter":
+            assert wrapper() is None, drop

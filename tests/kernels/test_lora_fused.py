@@ -54,18 +54,20 @@ def test_lora_linear_matches_reference(lora_bias, callable_weight):
         assert len(calls) == 2  # forward once, backward once (the reference used w directly)
 
 
-def test_lora_linear_dropout_uses_one_mask_for_forward_and_backward():
+@pytest.mark.parametrize("biases", [False, True])  # base bias and lora_B bias with the dropout path
+def test_lora_linear_dropout_uses_one_mask_for_forward_and_backward(biases):
     x = torch.randn(6, 24, dtype=DT, requires_grad=True)
     w = torch.randn(16, 24, dtype=DT)
-    a, b, _ = _adapter(24, 16)
+    bias = torch.randn(16, dtype=DT) if biases else None
+    a, b, bb = _adapter(24, 16, bias=biases)
     p = 0.3
     torch.manual_seed(7)
-    out = lora_linear(x, w, None, a, b, 2.0, dropout_p=p, training=True)
+    out = lora_linear(x, w, bias, a, b, 2.0, dropout_p=p, training=True, lora_B_bias=bb)
     torch.manual_seed(7)  # the fused forward draws its mask first: replay it
     mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
-    ref = x @ w.t() + (x * mask / (1 - p)) @ a.t() @ b.t() * 2.0
+    ref = F.linear(x, w, bias) + F.linear((x * mask / (1 - p)) @ a.t(), b, bb) * 2.0
     torch.testing.assert_close(out, ref, **TOL)
-    _check_grads(out, ref, [x, a, b])
+    _check_grads(out, ref, [x, a, b] + ([bb] if biases else []))
     # Not training: no dropout at all.
     torch.testing.assert_close(
         lora_linear(x, w, None, a, b, 2.0, dropout_p=p, training=False),

@@ -161,6 +161,8 @@ def _call_rows(model: nn.Module, adapter_names: list[str], wrappers: list[nn.Mod
     """This call's rows: the last call's (with its plans) if the names are the same, the wrappers are, and nothing
     in the snapshot changed; else new ones, remembered on ``model`` for the next call (with a snapshot when the
     names are the last call's)."""
+    if torch._C._are_functorch_transforms_active():  # wrapped tensors: no storage to snapshot; nothing kept
+        return RowAdapters(adapter_names)
     names = tuple(adapter_names)
     cached: _CallCache | None = model.__dict__.get("_mixed_call")
     repeat = cached is not None and cached.rows.key == names
@@ -182,6 +184,10 @@ class _Slots:
     ``gather``, ``dest`` and ``pads`` are None."""
 
     def __init__(self, names: tuple[str, ...], present: tuple[str, ...], device: torch.device) -> None:
+        with torch.inference_mode(False):  # kept across calls: a later call with gradients may save them
+            self._build(names, present, device)
+
+    def _build(self, names: tuple[str, ...], present: tuple[str, ...], device: torch.device) -> None:
         slot = {n: i + 1 for i, n in enumerate(present)}
         ids = [slot.get(n, 0) for n in names]
         self.idx = torch.tensor(ids, device=device)  # (batch,)
@@ -302,6 +308,7 @@ def _unchanged(w: _Watch) -> bool:
 
 
 class _FactorCache(NamedTuple):
+    generation: int
     adapters: list[nn.Module]
     watch: _Watch
     factors: _Factors
@@ -313,26 +320,28 @@ def _cached_factors(wrapper: nn.Module, adapters: list[nn.Module]) -> _Factors:
     layer when it does not reuse the last call's plans (``_call_rows``); the Python version of this check (a loop
     over the slots, then tuples of pointers and versions) took ~25 us per layer there."""
     c: _FactorCache | None = wrapper.__dict__.get("_mixed_factors")
-    if c is not None and c.adapters == adapters and _unchanged(c.watch):
+    if c is not None and c.generation == _generation and c.adapters == adapters and _unchanged(c.watch):
         return c.factors
     watch = _watch([], adapters)  # before stacking: a change during the stacking is seen next time
     factors = _stack_factors(adapters)
-    wrapper._mixed_factors = _FactorCache(list(adapters), watch, factors)
+    wrapper._mixed_factors = _FactorCache(_generation, list(adapters), watch, factors)
     return factors
 
 
 def clear_mixed_caches(module: nn.Module) -> None:
-    """Drops every mixed-batch cache ``module`` holds across calls: a wrapper's stacked factors (``_mixed_factors``,
-    which also holds the factors it was stacked from) and row -> slot indices (``_mixed_slots``), a model's last
-    call (``_mixed_call``, whose plans hold stacked factors too); and makes every model's kept call stale, so that
-    no plan stacked before this call is served again. The next mixed call builds them again. For
-    ``delete_adapter``, whose adapter these would keep alive, and after an in-place update through ``.data``, which
-    the caches cannot see. Any module may be passed; one without caches is unchanged."""
+    """Drops every mixed-batch cache that ``module`` and the wrappers under it hold across calls: a wrapper's
+    stacked factors (``_mixed_factors``, which also holds the factors it was stacked from) and row -> slot indices
+    (``_mixed_slots``), a model's last call (``_mixed_call``, whose plans hold stacked factors too); and makes every
+    other kept stack and call stale (a global generation), so that nothing stacked before this call is served
+    again. The next mixed call builds them again. For ``delete_adapter``, whose adapter these would keep alive, and
+    after an in-place update through ``.data``, which the caches cannot see (pass the model or the layer). Any
+    module may be passed; one without caches is unchanged."""
     global _generation
     _generation += 1
-    module.__dict__.pop("_mixed_factors", None)
-    module.__dict__.pop("_mixed_slots", None)
-    module.__dict__.pop("_mixed_call", None)
+    for m in (module, *_wrappers(module)):
+        m.__dict__.pop("_mixed_factors", None)
+        m.__dict__.pop("_mixed_slots", None)
+        m.__dict__.pop("_mixed_call", None)
 
 
 def _plan(wrapper: nn.Module, batch: int, device: torch.device) -> _Plan | None:
@@ -357,7 +366,8 @@ def _plan(wrapper: nn.Module, batch: int, device: torch.device) -> _Plan | None:
             slots = rows.memo[slots_key] = _Slots(rows.for_batch(batch), present, device)
         wrapper._mixed_slots = (slots_key, slots)
     adapters = [own[n] for n in present]
-    plan = _Plan(adapters, slots, None if grad else _cached_factors(wrapper, adapters))
+    keep = not (grad or torch._C._are_functorch_transforms_active())  # (see _call_rows)
+    plan = _Plan(adapters, slots, _cached_factors(wrapper, adapters) if keep else None)
     rows.memo[memo_key] = plan
     return plan
 
@@ -464,8 +474,9 @@ def mixed_modules_to_save_forward(wrapper: ModulesToSaveWrapper, x: torch.Tensor
         if len(by_module) == 1:
             groups = (next(iter(by_module)), [], None)
         else:
-            index = [torch.tensor(r, device=x.device) for r in by_module.values()]
-            groups = (None, list(zip(by_module, index, strict=True)), torch.argsort(torch.cat(index)))
+            with torch.inference_mode(False):  # kept across calls (see _Slots)
+                index = [torch.tensor(r, device=x.device) for r in by_module.values()]
+                groups = (None, list(zip(by_module, index, strict=True)), torch.argsort(torch.cat(index)))
         rows.memo[key] = groups
     only, parts, inverse = groups
     if only is not None:  # every row uses the same module

@@ -299,3 +299,60 @@ def test_unload_and_delete_free_what_mixed_calls_kept():
         assert kept() is None, drop
         if drop != "delete_adapter":
             assert wrapper() is None, drop
+
+
+def test_kept_plans_after_inference_mode_serve_a_call_with_gradients():
+    """Row indices kept from calls under torch.inference_mode() must be usable by a later call that saves them
+    for backward (inference tensors cannot be); its gradients are those of a model that never ran inference."""
+    model = _model(dora_c=False)
+    fresh = copy.deepcopy(model)
+    ids = torch.randint(0, 61, (len(ROWS), 1))
+    with torch.inference_mode():
+        for _ in range(3):
+            model(ids, adapter_names=ROWS)
+    grads = []
+    for m in (model, fresh):
+        m(ids, adapter_names=ROWS).logits.square().sum().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][n], msg=n)
+
+
+def test_clear_mixed_caches_on_the_model_after_a_data_update():
+    """An in-place update through ``.data`` is not seen by the caches; clear_mixed_caches on the model (not only
+    on the layer) must then make the next call use the new values."""
+    from lorakit.variants.mixed import clear_mixed_caches
+
+    model = _model(dora_c=False).eval()
+    ids = torch.randint(0, 61, (len(ROWS), 1))
+    v = model.base_model.model.model.layers[0].self_attn.v_proj
+    with torch.no_grad():
+        for _ in range(3):
+            before = model(ids, adapter_names=ROWS).logits
+        v.adapters["a"].lora_B.weight.data.mul_(3)
+        clear_mixed_caches(model)
+        got = model(ids, adapter_names=ROWS).logits
+        want = torch.cat([row_logits(model, ids[i : i + 1], n) for i, n in enumerate(ROWS)])
+    assert (got - before).abs().max() > 1e-4
+    torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+
+
+def test_mixed_batch_under_torch_func_grad_on_repeated_calls():
+    """torch.func.grad over adapter factors: functorch-wrapped tensors have no storage, so nothing is snapshotted
+    or kept, and every call (not only the first) gives autograd's gradients."""
+    from torch.func import functional_call, grad
+
+    model = _model(dora_c=False).eval()
+    ids = torch.randint(0, 61, (len(ROWS), 1))
+    params = {n: p.detach() for n, p in model.named_parameters() if "lora_B" in n}
+
+    def loss(p):
+        return functional_call(model, p, (ids,), {"adapter_names": ROWS}).logits.square().sum()
+
+    model(ids, adapter_names=ROWS).logits.square().sum().backward()
+    want = {n: p.grad for n, p in model.named_parameters() if n in params}
+    for _ in range(3):
+        got = grad(loss)(params)
+        for n in params:
+            torch.testing.assert_close(got[n], want[n], msg=n)

@@ -39,9 +39,13 @@ def row_logits(model: lorakit.PeftModel, ids: torch.Tensor, name: str) -> torch.
     return model(ids).logits
 
 
-def check_generate_equals_per_row(model: lorakit.PeftModel, ids: torch.Tensor, rows: list[str]) -> None:
-    """Greedy ``generate(..., adapter_names=rows)`` equals each row generated alone with its adapter."""
-    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+def check_generate_equals_per_row(
+    model: lorakit.PeftModel, ids: torch.Tensor, rows: list[str], **generate_kw
+) -> None:
+    """Greedy ``generate(..., adapter_names=rows)`` equals each row generated alone with its adapter; with
+    ``num_return_sequences=k`` row ``i``'s k sequences are rows ``k*i .. k*i+k-1`` of the output."""
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, **generate_kw)
+    k = kw.get("num_return_sequences", 1)
     got = model.generate(input_ids=ids, adapter_names=rows, **kw)
     for i, name in enumerate(rows):
         if name == "__base__":
@@ -51,7 +55,27 @@ def check_generate_equals_per_row(model: lorakit.PeftModel, ids: torch.Tensor, r
             model.set_adapter(name)
             want = model.generate(input_ids=ids[i : i + 1], **kw)
         n = want.shape[1]  # a row that hit EOS is padded in the batch
-        assert torch.equal(got[i : i + 1, :n], want) and (got[i, n:] == 0).all()
+        mine = got[k * i : k * i + k]
+        assert torch.equal(mine[:, :n], want) and (mine[:, n:] == 0).all()
+
+
+def check_grads_equal_per_row(
+    model: lorakit.PeftModel, ids: torch.Tensor, rows: list[str], tol: float, nonzero: bool = False
+) -> None:
+    """Gradients of a weighted sum of ``model(ids, adapter_names=rows)`` equal the sum of each row's run through
+    its adapter alone (the base row has no trainable path); ``nonzero``: and every trainable tensor gets one."""
+    weights = torch.randn(*ids.shape, model.config.vocab_size)
+    (model(ids, adapter_names=rows).logits * weights).sum().backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    mixed = {n: p.grad.clone() for n, p in trainable.items()}
+    model.zero_grad()
+    for i, name in enumerate(rows):
+        if name != "__base__":
+            (row_logits(model, ids[i : i + 1], name) * weights[i : i + 1]).sum().backward()
+    for n, p in trainable.items():
+        if nonzero:
+            assert p.grad is not None and p.grad.abs().max() > 0, n
+        torch.testing.assert_close(mixed[n], p.grad, atol=tol, rtol=1e-4, msg=n)
 
 
 def check_conversion_to_plain_lora(

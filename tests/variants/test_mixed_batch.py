@@ -15,7 +15,7 @@ import torch
 
 import lorakit
 
-from .common import check_generate_equals_per_row, row_logits, tiny_llama
+from .common import check_generate_equals_per_row, check_grads_equal_per_row, row_logits, tiny_llama
 
 TOL = 1e-5
 ROWS = ["a", "b", "__base__", "c", "a"]
@@ -101,17 +101,7 @@ def test_decode_groups_only_while_the_padding_is_small(monkeypatch, rows, form):
 def test_mixed_batch_trains(tokens, rows, dora_c):
     model = _model(dora_c)
     model.train()
-    ids = torch.randint(0, 61, (len(rows), tokens))
-    weights = torch.randn(len(rows), tokens, 61)
-    (model(ids, adapter_names=rows).logits * weights).sum().backward()
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    mixed = {n: p.grad.clone() for n, p in trainable.items()}
-    model.zero_grad()
-    for i, name in enumerate(rows):
-        if name != "__base__":  # the base row has no trainable path
-            (row_logits(model, ids[i : i + 1], name) * weights[i : i + 1]).sum().backward()
-    for n, p in trainable.items():
-        torch.testing.assert_close(mixed[n], p.grad, atol=TOL, rtol=1e-4, msg=n)
+    check_grads_equal_per_row(model, torch.randint(0, 61, (len(rows), tokens)), rows, TOL)
 
 
 def test_mixed_batch_generate_equals_perrow_logits():

@@ -113,11 +113,57 @@ def mixed_batch(model: nn.Module, adapter_names: list[str], known: list[str]) ->
     # skipping ``nn.Module.__setattr__``'s registration checks, twice per wrapper on every decode step.
     for module in wrappers:
         module.__dict__["row_adapters"] = rows
+    replayed: list[tuple[nn.Module, Any]] = []
     try:
+        if torch.is_grad_enabled():
+            replayed = _replay_rows_in_checkpoints(model, rows, wrappers)
         yield
     finally:
         for module in wrappers:
             module.__dict__["row_adapters"] = None
+        for module, func in replayed:
+            module.__dict__["_gradient_checkpointing_func"] = func
+
+
+def _with_rows(fn: Any, rows: RowAdapters, wrappers: list[nn.Module]) -> Any:
+    """``fn`` run with ``rows`` set on ``wrappers`` (and what they held before put back after)."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        held = [w.__dict__["row_adapters"] for w in wrappers]
+        for w in wrappers:
+            w.__dict__["row_adapters"] = rows
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for w, r in zip(wrappers, held, strict=True):
+                w.__dict__["row_adapters"] = r
+
+    return run
+
+
+def _replay_rows_in_checkpoints(
+    model: nn.Module, rows: RowAdapters, wrappers: list[nn.Module]
+) -> list[tuple[nn.Module, Any]]:
+    """Gradient checkpointing recomputes a layer in the backward pass, after the call (and ``mixed_batch``) has
+    ended: without its rows the recompute would run the active adapter on every row (non-reentrant checkpoints
+    then fail on the different saved tensors; reentrant ones give wrong gradients). For the call, every module of
+    ``model`` that transformers gave a checkpointing function (``_gradient_checkpointing_func``, the one hook
+    transformers' layers call to checkpoint, set per instance by ``gradient_checkpointing_enable``) gets one
+    that checkpoints the layer with this call's rows set, so the recompute sees them too. Returns the modules
+    and their own functions, put back when the call ends. A ``torch.utils.checkpoint`` called directly around LoRA
+    layers (not through transformers) is not covered."""
+    replayed = []
+    for module in model.modules():
+        func = module.__dict__.get("_gradient_checkpointing_func")
+        if func is None or not getattr(module, "gradient_checkpointing", False):
+            continue
+
+        def checkpointed(fn: Any, *args: Any, _func: Any = func, **kwargs: Any) -> Any:
+            return _func(_with_rows(fn, rows, wrappers), *args, **kwargs)
+
+        replayed.append((module, func))
+        module.__dict__["_gradient_checkpointing_func"] = checkpointed
+    return replayed
 
 
 # ---- the last call's rows, kept on the model while nothing they depend on changed -------------------------------
@@ -443,10 +489,27 @@ def mixed_embedding_forward(wrapper: nn.Module, ids: torch.Tensor, result: torch
     plan = _plan(wrapper, ids.shape[0], ids.device)
     if plan is None:
         return result
+    base = wrapper.base_layer
+    if base.max_norm is not None:  # the single-adapter path renormalises rows of lora_embedding_A in place
+        raise NotImplementedError(
+            f"adapter_names= on an embedding with max_norm={base.max_norm}: use one adapter per call for it."
+        )
+    if base.sparse and torch.is_grad_enabled():
+        raise NotImplementedError(
+            "adapter_names= training an embedding with sparse=True (the stacked factors take dense gradients): "
+            "use one adapter per call, or sparse=False."
+        )
     adapters, idx = plan.adapters, plan.slots.idx
     f = plan.factors if plan.factors is not None else _stack_factors(adapters)  # (S, vocab, R), (S, R, dim)
     ids2 = ids.reshape(ids.shape[0], -1)  # (batch, T)
-    h = f.a_t[idx[:, None], ids2]  # (batch, T, R)
+    slots, vocab, rank = f.a_t.shape
+    # One lookup in the (S * vocab, R) table: scale_grad_by_freq then counts each adapter's tokens apart, as a
+    # sub-batch of its rows through that adapter would; the pad token's row gets no gradient, as F.embedding's
+    # padding_idx gives (its value is looked up all the same).
+    h = F.embedding(idx[:, None] * vocab + ids2, f.a_t.view(slots * vocab, rank),
+                    scale_grad_by_freq=base.scale_grad_by_freq)  # (batch, T, R)
+    if base.padding_idx is not None and h.requires_grad:
+        h = torch.where((ids2 == base.padding_idx).unsqueeze(-1), h.detach(), h)
     lora = torch.bmm(h, f.b_t[idx]).reshape(result.shape).to(result.dtype)  # (batch, T, dim)
     if not f.dora:
         return result + lora

@@ -23,16 +23,17 @@ ROWS = ["a", "b", "__base__", "c", "a"]
 
 
 
-def _model(dora_c: bool = True):
+def _model(dora_c: bool = True, dropout: float = 0.0):
     model = lorakit.get_peft_model(
         tiny_llama(),
-        lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], init_lora_weights=False),
+        lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], init_lora_weights=False,
+                           lora_dropout=dropout),
         adapter_name="a",
     )
     model.add_adapter("b", lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"],
-                                              lora_bias=True, init_lora_weights=False))
+                                              lora_bias=True, init_lora_weights=False, lora_dropout=dropout / 2))
     model.add_adapter("c", lorakit.LoraConfig(r=4, target_modules=["v_proj", "down_proj"], use_dora=dora_c,
-                                              init_lora_weights=False))
+                                              init_lora_weights=False, lora_dropout=dropout))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_magnitude_vector" in name:
@@ -346,3 +347,79 @@ def test_mixed_batch_under_torch_func_grad_on_repeated_calls():
         got = grad(loss)(params)
         for n in params:
             torch.testing.assert_close(got[n], want[n], msg=n)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_mixed_batch_trains_under_gradient_checkpointing(reentrant):
+    """Gradient checkpointing recomputes each layer in the backward pass, after the call ended: the recompute
+    runs the call's rows too (each row's gradients equal its single-adapter run's)."""
+    model = _model()
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    layer = model.base_model.model.model.layers[0]
+    own = layer._gradient_checkpointing_func
+    check_grads_equal_per_row(model, torch.randint(0, 61, (len(ROWS), 6)), ROWS, TOL, nonzero=True)
+    assert layer._gradient_checkpointing_func is own  # put back after the call
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_mixed_and_plain_calls_in_one_backward(reentrant):
+    """A mixed call and a plain call (the active adapter on every row) before one backward, with dropout: each
+    recompute sees its own call's rows and dropout draws, so the gradients equal those without checkpointing."""
+    ids = torch.randint(0, 61, (len(ROWS), 6))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = _model(dropout=0.3)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        torch.manual_seed(1)
+        mixed = model(ids, adapter_names=ROWS).logits
+        plain = model(ids).logits
+        (mixed.square().sum() + plain.sin().sum()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    for n, g in grads[0].items():
+        assert g is not None and g.abs().max() > 0, n
+        torch.testing.assert_close(grads[1][n], g, atol=TOL, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("option", ["padding_idx", "scale_grad_by_freq"])
+def test_mixed_embedding_keeps_the_base_embeddings_gradient_options(option):
+    """The embedding adapter's lookup follows the base embedding as the single-adapter path does (F.embedding with
+    its options): no gradient on the pad token's row of lora_embedding_A; with scale_grad_by_freq, gradients
+    scaled by each token's count among the rows of that adapter."""
+    torch.manual_seed(0)
+    model = lorakit.get_peft_model(
+        tiny_llama(pad_token_id=0),
+        lorakit.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False),
+        adapter_name="a",
+    )
+    model.add_adapter("b", lorakit.LoraConfig(r=2, target_modules=["embed_tokens"], init_lora_weights=False))
+    embed = model.base_model.model.model.embed_tokens.base_layer
+    assert embed.padding_idx == 0
+    if option == "scale_grad_by_freq":
+        embed.scale_grad_by_freq = True
+    model.train()
+    ids = torch.tensor([[0, 5, 5, 0, 7, 5], [3, 0, 3, 3, 9, 0], [0, 4, 4, 8, 8, 8]])
+    rows = ["a", "b", "__base__"]
+    check_grads_equal_per_row(model, ids, rows, TOL, nonzero=True)
+    a = model.base_model.model.model.embed_tokens.adapters["a"].lora_embedding_A
+    assert a.grad[:, 0].abs().max() == 0 and a.grad[:, 5].abs().max() > 0
+
+
+def test_mixed_embedding_refuses_what_it_does_not_do():
+    model = lorakit.get_peft_model(
+        tiny_llama(), lorakit.LoraConfig(r=4, target_modules=["embed_tokens"], init_lora_weights=False)
+    )
+    embed = model.base_model.model.model.embed_tokens.base_layer
+    ids = torch.randint(0, 61, (2, 3))
+    embed.sparse = True
+    with torch.no_grad():
+        model(ids, adapter_names=["default", "__base__"])  # no gradient: sparse does not matter
+    with pytest.raises(NotImplementedError, match="sparse=True"):
+        model(ids, adapter_names=["default", "__base__"])
+    embed.sparse, embed.max_norm = False, 1.0
+    with pytest.raises(NotImplementedError, match="max_norm=1.0"):
+        model(ids, adapter_names=["default", "__base__"])

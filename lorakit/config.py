@@ -283,6 +283,8 @@ class LoraConfig:
         for name in ("fan_in_fan_out", "use_rslora", "lora_bias", "inference_mode", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: it must be true or false.")
+        if self.use_dora and self.lora_bias:  # PEFT refuses the pair too, so no adapter file holds it
+            raise ValueError("lora_bias=True is not supported with use_dora=True: set one of them to False.")
 
     def _check_init_configs(self) -> None:
         """PEFT's rules for ``loftq_config`` / ``eva_config`` / ``corda_config``: dicts become dataclasses (LoftQ

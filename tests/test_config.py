@@ -79,6 +79,7 @@ def test_missing_folder() -> None:
         ({"init_lora_weights": "uniform"}, "init_lora_weights='uniform'"),
         ({"rank_pattern": {"q": 0}}, "rank_pattern"),
         ({"layers_pattern": "layers"}, "layers_pattern"),
+        ({"use_dora": True, "lora_bias": True}, "lora_bias=True is not supported with use_dora=True"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, field) -> None:

@@ -258,13 +258,16 @@ def convert_to_plain_lora(
 
 
 def converted_config(config: LoraConfig) -> LoraConfig:
-    """The config of the converted adapter: plain init, ``r`` doubled, ``lora_alpha`` doubled (rsLoRA: times
-    sqrt 2) so ``scaling`` is unchanged; rank/alpha patterns doubled (PEFT's rules)."""
+    """The config of the converted adapter: plain init, ``r`` and the rank pattern doubled, ``lora_alpha`` and the
+    alpha pattern doubled (rsLoRA: times sqrt 2, as ``scaling = alpha / sqrt(r)`` there) so every module's
+    ``scaling`` is unchanged. PEFT 0.21 doubles the alpha pattern under rsLoRA too, which scales those modules by
+    sqrt 2 in its converted adapter; this follows the formula."""
     config = copy.deepcopy(config)
     config.init_lora_weights = True
     config.loftq_config, config.eva_config, config.corda_config = {}, None, None
+    alpha_factor = 2**0.5 if config.use_rslora else 2
     config.r *= 2
-    config.lora_alpha = config.lora_alpha * (2**0.5 if config.use_rslora else 2)
+    config.lora_alpha = config.lora_alpha * alpha_factor
     config.rank_pattern = {k: 2 * v for k, v in config.rank_pattern.items()}
-    config.alpha_pattern = {k: 2 * v for k, v in config.alpha_pattern.items()}
+    config.alpha_pattern = {k: v * alpha_factor for k, v in config.alpha_pattern.items()}
     return config

@@ -64,6 +64,18 @@ def test_conversion_to_plain_lora_on_original_base(method, tmp_path):
     assert config.r == 8 and config.init_lora_weights is True
 
 
+def test_conversion_keeps_each_modules_scaling_under_rslora_with_patterns(tmp_path):
+    """rsLoRA (scaling alpha / sqrt r) with rank and alpha patterns: every alpha of the rank-2r adapter is the
+    original times sqrt 2 (PEFT 0.21 doubles the pattern's, which scales those modules by sqrt 2)."""
+    base = tiny_llama()
+    ids = torch.randint(0, 61, (2, 6))
+    cfg = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa",
+                             use_rslora=True, rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 16})
+    config = check_conversion_to_plain_lora(lorakit.get_peft_model(copy.deepcopy(base), cfg), base, ids, tmp_path)
+    assert config.rank_pattern == {"q_proj": 4}
+    assert config.alpha_pattern == pytest.approx({"v_proj": 16 * 2**0.5})
+
+
 def test_unimplemented_init_raises():
     with pytest.raises(NotImplementedError, match="mica"):
         lorakit.LoraConfig(init_lora_weights="mica")

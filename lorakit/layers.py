@@ -314,6 +314,18 @@ class _LoraWrapper(nn.Module):
         if lora_b is not None and lora_b.bias is not None:
             base.bias.data += (lora_b.bias.float() * adapter.scaling * sign).to(base.bias.dtype)
 
+    def unmerged_weight(self) -> torch.Tensor:
+        """A copy of the base weight in the layout of ``delta_weight()`` (fp32) with every merged adapter taken out
+        again, newest first: the weight the forward sees while nothing is merged (DoRA's norm is taken on it)."""
+        weight = self.dora_weight_delta_layout().clone()
+        for name in reversed(self.merged_adapters):
+            adapter = self.adapters[name]
+            if getattr(adapter, "wraps_base_output", False):
+                weight = adapter.before_merge(weight)
+            else:
+                weight -= adapter.delta_weight().to(weight)
+        return weight
+
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold ``scaling * B @ A`` of each named (default: active) adapter into the base weight. Idempotent:
         an adapter already merged is skipped."""

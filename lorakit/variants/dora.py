@@ -122,15 +122,25 @@ def _merge_delta(
 def _signed_merge_delta(
     adapter: nn.Module, weight: torch.Tensor, sign: float, wrapper: nn.Module, row_dim: int
 ) -> torch.Tensor:
-    """Merging (sign > 0) records the weight norm it used; unmerging (sign < 0) needs that same norm back."""
+    """Merging (sign > 0) records the weight norm it used; unmerging (sign < 0) needs that same norm back.
+
+    The norm is the forward's, ``||W + s B A||_c`` of the un-merged base weight ``W``: when other adapters are
+    merged already, it is taken on the weight with them taken out (``wrapper.unmerged_weight()``, a copy), as
+    PEFT does; on the merged weight the merged model would differ from the unmerged one."""
     if sign > 0:
-        adapter._merged_norm = adapter.row_norm(wrapper).float()
+        unmerged = wrapper.unmerged_weight() if wrapper.merged_adapters else None
+        adapter._merged_norm = adapter.row_norm(wrapper, unmerged).float()
     elif adapter._merged_norm is None:
         raise RuntimeError("DoRA unmerge without a merge: the weight norm of the merge is unknown.")
     norm = adapter._merged_norm
     if sign < 0:
         adapter._merged_norm = None
     return _merge_delta(adapter, weight, adapter.delta_weight(), norm, sign, row_dim=row_dim)
+
+
+def _before_merge(adapter: nn.Module, weight: torch.Tensor, row_dim: int) -> torch.Tensor:
+    """The weight (delta layout, fp32) as it was before ``adapter`` was merged into it (its stored norm kept)."""
+    return weight + _merge_delta(adapter, weight, adapter.delta_weight(), adapter._merged_norm, -1.0, row_dim)
 
 
 class DoraLinearAdapter(LoraAdapter):
@@ -146,7 +156,10 @@ class DoraLinearAdapter(LoraAdapter):
         self._merged_norm: torch.Tensor | None = None
         self._row_sq = _RowSqCache()
 
-    def row_norm(self, wrapper: nn.Module) -> torch.Tensor:
+    def row_norm(self, wrapper: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``||W + s B A||_c`` (out,) of the base weight, or of ``weight`` (out, in) when given."""
+        if weight is not None:
+            return dora_row_norm(weight, self.lora_A.weight, self.lora_B.weight, self.scaling, False)
         weight, transposed, weight_sq = _dora_weight(self, wrapper)
         return dora_row_norm(weight, self.lora_A.weight, self.lora_B.weight, self.scaling, transposed, weight_sq)
 
@@ -181,6 +194,10 @@ class DoraLinearAdapter(LoraAdapter):
         """Signed change of ``weight`` (out, in) for merging (sign > 0) or unmerging (sign < 0)."""
         return _signed_merge_delta(self, weight, sign, wrapper, row_dim=1)
 
+    def before_merge(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (out, in) as it was before this adapter was merged into it."""
+        return _before_merge(self, weight, row_dim=1)
+
 
 class DoraEmbeddingAdapter(LoraEmbeddingAdapter):
     """An embedding adapter with DoRA's magnitude ``lora_magnitude_vector`` (dim,)."""
@@ -195,7 +212,10 @@ class DoraEmbeddingAdapter(LoraEmbeddingAdapter):
         self._merged_norm: torch.Tensor | None = None
         self._row_sq = _RowSqCache()
 
-    def row_norm(self, wrapper: nn.Module) -> torch.Tensor:
+    def row_norm(self, wrapper: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``||W + s B A||_c`` (dim,) of the embedding weight, or of ``weight`` (vocab, dim) when given."""
+        if weight is not None:
+            return dora_row_norm(weight, self.lora_embedding_A, self.lora_embedding_B, self.scaling, True)
         weight, transposed, weight_sq = _dora_weight(self, wrapper)
         return dora_row_norm(
             weight, self.lora_embedding_A, self.lora_embedding_B, self.scaling, transposed, weight_sq
@@ -214,3 +234,7 @@ class DoraEmbeddingAdapter(LoraEmbeddingAdapter):
     def merge_delta(self, weight: torch.Tensor, sign: float, wrapper: nn.Module) -> torch.Tensor:
         """Signed change of the embedding weight (vocab, dim)."""
         return _signed_merge_delta(self, weight, sign, wrapper, row_dim=0)
+
+    def before_merge(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (vocab, dim) as it was before this adapter was merged into it."""
+        return _before_merge(self, weight, row_dim=0)

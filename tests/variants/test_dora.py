@@ -153,6 +153,45 @@ def test_dora_merge_equals_unmerged_and_unmerge_restores(case):
         torch.testing.assert_close(merged(ids).logits, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dora", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("together", [True, False])
+def test_merging_several_adapters_with_dora_equals_unmerged_and_peft(case, dora, together, tmp_path):
+    """Two adapters active on the same layers, at least one DoRA, merged in one call or one after the other: a
+    DoRA adapter merged after another takes its norm on the un-merged weight, as its forward does, so the merged
+    model equals the unmerged one and PEFT's merged one (the same adapters, saved and loaded); unmerging restores
+    the base weights."""
+    build, targets = CASES[case]
+    base = build().eval()
+    ids = _ids()
+    kw = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    ours = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(use_dora=dora[0], **kw)).eval()
+    ours.add_adapter("b", lorakit.LoraConfig(use_dora=dora[1], **kw))
+    _perturb_magnitudes(ours)
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    theirs.load_adapter(tmp_path / "b", "b")
+    models = (ours, theirs)
+    for model in models:
+        model.base_model.set_adapter(["default", "b"])
+    weights = {n: p.clone() for n, p in ours.named_parameters() if "base_layer" in n}
+    with torch.no_grad():
+        want = ours(ids).logits
+        torch.testing.assert_close(theirs(ids).logits, want, atol=TOL, rtol=TOL)
+        for model in models:
+            if together:
+                model.base_model.merge_adapter(["default", "b"])
+            else:
+                model.base_model.merge_adapter(["default"])
+                model.base_model.merge_adapter(["b"])
+        torch.testing.assert_close(ours(ids).logits, want, atol=TOL, rtol=TOL)
+        torch.testing.assert_close(theirs(ids).logits, want, atol=TOL, rtol=TOL)
+        ours.unmerge_adapter()
+    for n, p in ours.named_parameters():
+        if n in weights:
+            torch.testing.assert_close(p, weights[n], atol=TOL, rtol=TOL, msg=n)
+
+
 def test_dora_dropout_runs_base_once_and_matches_expectation():
     """With dropout in training, y = g * (W x + s B A d(x)) + b; in eval it equals the dropout-free output."""
     lin = torch.nn.Linear(16, 8)

@@ -28,7 +28,10 @@ class BitsAndBytesConfig:
     load_in_4bit: bool = False
     """Blockwise 4-bit weights (QLoRA)."""
     llm_int8_threshold: float = 6.0
-    """LLM.int8() outlier threshold; only 0.0 is implemented (the default 6.0 raises with load_in_8bit)."""
+    """LLM.int8() outlier threshold, kept and saved as given. lorakit's 8-bit layers store bitsandbytes' row-wise
+    int8 weights but never quantize activations (dequantize, then one matmul in the compute dtype): every input
+    column is computed the way LLM.int8() computes its outlier columns, so the threshold has nothing to select and
+    outputs are those of the dequantized weight (not bitsandbytes' int8 matmul, which quantizes the others)."""
     llm_int8_skip_modules: list[str] | None = None
     """Module names (exact or ``.suffix``) kept in full precision; ``lm_head`` is always kept."""
     llm_int8_enable_fp32_cpu_offload: bool = False
@@ -60,11 +63,9 @@ class BitsAndBytesConfig:
             or not all(isinstance(m, str) for m in self.llm_int8_skip_modules)
         ):
             raise ValueError(f"llm_int8_skip_modules must be a list of str, got {self.llm_int8_skip_modules!r}")
-        if self.load_in_8bit and self.llm_int8_threshold != 0.0:
-            raise NotImplementedError(
-                f"llm_int8_threshold={self.llm_int8_threshold}: the LLM.int8() outlier decomposition is not "
-                "implemented; pass llm_int8_threshold=0.0 for plain row-wise int8"
-            )
+        threshold = self.llm_int8_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not threshold >= 0:
+            raise ValueError(f"llm_int8_threshold must be a number >= 0, got {threshold!r}")
         for name in ("llm_int8_enable_fp32_cpu_offload", "llm_int8_has_fp16_weight"):
             if getattr(self, name):
                 raise NotImplementedError(f"{name}=True is not implemented; leave it False")

@@ -1,7 +1,7 @@
 """A frozen 8-bit linear layer (row-wise absmax int8) whose state dict matches bitsandbytes' ``Linear8bitLt``.
 
-Per output row ``o`` (LLM.int8(), Dettmers et al. 2022, https://arxiv.org/abs/2208.07339, without the
-outlier decomposition)::
+Per output row ``o`` (LLM.int8(), Dettmers et al. 2022, https://arxiv.org/abs/2208.07339; the weight as
+bitsandbytes stores it, activations never quantized, so no outlier decomposition is needed)::
 
     SCB[o]   = max_i |W[o, i]|                       (of W cast to fp16, as bitsandbytes does)
     CB[o, i] = round(W[o, i] * (127 / SCB[o]))        int8
@@ -56,7 +56,9 @@ class Linear8bitLt(DequantLinearModule):
     Args:
         in_features, out_features, bias: as ``nn.Linear``.
         compute_dtype: dtype of the dequantized weight and of the matmul; None = the input's dtype.
-        threshold: LLM.int8() outlier threshold (bitsandbytes' ``llm_int8_threshold``); only 0.0 is implemented.
+        threshold: bitsandbytes' ``llm_int8_threshold``, kept as ``self.threshold``. Activations are never
+            quantized here (dequantize-then-matmul), so every column is computed as LLM.int8() computes its
+            outliers, whatever the threshold.
     """
 
     def __init__(
@@ -69,11 +71,9 @@ class Linear8bitLt(DequantLinearModule):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if threshold != 0.0:
-            raise NotImplementedError(
-                f"llm_int8_threshold={threshold}: the LLM.int8() outlier decomposition is not implemented; "
-                "use llm_int8_threshold=0.0 (plain row-wise int8)"
-            )
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not threshold >= 0:
+            raise ValueError(f"llm_int8_threshold must be a number >= 0, got {threshold!r}")
+        self.threshold = float(threshold)
         self.in_features = in_features
         self.out_features = out_features
         self.compute_dtype = compute_dtype

@@ -74,7 +74,9 @@ class QuantizationConfig:
     bnb_4bit_quant_storage: str = "uint8"
     """Storage dtype of the packed 4-bit weights."""
     llm_int8_threshold: float = 6.0
-    """int8 only: outlier threshold of LLM.int8 (https://arxiv.org/abs/2208.07339)."""
+    """int8 only: outlier threshold of LLM.int8 (https://arxiv.org/abs/2208.07339), saved with the model; lorakit's
+    int8 layers never quantize activations (every column is computed as LLM.int8 computes outliers), so it
+    changes no output."""
     llm_int8_skip_modules: list[str] | None = None
     """Modules kept in full precision (the output layer is always kept)."""
 

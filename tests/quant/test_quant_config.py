@@ -14,6 +14,7 @@ CASES = [
      "bnb_4bit_compute_dtype": torch.bfloat16, "llm_int8_skip_modules": ["mlp.down_proj"]},
     {"load_in_4bit": True, "bnb_4bit_compute_dtype": "float16", "bnb_4bit_quant_storage": torch.bfloat16},
     {"load_in_8bit": True, "llm_int8_threshold": 0.0},
+    {"load_in_8bit": True},  # transformers' default threshold 6.0: kept and saved (our layers need none)
 ]  # fmt: skip
 
 
@@ -44,8 +45,8 @@ def test_validation_errors():
         BitsAndBytesConfig(load_in_4bit=True, load_in_8bit=True)
     with pytest.raises(ValueError, match="llm_int8_skip_modules must be a list"):
         BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules="lm_head")
-    with pytest.raises(NotImplementedError, match="llm_int8_threshold=6.0"):
-        BitsAndBytesConfig(load_in_8bit=True)
+    with pytest.raises(ValueError, match="llm_int8_threshold must be a number >= 0, got -1"):
+        BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=-1)
     with pytest.raises(NotImplementedError, match="llm_int8_enable_fp32_cpu_offload"):
         BitsAndBytesConfig(load_in_4bit=True, llm_int8_enable_fp32_cpu_offload=True)
     with pytest.raises(ValueError, match="quant_method must be 'bitsandbytes'"):

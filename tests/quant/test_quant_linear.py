@@ -133,9 +133,20 @@ def test_linear8bit_matches_bitsandbytes():
     assert ours.SCB.dtype == torch.float32 and ours.weight.dtype == torch.int8
 
 
-def test_linear8bit_threshold_not_implemented():
-    with pytest.raises(NotImplementedError, match="llm_int8_threshold=6.0"):
-        Linear8bitLt(64, 32, threshold=6.0)
+def test_linear8bit_threshold_is_kept_and_changes_nothing():
+    """Activations are never quantized (dequantize-then-matmul), so LLM.int8()'s outlier threshold has nothing to
+    select: any threshold gives the dequantized weight's output, outlier columns included."""
+    linear = torch.nn.Linear(64, 32)
+    layers = [Linear8bitLt.from_linear(linear) for _ in range(2)]
+    layers[1].threshold = 6.0
+    assert Linear8bitLt(64, 32, threshold=6.0).threshold == 6.0
+    x = torch.randn(4, 64)
+    x[:, 3] *= 100  # an outlier column (|x| > 6)
+    want = x @ layers[0].dequantize().T + linear.bias
+    for layer in layers:
+        torch.testing.assert_close(layer(x), want, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="llm_int8_threshold must be a number >= 0"):
+        Linear8bitLt(64, 32, threshold=-1.0)
 
 
 @pytest.mark.parametrize("maker", ["ours4", "bnb4", "ours8", "bnb8"])

@@ -6,6 +6,7 @@ with double quantization (a nested code one step off moves a block scale by <= 1
 bitsandbytes' models run in train mode so its CPU eval path does not repack weights with bf16 absmax.
 """
 
+import json
 import weakref
 
 import pytest
@@ -96,6 +97,18 @@ def test_load_8bit_matches_transformers(tiny_dir, tmp_path):
     ours.save_pretrained(tmp_path / "ours8")
     back, _ = load_model(tmp_path / "ours8")
     _assert_same_state(back, ours)
+
+
+def test_load_8bit_saved_by_transformers_with_the_default_threshold(tiny_dir, tmp_path):
+    """transformers + bitsandbytes save 8-bit models with llm_int8_threshold=6.0: the stored weights are row-wise
+    int8 + SCB whatever the threshold, so they load as stored and the threshold is kept."""
+    fresh = _oracle(tiny_dir, load_in_8bit=True)
+    fresh.save_pretrained(tmp_path / "theirs")
+    back, _ = load_model(tmp_path / "theirs")
+    _assert_same_state(back, fresh)
+    back.save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
+    assert saved["load_in_8bit"] and saved["llm_int8_threshold"] == 6.0
 
 
 def test_quantize_model_equals_load_model(tiny_dir):

@@ -126,10 +126,9 @@ def _signed_merge_delta(
 
     The norm is the forward's, ``||W + s B A||_c`` of the un-merged base weight ``W``: when other adapters are
     merged already, it is taken on the weight with them taken out (``wrapper.unmerged_weight()``, a copy), as
-    PEFT does; on the merged weight the merged model would differ from the unmerged one."""
+    PEFT does (``row_norm``); on the merged weight the merged model would differ from the unmerged one."""
     if sign > 0:
-        unmerged = wrapper.unmerged_weight() if wrapper.merged_adapters else None
-        adapter._merged_norm = adapter.row_norm(wrapper, unmerged).float()
+        adapter._merged_norm = adapter.row_norm(wrapper).float()
     elif adapter._merged_norm is None:
         raise RuntimeError("DoRA unmerge without a merge: the weight norm of the merge is unknown.")
     norm = adapter._merged_norm
@@ -157,7 +156,12 @@ class DoraLinearAdapter(LoraAdapter):
         self._row_sq = _RowSqCache()
 
     def row_norm(self, wrapper: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """``||W + s B A||_c`` (out,) of the base weight, or of ``weight`` (out, in) when given."""
+        """``||W + s B A||_c`` (out,) of the base weight, or of ``weight`` (out, in) when given. While other
+        adapters are merged into the base, ``W`` is the weight with them taken out (``unmerged_weight``, a copy
+        per call): the norm is always the un-merged base's, so merging an adapter that runs before this one
+        changes nothing (PEFT takes it on the merged weight in the forward)."""
+        if weight is None and wrapper.merged_adapters:
+            weight = wrapper.unmerged_weight()
         if weight is not None:
             return dora_row_norm(weight, self.lora_A.weight, self.lora_B.weight, self.scaling, False)
         weight, transposed, weight_sq = _dora_weight(self, wrapper)
@@ -213,7 +217,10 @@ class DoraEmbeddingAdapter(LoraEmbeddingAdapter):
         self._row_sq = _RowSqCache()
 
     def row_norm(self, wrapper: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """``||W + s B A||_c`` (dim,) of the embedding weight, or of ``weight`` (vocab, dim) when given."""
+        """``||W + s B A||_c`` (dim,) of the embedding weight, or of ``weight`` (vocab, dim) when given; the
+        un-merged weight while other adapters are merged (see ``DoraLinearAdapter.row_norm``)."""
+        if weight is None and wrapper.merged_adapters:
+            weight = wrapper.unmerged_weight()
         if weight is not None:
             return dora_row_norm(weight, self.lora_embedding_A, self.lora_embedding_B, self.scaling, True)
         weight, transposed, weight_sq = _dora_weight(self, wrapper)

@@ -192,6 +192,24 @@ def test_merging_several_adapters_with_dora_equals_unmerged_and_peft(case, dora,
             torch.testing.assert_close(p, weights[n], atol=TOL, rtol=TOL, msg=n)
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_dora_forward_with_an_earlier_adapter_merged_equals_unmerged(case):
+    """LoRA "a" then DoRA "b" active on the same layers, "a" merged: b's norm is still taken on the un-merged base
+    weight, so the outputs are those of the unmerged model (PEFT takes it on the merged weight)."""
+    build, targets = CASES[case]
+    base = build().eval()
+    ids = _ids()
+    kw = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    model = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(**kw), adapter_name="a").eval()
+    model.add_adapter("b", lorakit.LoraConfig(use_dora=True, **kw))
+    _perturb_magnitudes(model)
+    model.base_model.set_adapter(["a", "b"])
+    with torch.no_grad():
+        want = model(ids).logits
+        model.base_model.merge_adapter(["a"])
+        torch.testing.assert_close(model(ids).logits, want, atol=TOL, rtol=TOL)
+
+
 def test_dora_dropout_runs_base_once_and_matches_expectation():
     """With dropout in training, y = g * (W x + s B A d(x)) + b; in eval it equals the dropout-free output."""
     lin = torch.nn.Linear(16, 8)

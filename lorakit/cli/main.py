@@ -48,7 +48,8 @@ def _preprocess(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from lorakit.cli.merge import merge_to_disk
 
-    out = merge_to_disk(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    out = merge_to_disk(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                        overwrite=args.overwrite)
     print(f"[lorakit] merged model written to {out}")
     return 0
 
@@ -88,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="fold an adapter into its full-precision base and save it")
     p.add_argument("--base", required=True, help="base model (full precision, even for QLoRA adapters)")
     p.add_argument("--adapter", required=True, help="adapter folder (PEFT format)")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--out", required=True, help="output folder (written atomically; must be new, empty or an "
+                   "earlier merge output)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out that is not an earlier merge output (never the inputs)")
     p.add_argument("--dtype", default="float32", choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"])
     p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (transformers syntax)")
     p.set_defaults(func=_merge)

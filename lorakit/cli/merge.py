@@ -15,37 +15,86 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16"}
 
 
+MARKER_FILE = "lorakit_merge.json"
+"""Written into every merged folder: marks it as a `lorakit merge` output that a later merge may replace."""
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_out_folder(out: Path, inputs: dict[str, str], overwrite: bool) -> None:
+    """Refuse an --out that would destroy something: a file, the current folder or one of its parents, a
+    folder holding an input, or a non-empty folder that is not an earlier merge output (unless `overwrite`)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file; give a folder path")
+    cwd = Path.cwd().resolve()
+    if _is_within(cwd, out):
+        raise ValueError(f"--out {out} is the current folder or one of its parents; give a new folder, "
+                         "e.g. --out merged")
+    for what, value in inputs.items():
+        if os.path.exists(value) and _is_within(Path(value).resolve(), out):
+            raise ValueError(f"--out {out} holds the {what} {value}; merging there would delete it. "
+                             "Give another folder.")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER_FILE).is_file() and not overwrite:
+        raise ValueError(f"--out {out} is a non-empty folder that is not an earlier `lorakit merge` output; "
+                         "its content would be replaced. Give a new or empty folder, or pass --overwrite "
+                         "to replace it.")
+
+
 def merge_to_disk(base: str, adapter: str, out: str | os.PathLike, dtype: str = "float32",
-                  max_shard_size: str | int = "2GB") -> Path:
+                  max_shard_size: str | int = "2GB", overwrite: bool = False) -> Path:
     """Load `base` in `dtype` (never quantized), apply `adapter`, merge, write `out` via a temporary folder.
 
-    The folder holds the merged model (sharded safetensors, config, generation config) and the tokenizer
-    (from the adapter folder when it has one, as `lorakit train` saves it there, else from the base). It
-    loads with plain `transformers.AutoModelForCausalLM.from_pretrained(out)`.
+    The folder holds the merged model (sharded safetensors, config, generation config), the tokenizer
+    (from the adapter folder when it has one, as `lorakit train` saves it there, else from the base) and
+    `lorakit_merge.json` (base, adapter, dtype). It loads with plain
+    `transformers.AutoModelForCausalLM.from_pretrained(out)`.
+
+    An existing `out` is replaced only when it is empty, an earlier merge output (it has
+    `lorakit_merge.json`) or `overwrite` is set; never when it is (or contains) the current folder, the base
+    or the adapter. Returns the absolute path of `out`.
     """
+    import json
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lorakit import PeftModel
+    from lorakit.train.evaluate import model_path_errors
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter} has no adapter_config.json: not an adapter folder")
-    out = Path(out)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, DTYPES[dtype]))
+    out = Path(out).resolve()
+    check_out_folder(out, {"base model": base, "adapter": adapter}, overwrite)
+    with model_path_errors(base, "base model"):
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, DTYPES[dtype]))
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     tok_source = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
-    tokenizer = AutoTokenizer.from_pretrained(tok_source)
+    with model_path_errors(tok_source, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(tok_source)
 
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}"
-    if tmp.exists():
+    if tmp.exists():  # left by a killed merge into the same --out
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        old = out.parent / f".old-{out.name}"
-        os.replace(out, old)
-        shutil.rmtree(old)
-    os.replace(tmp, out)
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MARKER_FILE).write_text(json.dumps({"base": str(base), "adapter": str(adapter), "dtype": dtype},
+                                                  indent=2))
+        if out.exists():
+            old = out.parent / f".old-{out.name}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,14 +23,22 @@ def load_base_model(name_or_path: str, torch_dtype: str = "float32", quantizatio
     """(model, tokenizer) for a causal LM; `quantization` is a train.config.QuantizationConfig or None."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
+    with model_path_errors(name_or_path):
         return _load_base_model(AutoModelForCausalLM, AutoTokenizer, name_or_path, torch_dtype, quantization,
                                 attn_implementation, revision, trust_remote_code, device)
+
+
+@contextlib.contextmanager
+def model_path_errors(name_or_path: str | os.PathLike, what: str = "model") -> Iterator[None]:
+    """Turn the OSError transformers raises for a missing local folder / unreachable Hub id into a
+    FileNotFoundError that says where relative paths are taken from (errors inside a real folder pass)."""
+    try:
+        yield
     except OSError as err:
-        if os.path.isdir(name_or_path):
+        if os.path.isdir(name_or_path) or isinstance(err, FileNotFoundError) and os.path.exists(name_or_path):
             raise
         raise FileNotFoundError(
-            f"model {name_or_path!r} is not a folder (relative paths are taken from the current directory, "
+            f"{what} {str(name_or_path)!r} is not a folder (relative paths are taken from the current directory, "
             f"{os.getcwd()}) and could not be read from the Hugging Face Hub ({type(err).__name__}). Give the "
             "path of a local model folder, or a Hub id with network access or a filled cache."
         ) from err

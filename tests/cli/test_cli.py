@@ -109,3 +109,35 @@ def test_generate_and_chat_switch_adapters(trained_adapter, tiny_model_dir, caps
 def test_summary_of_cli_training(trained_adapter):
     summary = json.loads((trained_adapter / "summary.json").read_text())
     assert summary["global_step"] == 3
+
+
+def test_merge_never_destroys_inputs_or_user_folders(tmp_path, trained_adapter, tiny_model_dir, capsys,
+                                                     monkeypatch):
+    import shutil
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("precious")
+    shutil.copytree(trained_adapter, project / "run1")
+    base = ["merge", "--base", str(tiny_model_dir), "--adapter", str(project / "run1")]
+    assert main([*base, "--out", str(project)]) == 2  # holds the adapter
+    assert "holds the adapter" in capsys.readouterr().err
+    assert main([*base, "--out", str(project), "--overwrite"]) == 2  # never, even with --overwrite
+    assert (project / "notes.txt").read_text() == "precious" and (project / "run1/adapter_config.json").is_file()
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("precious")
+    assert main([*base, "--out", str(other)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (other / "notes.txt").is_file()
+
+    monkeypatch.chdir(project)
+    assert main([*base, "--out", "."]) == 2
+    assert "current folder" in capsys.readouterr().err
+    assert sorted(p.name for p in project.iterdir()) == ["notes.txt", "run1"]  # no stray .tmp- folder
+
+    assert main([*base, "--out", "merged"]) == 0  # relative to the current folder
+    assert main([*base, "--out", "merged"]) == 0  # an earlier merge output is replaced
+    assert (project / "merged/config.json").is_file()
+    assert main([*base, "--out", str(other), "--overwrite"]) == 0
+    assert not (other / "notes.txt").exists() and (other / "config.json").is_file()

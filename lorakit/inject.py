@@ -45,8 +45,15 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "mpt": ["Wqkv"],
 }
 
-#: Classification heads (PEFT's ``SEQ_CLS`` head names): added to ``modules_to_save`` for SEQ_CLS.
+#: Classification heads (PEFT's ``SEQ_CLS`` head names).
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")
+#: The freshly initialised task heads PEFT adds to ``modules_to_save`` per task type (they train in full and are
+#: saved with the adapter).
+TASK_HEAD_NAMES: dict[TaskType, tuple[str, ...]] = {
+    TaskType.SEQ_CLS: SEQ_CLS_HEAD_NAMES,
+    TaskType.TOKEN_CLS: ("classifier", "score"),
+    TaskType.QUESTION_ANS: ("qa_outputs",),
+}
 
 
 def linear_features(module: nn.Module) -> tuple[int, int, bool] | None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig, TaskType
 from lorakit.inject import (
-    SEQ_CLS_HEAD_NAMES,
+    TASK_HEAD_NAMES,
     add_modules_to_save,
     eject_adapter,
     inject_adapter,
@@ -73,8 +73,9 @@ class LoraModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; choose another name.")
         config = copy.deepcopy(config)
-        if config.task_type == TaskType.SEQ_CLS:
-            extra = [h for h in SEQ_CLS_HEAD_NAMES if h not in (config.modules_to_save or [])]
+        heads = TASK_HEAD_NAMES.get(config.task_type, ())
+        if heads:  # the task head (new, randomly initialised) trains in full and is saved, as in PEFT
+            extra = [h for h in heads if h not in (config.modules_to_save or [])]
             config.modules_to_save = list(config.modules_to_save or []) + extra
         if self.peft_config and config.bias != "none":
             raise ValueError(
@@ -526,13 +527,13 @@ class PeftModelForSeq2SeqLM(PeftModel):
 
 
 class PeftModelForTokenClassification(PeftModel):
-    """Token classification (``TaskType.TOKEN_CLS``)."""
+    """Token classification (``TaskType.TOKEN_CLS``): the head (``classifier``/``score``) trains in full."""
 
     forward = _task_forward(*_TEXT, "labels", "token_type_ids", "position_ids")
 
 
 class PeftModelForQuestionAnswering(PeftModel):
-    """Extractive question answering (``TaskType.QUESTION_ANS``)."""
+    """Extractive question answering (``TaskType.QUESTION_ANS``): the head (``qa_outputs``) trains in full."""
 
     forward = _task_forward(*_TEXT, "token_type_ids", "position_ids", "start_positions", "end_positions")
 

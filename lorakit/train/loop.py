@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,11 +101,75 @@ def _oom_message(err: BaseException) -> str:
     return (f"out of memory ({err.__class__.__name__}). Try, in this order: a smaller "
             "training.per_device_train_batch_size with a larger gradient_accumulation_steps (same global batch), "
             "training.gradient_checkpointing=true, a shorter training.max_seq_length, quantization=nf4 (QLoRA), "
-            "bf16=true. `lorakit estimate MODEL --method qlora ...` shows where the memory goes.")
+            "training.bf16=true. `lorakit estimate MODEL --method qlora ...` shows where the memory goes.")
 
 
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+class TrainingError(ValueError):
+    """A run that cannot go on for a reason the user can fix (out of memory, ...); printed without a traceback."""
+
+
+LORA_KEYS_CHECKED = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_dora",
+                     "use_rslora", "rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias", "bias",
+                     "layers_to_transform", "layers_pattern", "fan_in_fan_out")
+"""LoraConfig fields a resumed run must share with its checkpoint (they change the adapter or its maths)."""
+
+
+def _lora_differences(mine: Any, saved: Any, keys: Any, model: nn.Module | None = None) -> list[str]:
+    """`key: ours vs saved` for each of `keys` on which two LoraConfigs differ. target_modules is compared by
+    the modules each selects in `model` (None: skipped), since "all-linear" is saved expanded."""
+    from lorakit.inject import find_targets
+
+    a, b = mine.to_dict(), saved.to_dict()
+    diffs = []
+    for key in keys:
+        if key == "target_modules":
+            if model is not None:
+                ours, theirs = set(find_targets(model, mine)), set(find_targets(model, saved))
+                if ours != theirs:
+                    diffs.append(f"target_modules: {a[key]!r} selects {len(ours)} modules, the saved adapter "
+                                 f"adapts {len(theirs)} (e.g. {sorted(ours ^ theirs)[:2]})")
+        elif a.get(key) != b.get(key):
+            diffs.append(f"{key}: {a.get(key)!r} here vs {b.get(key)!r} saved")
+    return diffs
+
+
+def _check_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Refuse to start a new run over an earlier one; returns the checkpoint to resume from (or None)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"training.output_dir={str(out_dir)!r} is an existing file; give a folder path")
+    if resume:
+        latest = ckpt.latest_checkpoint(out_dir)
+        if latest is None and (out_dir / "adapter_config.json").is_file() and not overwrite:
+            raise ValueError(f"--resume: training.output_dir={str(out_dir)!r} holds a finished adapter but no "
+                             "checkpoint to resume from; starting again would replace it. Pick another "
+                             "training.output_dir, or set training.overwrite_output_dir=true.")
+        return latest
+    earlier = [p.name for p in ckpt.checkpoint_dirs(out_dir)]
+    if (out_dir / "adapter_config.json").is_file():
+        earlier.append("adapter_config.json")
+    if earlier and not overwrite:
+        raise ValueError(
+            f"training.output_dir={str(out_dir)!r} already holds a run ({', '.join(earlier[:4])}). Continue it "
+            "with --resume (training.resume=true), pick another training.output_dir, or set "
+            "training.overwrite_output_dir=true to replace it (its checkpoints are deleted).")
+    return None
+
+
+def _check_resume_state(state: dict[str, Any], where: Path, expected: dict[str, Any]) -> None:
+    """Refuse a checkpoint written by a run with another world size, step count or data order."""
+    for key, value in expected.items():
+        if key in state and state[key] != value:
+            raise ValueError(
+                f"cannot resume from {where}: it was written with {key}={state[key]!r}, this run has {value!r} "
+                "(it would see other batches / another schedule). Resume with the same config and number of "
+                "processes, or start a new training.output_dir.")
+    if "total_steps" in expected and state["global_step"] > expected["total_steps"]:
+        raise ValueError(f"cannot resume from {where}: it is at step {state['global_step']}, past this run's "
+                         f"{expected['total_steps']} steps")
 
 
 def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
@@ -135,9 +200,40 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     set_seed(t.seed)
     say = accelerator.print
+    m = cfg.model
+    resume_from = _check_output_dir(out_dir, resume, t.overwrite_output_dir)
+    user_lora = cfg.lora_config()
+    adapter_cfg = None
+    if m.adapter_name_or_path:  # the adapter brings its own config: the lora section must agree with it
+        from lorakit.config import LoraConfig
+
+        adapter_cfg = LoraConfig.from_pretrained(m.adapter_name_or_path)
+        diffs = _lora_differences(user_lora, adapter_cfg, [k for k in cfg.lora if k != "task_type"])
+        if diffs:
+            raise ValueError(f"model.adapter_name_or_path={m.adapter_name_or_path!r} brings its own LoRA config, "
+                             f"and the lora section differs from it: {'; '.join(diffs)}. Remove these lora keys "
+                             "(or start a fresh adapter without model.adapter_name_or_path).")
+    state: dict[str, Any] = {}
+    ckpt_cfg = None
+    if resume_from is not None:
+        from lorakit.config import LoraConfig
+
+        state = ckpt.read_state(resume_from)
+        _check_resume_state(state, resume_from, {"world_size": world})
+        ckpt_cfg = LoraConfig.from_pretrained(resume_from)
+        diffs = _lora_differences(adapter_cfg or user_lora, ckpt_cfg, LORA_KEYS_CHECKED)
+        if diffs:
+            raise ValueError(f"cannot resume from {resume_from}: its adapter differs from this config's "
+                             f"({'; '.join(diffs)}). Resume with the config of that run, or start a new "
+                             "training.output_dir.")
+    if t.overwrite_output_dir and not resume and main:
+        for old in ckpt.checkpoint_dirs(out_dir):
+            shutil.rmtree(old)
+    if t.offload_activations and not torch.cuda.is_available():
+        say("[lorakit] training.offload_activations=true does nothing here: it offloads CUDA activations "
+            "only, and this run is on CPU")
 
     # 2. base model -------------------------------------------------------------------------------------
-    m = cfg.model
     model, tokenizer = load_base_model(m.name_or_path, m.torch_dtype, cfg.quantization, m.attn_implementation,
                                        m.revision, m.trust_remote_code, device=accelerator.device)
 
@@ -163,6 +259,13 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     steps_per_epoch = math.ceil(micro_per_epoch / accum)
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
     warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * total_steps)
+    data_order = {"total_steps": total_steps, "seed": t.seed, "per_device_train_batch_size": bs,
+                  "gradient_accumulation_steps": accum, "train_rows": len(train_ex)}
+    if resume_from is not None:
+        _check_resume_state(state, resume_from, data_order)
+    if t.eval_steps and not eval_ex:
+        say(f"[lorakit] training.eval_steps={t.eval_steps} is ignored: there is no eval data (set "
+            "data.validation_path or data.val_set_size)")
 
     # 4. adapter ----------------------------------------------------------------------------------------
     from lorakit import PeftModel, get_peft_model
@@ -177,6 +280,16 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if adapter_cfg is not None and "target_modules" in cfg.lora:
+        diffs = _lora_differences(user_lora, adapter_cfg, ["target_modules"], model)
+        if diffs:
+            raise ValueError(f"model.adapter_name_or_path={m.adapter_name_or_path!r}: {diffs[0]}. Remove "
+                             "lora.target_modules (the adapter's own are used).")
+    if ckpt_cfg is not None:
+        diffs = _lora_differences(adapter_cfg or user_lora, ckpt_cfg, ["target_modules"], model)
+        if diffs:
+            raise ValueError(f"cannot resume from {resume_from}: {diffs[0]}. Resume with the config of that "
+                             "run, or start a new training.output_dir.")
     if m.adapter_name_or_path:
         model = PeftModel.from_pretrained(model, m.adapter_name_or_path, is_trainable=True)
     else:
@@ -201,27 +314,34 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
 
     # 6. resume -----------------------------------------------------------------------------------------
-    start_step, resumed_from = 0, None
+    start_step, resumed_from = 0, resume_from
+    tokens_seen = 0  # non-padding input tokens (prompts included) since step 0, all processes
+    window = torch.zeros(2, dtype=torch.float64)  # (sum CE, label tokens) since the last log line
+    last_train_loss = None
     if main:
         ckpt.clean_temporaries(out_dir)
-    if resume:
-        resumed_from = ckpt.latest_checkpoint(out_dir)
-        if resumed_from is None:
-            say(f"[lorakit] --resume: no complete checkpoint in {out_dir}; starting from step 0")
-        else:
-            state = ckpt.read_state(resumed_from)
-            saved = load_file(resumed_from / TRAINABLE_FILE)
-            if set(saved) != set(trainable):
-                raise ValueError(f"{resumed_from} does not match this config's adapter: trainable tensors "
-                                 f"differ (e.g. {sorted(set(saved) ^ set(trainable))[:3]})")
-            with torch.no_grad():
-                for name, value in saved.items():
-                    trainable[name].copy_(value)
-            optimizer.load_state_dict(torch.load(resumed_from / "optimizer.pt", weights_only=True))
-            scheduler.load_state_dict(torch.load(resumed_from / "scheduler.pt", weights_only=True))
-            ckpt.load_rng(resumed_from, rank)
-            start_step = state["global_step"]
-            say(f"[lorakit] resumed from {resumed_from} at step {start_step}/{total_steps}")
+    if resume and resumed_from is None:
+        say(f"[lorakit] --resume: no complete checkpoint in {out_dir}; starting from step 0")
+    if resumed_from is not None:
+        saved = load_file(resumed_from / TRAINABLE_FILE)
+        if set(saved) != set(trainable):
+            raise ValueError(f"{resumed_from} does not match this config's adapter: trainable tensors "
+                             f"differ (e.g. {sorted(set(saved) ^ set(trainable))[:3]})")
+        shapes = [n for n in saved if saved[n].shape != trainable[n].shape]
+        if shapes:
+            raise ValueError(f"{resumed_from} does not match this config's adapter: {shapes[0]} has shape "
+                             f"{tuple(saved[shapes[0]].shape)} there, {tuple(trainable[shapes[0]].shape)} here")
+        with torch.no_grad():
+            for name, value in saved.items():
+                trainable[name].copy_(value)
+        optimizer.load_state_dict(torch.load(resumed_from / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(resumed_from / "scheduler.pt", weights_only=True))
+        ckpt.load_rng(resumed_from, rank)
+        start_step = state["global_step"]
+        tokens_seen = state.get("tokens_seen", 0)
+        window = torch.tensor(state.get("log_window", [0.0, 0.0]), dtype=torch.float64)
+        last_train_loss = state.get("last_train_loss")
+        say(f"[lorakit] resumed from {resumed_from} at step {start_step}/{total_steps}")
     if main:
         cfg.save(out_dir)
     logger = MetricsLogger(out_dir, main, tensorboard=t.report_to != "none",
@@ -280,8 +400,9 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
             save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()}, tmp / TRAINABLE_FILE)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            ckpt.commit(tmp, {"global_step": step, "epoch": step / steps_per_epoch, "total_steps": total_steps,
-                              "world_size": world, "tokens_seen": tokens_seen})
+            ckpt.commit(tmp, {"global_step": step, "epoch": step / steps_per_epoch, "world_size": world,
+                              **data_order, "tokens_seen": tokens_seen, "log_window": window.tolist(),
+                              "last_train_loss": last_train_loss})
             ckpt.rotate(out_dir, t.save_total_limit)
         accelerator.wait_for_everyone()
 
@@ -291,9 +412,8 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     bar = tqdm(total=total_steps, initial=start_step, disable=not main or t.disable_tqdm, dynamic_ncols=True,
                desc="train")
     loss_module.train()
-    tokens_seen = 0  # non-padding input tokens (prompts included) of this run, all processes
-    window = torch.zeros(2, dtype=torch.float64)  # (sum CE, label tokens) since the last log line
-    last_train_loss, eval_loss = None, None
+    run_tokens = 0  # tokens of this run (throughput)
+    eval_loss = None
     t_start = time.perf_counter()
     try:
         for step in range(start_step, total_steps):
@@ -302,6 +422,7 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
             counts = torch.tensor([[label_tokens(b["labels"]), n] for b, n in batches]).sum(0)  # (labels, tokens)
             n_global, n_tokens = accelerator.reduce(counts.to(accelerator.device), "sum").tolist()
             tokens_seen += n_tokens
+            run_tokens += n_tokens
             step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
             for i, (batch, _) in enumerate(batches):
                 last = i == len(batches) - 1
@@ -321,7 +442,7 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
             window += torch.stack([step_loss, torch.tensor(float(n_global), dtype=torch.float64)])
             done = step + 1
             elapsed = time.perf_counter() - t_start
-            tok_s = tokens_seen / max(elapsed, 1e-9)
+            tok_s = run_tokens / max(elapsed, 1e-9)
             if done % t.logging_steps == 0 or done == total_steps:
                 last_train_loss = (window[0] / window[1].clamp(min=1)).item()
                 window.zero_()
@@ -341,7 +462,7 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
             bar.update(1)
     except (torch.OutOfMemoryError, RuntimeError) as err:
         if _is_oom(err):
-            raise RuntimeError(_oom_message(err)) from err
+            raise TrainingError(_oom_message(err)) from err
         raise
     finally:
         bar.close()
@@ -360,7 +481,7 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
         logger.plot(out_dir)
         summary = {
             "global_step": total_steps, "train_steps_this_run": total_steps - start_step,
-            "train_time_s": round(train_time, 2), "tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1),
+            "train_time_s": round(train_time, 2), "tokens_per_s": round(run_tokens / max(train_time, 1e-9), 1),
             "peak_memory_bytes": peak_memory_bytes(), "final_train_loss": last_train_loss,
             "final_eval_loss": eval_loss, "final_eval_perplexity": perplexity(eval_loss) if eval_loss else None,
             "world_size": world, "trainable_params": n_trainable, "chunked_loss": chunked,

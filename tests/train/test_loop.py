@@ -63,18 +63,52 @@ def test_train_outputs_and_peft_loads_same_logits(config_writer, tmp_path, tiny_
 
 
 def test_resume_reproduces_uninterrupted_run(config_writer, tmp_path, tiny_model_dir):
-    """Resume from checkpoint-2 of a 4-step run (lora_dropout > 0, so the RNG state matters)."""
-    _, full = _run(config_writer, tmp_path, tiny_model_dir, "full", training={"save_steps": 2})
+    """Resume from checkpoint-2 of a 4-step run (lora_dropout > 0, so the RNG state matters); the log line of
+    step 3 averages steps 1-3, so the logging window must come back from the checkpoint too."""
+    training = {"save_steps": 2, "logging_steps": 3}
+    _, full = _run(config_writer, tmp_path, tiny_model_dir, "full", training=training)
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
     shutil.copy(full / "metrics.jsonl", resumed / "metrics.jsonl")  # holds steps 3-4 too, as after a kill
     (resumed / ".tmp-checkpoint-4").mkdir()  # a half-written checkpoint
-    _run(config_writer, tmp_path, tiny_model_dir, "resumed", training={"save_steps": 2, "resume": True})
+    _run(config_writer, tmp_path, tiny_model_dir, "resumed", training={**training, "resume": True})
+    assert sorted(_losses(full)) == [3, 4]
     assert _losses(resumed) == _losses(full)  # exactly: same data order, RNG, optimizer and schedule state
+    tokens = [json.loads((d / "checkpoint-4/trainer_state.json").read_text())["tokens_seen"] for d in (full, resumed)]
+    assert tokens[0] == tokens[1] > 0
     a, b = load_file(full / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (resumed / ".tmp-checkpoint-4").exists()
+
+
+def test_output_dir_of_an_earlier_run_is_not_reused_silently(config_writer, tmp_path, tiny_model_dir):
+    """A new run refuses an output_dir holding a run; --resume refuses a checkpoint of another config."""
+    _, out = _run(config_writer, tmp_path, tiny_model_dir, training={"max_steps": 4, "save_steps": 2})
+    with pytest.raises(ValueError, match="already holds a run .*--resume"):
+        _run(config_writer, tmp_path, tiny_model_dir, training={"max_steps": 2, "save_steps": 1})
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]  # untouched
+    shutil.rmtree(out / "checkpoint-4")  # resume point: checkpoint-2
+    with pytest.raises(ValueError, match="total_steps=4, this run has 3"):
+        _run(config_writer, tmp_path, tiny_model_dir, training={"max_steps": 3, "save_steps": 2, "resume": True})
+    with pytest.raises(ValueError, match="r: 8 here vs 4 saved"):  # checked before the model loads
+        _run(config_writer, tmp_path, tiny_model_dir, lora={"r": 8},
+             training={"max_steps": 4, "save_steps": 2, "resume": True})
+    state_file = out / "checkpoint-2/trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "world_size": 2}))
+    with pytest.raises(ValueError, match="world_size=2, this run has 1"):
+        _run(config_writer, tmp_path, tiny_model_dir, training={"max_steps": 4, "save_steps": 2, "resume": True})
+    _run(config_writer, tmp_path, tiny_model_dir,
+         training={"max_steps": 2, "save_steps": 1, "overwrite_output_dir": True})
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert json.loads((out / "summary.json").read_text())["global_step"] == 2
+
+
+def test_output_dir_that_is_a_file(config_writer, tmp_path, tiny_model_dir):
+    (tmp_path / "run").write_text("x")
+    with pytest.raises(ValueError, match="is an existing file"):
+        _run(config_writer, tmp_path, tiny_model_dir)
 
 
 def test_loss_is_token_normalized_across_accumulation(config_writer, tmp_path, tiny_model_dir):

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import inspect
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,7 +27,13 @@ from lorakit.inject import (
     mark_bias_trainable,
     set_active_adapters,
 )
-from lorakit.io.adapter import check_and_copy, get_adapter_state_dict, load_adapter_weights, save_adapter_weights
+from lorakit.io.adapter import (
+    check_and_copy,
+    get_adapter_state_dict,
+    load_adapter_weights,
+    save_adapter_weights,
+    saved_embedding_keys,
+)
 from lorakit.io.files import atomic_directory, atomic_write_text
 from lorakit.layers import LORA_WRAPPERS, ModulesToSaveWrapper, check_adapter_name
 
@@ -392,11 +399,17 @@ class PeftModel(nn.Module):
         save_directory: str | os.PathLike,
         safe_serialization: bool = True,
         selected_adapters: list[str] | None = None,
+        save_embedding_layers: bool | str = "auto",
         is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> None:
         """Write PEFT's layout: ``default`` at the root, other adapters in subfolders; each folder written
-        atomically (an interrupted save never leaves a folder that loads as complete)."""
+        atomically (an interrupted save never leaves a folder that loads as complete).
+
+        ``save_embedding_layers`` (PEFT's): also save the input/output embeddings' base weights; ``"auto"`` does when
+        ``target_modules`` names ``embed_tokens``/``lm_head`` or the vocabulary was resized. ``state_dict`` (a
+        keyword, as transformers' Trainer passes it) replaces the model's own tensors."""
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory={save_directory!r} is a file; give a folder path.")
@@ -406,11 +419,15 @@ class PeftModel(nn.Module):
             raise ValueError(f"selected_adapters {unknown} not found; available: {sorted(self.peft_config)}.")
         if not is_main_process:
             return
-        initial = kwargs.pop("path_initial_model_for_weight_conversion", None)
+        full_state = kwargs.pop("state_dict", None)
+        if kwargs:  # PEFT takes and ignores them too; say so rather than drop them silently
+            warnings.warn(f"save_pretrained(): keyword arguments {sorted(kwargs)} have no effect.", stacklevel=2)
+        initial = path_initial_model_for_weight_conversion
         for name in names:
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
-            state = get_adapter_state_dict(self, name, config.bias)
+            embeddings = saved_embedding_keys(self, config, save_embedding_layers)
+            state = get_adapter_state_dict(self, name, config.bias, embeddings, full_state)
             if initial is not None:  # a plain rank-2r LoRA for the original base (pissa/olora/...)
                 from lorakit.variants.init import convert_to_plain_lora, converted_config
 

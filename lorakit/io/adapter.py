@@ -6,6 +6,7 @@ In memory (under a ``PeftModel``)              In ``adapter_model.safetensors`` 
 ``base_model.model.<p>.adapters.<name>.lora_embedding_A`` ``base_model.model.<p>.lora_embedding_A`` (r, vocab)
 ``base_model.model.<p>.modules_to_save.<name>.<k>``      ``base_model.model.<p>.<k>``
 ``base_model.model.<p>.base_layer.bias`` (bias modes)    the same key
+``base_model.model.<emb>.base_layer.weight`` (embeddings) the same key (``save_embedding_layers``)
 
 The file drops the adapter name, so an adapter loads under any name.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -21,6 +23,10 @@ from torch import nn
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME_BIN = "adapter_model.bin"
+
+#: PEFT's ``EMBEDDING_LAYER_NAMES``: an adapter targeting one of these saves the embeddings' base weights too
+#: (``save_embedding_layers="auto"``).
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
 def file_key(model_key: str, adapter_name: str) -> str | None:
@@ -60,13 +66,115 @@ def adapter_key_map(root: nn.Module, adapter_name: str, bias: str) -> dict[str, 
     return mapping
 
 
-def get_adapter_state_dict(root: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, torch.Tensor]:
-    """The tensors of ``adapter_name`` under PEFT's file keys, detached, contiguous, on CPU, in their dtype."""
-    state = root.state_dict(keep_vars=True)
-    return {
-        fk: state[mk].detach().to("cpu").contiguous().clone()
-        for fk, mk in adapter_key_map(root, adapter_name, bias).items()
-    }
+def embedding_key_map(root: nn.Module, wrapped_only: bool) -> dict[str, str]:
+    """{file key: in-memory key} of the base weights of the input and output embeddings of a transformers model
+    under ``root`` (empty for other models): ``<emb>.base_layer.<k>`` of a LoRA-wrapped embedding (a plain
+    ``nn.Embedding`` / ``nn.Linear`` base only, as PEFT), and unless ``wrapped_only`` also ``<emb>.<k>`` of a plain
+    one and ``<emb>.original_module.<k>`` of a modules_to_save copy. File and in-memory keys are the same."""
+    from lorakit.layers import LORA_WRAPPERS, ModulesToSaveWrapper
+
+    if not callable(getattr(root, "get_input_embeddings", None)):
+        return {}
+    names = {id(m): n for n, m in root.named_modules()}
+    output = root.get_output_embeddings() if callable(getattr(root, "get_output_embeddings", None)) else None
+    mapping: dict[str, str] = {}
+    for layer in (root.get_input_embeddings(), output):
+        if layer is None or id(layer) not in names:
+            continue
+        if isinstance(layer, LORA_WRAPPERS):
+            if not isinstance(layer.base_layer, nn.Linear | nn.Embedding):
+                continue
+            prefix, inner = f"{names[id(layer)]}.base_layer.", layer.base_layer
+        elif wrapped_only:
+            continue
+        elif isinstance(layer, ModulesToSaveWrapper):
+            prefix, inner = f"{names[id(layer)]}.original_module.", layer.original_module
+        else:
+            prefix, inner = f"{names[id(layer)]}.", layer
+        mapping.update({prefix + k: prefix + k for k in inner.state_dict(keep_vars=True)})
+    return mapping
+
+
+def embedding_is_targeted(root: nn.Module, config: Any) -> bool:
+    """PEFT's rule: a regex ``target_modules`` matching a module named ``...embed_tokens`` / ``...lm_head``, or a
+    list holding one of those names verbatim."""
+    target = config.target_modules
+    if isinstance(target, str) and target.lower() != "all-linear":
+        base = root.get_base_model() if hasattr(root, "get_base_model") else root
+        return any(
+            re.fullmatch(target, name)
+            for name, _ in base.named_modules()
+            if any(re.match(rf"(.*\.)?{e}$", name) for e in EMBEDDING_LAYER_NAMES)
+        )
+    return bool(target) and not isinstance(target, str) and any(e in target for e in EMBEDDING_LAYER_NAMES)
+
+
+def _vocab_resized(root: nn.Module, config: Any) -> bool:
+    """PEFT's check for ``save_embedding_layers="auto"``: the model's ``vocab_size`` differs from that of the base
+    model's ``config.json`` (``base_model_name_or_path``: a local folder, or the Hub unless ``HF_HUB_OFFLINE``)."""
+    model_config = getattr(root, "config", None)
+    vocab_size = getattr(model_config, "vocab_size", None)
+    model_id = config.base_model_name_or_path
+    if not vocab_size or not model_id:
+        return False
+    exists = os.path.exists(os.path.join(model_id, "config.json"))
+    if not exists and os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes", "on"):
+        from huggingface_hub import file_exists
+
+        try:
+            exists = file_exists(model_id, "config.json")
+        except Exception as e:  # invalid repo id, no network: PEFT assumes the vocabulary is unchanged
+            warnings.warn(
+                f"save_embedding_layers='auto': could not read {model_id!r}/config.json ({type(e).__name__}); "
+                "assuming the vocabulary was not resized (pass save_embedding_layers=True if it was).",
+                stacklevel=3,
+            )
+            return False
+    if not exists:
+        return False
+    return vocab_size != type(model_config).from_pretrained(model_id).vocab_size
+
+
+def saved_embedding_keys(root: nn.Module, config: Any, save_embedding_layers: bool | str) -> dict[str, str]:
+    """{file key: in-memory key} of the embedding base weights saved beside the adapter (PEFT's
+    ``save_embedding_layers``): ``"auto"`` saves them when ``target_modules`` names an embedding layer or the
+    vocabulary was resized; True always; False never."""
+    if save_embedding_layers not in (True, False, "auto"):
+        raise ValueError(f"save_embedding_layers={save_embedding_layers!r} is invalid; allowed: 'auto', True, False.")
+    targeted = embedding_is_targeted(root, config)
+    if save_embedding_layers == "auto":
+        save_embedding_layers = targeted or _vocab_resized(root, config)
+        if save_embedding_layers:
+            warnings.warn(
+                "save_embedding_layers='auto': saving the embedding layers' base weights, as "
+                + ("target_modules names an embedding layer." if targeted else "the vocabulary was resized."),
+                stacklevel=3,
+            )
+    if not save_embedding_layers:
+        return {}
+    if not callable(getattr(root, "get_input_embeddings", None)):
+        warnings.warn(
+            "save_embedding_layers=True: the model is not a transformers model (no get_input_embeddings), so no "
+            "embedding layer is saved.",
+            stacklevel=3,
+        )
+        return {}
+    return embedding_key_map(root, wrapped_only=targeted)
+
+
+def get_adapter_state_dict(
+    root: nn.Module,
+    adapter_name: str,
+    bias: str = "none",
+    embedding_keys: dict[str, str] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The tensors of ``adapter_name`` (and ``embedding_keys``) under PEFT's file keys, detached, contiguous, on
+    CPU, in their dtype. ``state_dict`` (a full state dict of ``root``, e.g. gathered under FSDP) replaces
+    ``root``'s own tensors when given."""
+    state = root.state_dict(keep_vars=True) if state_dict is None else state_dict
+    mapping = {**adapter_key_map(root, adapter_name, bias), **(embedding_keys or {})}
+    return {fk: state[mk].detach().to("cpu").contiguous().clone() for fk, mk in mapping.items()}
 
 
 def save_adapter_weights(state: dict[str, torch.Tensor], folder: str, safe_serialization: bool = True) -> str:
@@ -105,9 +213,18 @@ def load_adapter_weights(path: str, subfolder: str | None = None, **hub_kwargs: 
     raise FileNotFoundError(f"No {WEIGHTS_NAME} or {WEIGHTS_NAME_BIN} in {where!r}.")
 
 
+#: File-key endings that name a part of a LoRA layer rather than a module (``_module_of`` strips them).
+_PART_SUFFIX = re.compile(
+    r"\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B|lora_magnitude_vector"
+    r"|(base_layer|original_module)\.[^.]+)$"
+)
+
+
 def _module_of(key: str) -> str:
-    key = re.sub(r"^base_model\.model\.", "", key)
-    return key.rsplit(".", 2)[0] if key.endswith((".weight", ".bias")) else key.rsplit(".", 1)[0]
+    """The module a file key belongs to: ``m.lora_A.weight``, ``m.base_layer.bias``, ``m.weight`` -> ``m``."""
+    key = key.removeprefix("base_model.model.")
+    stripped = _PART_SUFFIX.sub("", key)
+    return stripped if stripped != key else key.rsplit(".", 1)[0]
 
 
 def _modules_listed(keys: list[str]) -> str:
@@ -118,10 +235,13 @@ def _modules_listed(keys: list[str]) -> str:
 
 def check_and_copy(root: nn.Module, adapter_name: str, bias: str, tensors: dict[str, torch.Tensor]) -> None:
     """Check that ``tensors`` (PEFT file keys) fit the adapter injected as ``adapter_name`` exactly — every key
-    present, no extra module, equal shapes — and copy them in. Raises ``ValueError`` naming the module and both
-    shapes before anything is copied."""
+    present, no extra module, equal shapes — and copy them in. Embedding base weights (PEFT's
+    ``save_embedding_layers``) are optional and copied into the base layer. Raises ``ValueError`` naming the
+    module and both shapes before anything is copied."""
     mapping = adapter_key_map(root, adapter_name, bias)
     state = root.state_dict(keep_vars=True)
+    embeddings = {k: v for k, v in embedding_key_map(root, wrapped_only=False).items() if k in tensors}
+    mapping.update({k: v for k, v in embeddings.items() if k not in mapping})
     extra = sorted(set(tensors) - set(mapping))
     if extra:
         raise ValueError(
@@ -137,10 +257,23 @@ def check_and_copy(root: nn.Module, adapter_name: str, bias: str, tensors: dict[
     for fk, mk in mapping.items():
         have, want = tuple(tensors[fk].shape), tuple(state[mk].shape)
         if have != want:
+            hint = (
+                "The vocabulary was resized for this adapter: call model.resize_token_embeddings(...) first."
+                if fk in embeddings
+                else "The adapter was made for another base model, or its rank differs from r/rank_pattern in its "
+                "adapter_config.json."
+            )
             raise ValueError(
                 f"shape mismatch for {fk!r} (module {_module_of(fk)!r}): "
-                f"the adapter file has {have}, the model expects {want}. The adapter was made for another base "
-                "model, or its rank differs from r/rank_pattern in its adapter_config.json."
+                f"the adapter file has {have}, the model expects {want}. {hint}"
+            )
+    modules = dict(root.named_modules())
+    for key in sorted(embeddings):
+        owner = modules.get(key.rsplit(".", 1)[0].removesuffix(".base_layer"))
+        if getattr(owner, "merged_adapters", None):
+            raise ValueError(
+                f"the adapter file holds the embedding weight {key!r}, but adapters {owner.merged_adapters} are "
+                "merged into that layer; call unmerge_adapter() before loading."
             )
     with torch.no_grad():
         for fk, mk in mapping.items():
@@ -148,15 +281,25 @@ def check_and_copy(root: nn.Module, adapter_name: str, bias: str, tensors: dict[
 
 
 def get_peft_model_state_dict(
-    model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None, adapter_name: str = "default"
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    adapter_name: str = "default",
+    unwrap_compiled: bool = False,
+    save_embedding_layers: bool | str = "auto",
 ) -> dict[str, torch.Tensor]:
     """PEFT's function: the adapter's tensors under PEFT's file keys (what ``save_pretrained`` writes).
 
     ``state_dict`` (a full state dict of ``model``, e.g. gathered under FSDP/ZeRO-3) replaces ``model``'s own
-    tensors when given.
+    tensors when given. ``unwrap_compiled``: ``model`` may be a ``torch.compile``'d PeftModel.
+    ``save_embedding_layers`` as in ``PeftModel.save_pretrained``.
     """
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
     config = model.peft_config[adapter_name]
-    mapping = adapter_key_map(model, adapter_name, config.bias)
+    mapping = {
+        **adapter_key_map(model, adapter_name, config.bias),
+        **saved_embedding_keys(model, config, save_embedding_layers),
+    }
     source = state_dict if state_dict is not None else model.state_dict()
     return {fk: source[mk] for fk, mk in mapping.items()}
 

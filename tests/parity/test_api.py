@@ -48,3 +48,88 @@ def test_task_head_trains_and_is_saved_as_in_peft(tmp_path, task, klass) -> None
     assert any(head in n for n in results["lorakit"][0])
     assert any(head in k for k in results["lorakit"][1])
     assert results["lorakit"] == results["peft"]
+
+
+def _llama(seed: int = 0):
+    torch.manual_seed(seed)
+    config = tf.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2)
+    return tf.LlamaForCausalLM(config).eval()
+
+
+IDS = torch.tensor([[1, 5, 7, 9, 11, 3], [2, 4, 6, 8, 10, 12]])
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(
+    "targets, save_embedding_layers",
+    [
+        (["embed_tokens", "q_proj"], "auto"),
+        (["lm_head", "q_proj"], "auto"),
+        (r".*\.(embed_tokens|q_proj)", "auto"),
+        (["embed_tokens", "q_proj"], False),
+        (["q_proj"], True),
+        (["q_proj"], "auto"),
+    ],
+)
+def test_save_embedding_layers_keys_as_peft(tmp_path, targets, save_embedding_layers) -> None:
+    keys = {}
+    for lib in (lorakit, peft):
+        pm = lib.get_peft_model(_llama(), lib.LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+        pm.save_pretrained(tmp_path / lib.__name__, save_embedding_layers=save_embedding_layers)
+        keys[lib.__name__] = _file_keys(tmp_path / lib.__name__)
+        state = lib.get_peft_model_state_dict(pm, save_embedding_layers=save_embedding_layers)
+        assert sorted(state) == keys[lib.__name__]
+    assert keys["lorakit"] == keys["peft"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("target", ["embed_tokens", "lm_head"])
+def test_peft_folder_with_embedding_base_weights_loads(tmp_path, target) -> None:
+    pm = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, target_modules=[target, "q_proj"], init_lora_weights=False))
+    layer = pm.get_input_embeddings() if target == "embed_tokens" else pm.get_output_embeddings()
+    with torch.no_grad():  # a changed base embedding: the saved base weight must be the one used
+        layer.base_layer.weight.mul_(1.5)
+    want = _logits(pm)
+    pm.save_pretrained(tmp_path / "peft")
+    assert any(".base_layer.weight" in k for k in _file_keys(tmp_path / "peft"))
+    ours = lorakit.PeftModel.from_pretrained(_llama(), tmp_path / "peft")
+    torch.testing.assert_close(_logits(ours), want, atol=1e-5, rtol=0)
+    ours.save_pretrained(tmp_path / "ours")  # and back
+    theirs = peft.PeftModel.from_pretrained(_llama(), tmp_path / "ours")
+    torch.testing.assert_close(_logits(theirs), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_embedding_base_weight_of_wrong_shape_leaves_model_unchanged(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    pm = lorakit.get_peft_model(_llama(), lorakit.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    pm.save_pretrained(tmp_path / "a")
+    path = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    tensors[key] = torch.zeros(70, 32)  # a resized vocabulary
+    save_file(tensors, str(path))
+    model = _llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="resize_token_embeddings"):
+        lorakit.PeftModel.from_pretrained(model, tmp_path / "a")
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_save_pretrained_uses_given_state_dict(tmp_path) -> None:
+    """transformers' Trainer passes ``state_dict=`` (e.g. gathered under FSDP); PEFT saves those tensors."""
+    pm = lorakit.get_peft_model(_llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj"]))
+    state = {k: v + 1 if ".lora_A." in k else v for k, v in pm.state_dict().items()}
+    pm.save_pretrained(tmp_path, state_dict=state)
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        want = state["base_model.model.model.layers.0.self_attn.q_proj.adapters.default.lora_A.weight"]
+        assert torch.equal(f.get_tensor(key), want)

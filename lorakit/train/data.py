@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from lorakit.train.templates import (
+    FieldTypeError,
     Segment,
     alpaca_segments,
     chat_segments,
@@ -163,6 +164,15 @@ def _canonical(ds: Any, cfg: DataConfig, fmt: str) -> Any:
         "alpaca": {},
     }[fmt]
     renames = {src: dst for src, dst in renames.items() if src != dst}
+    for src, dst in renames.items():
+        if dst in ds.column_names and dst not in renames:
+            option = {"messages": "messages_field", "prompt": "prompt_field", "completion": "completion_field",
+                      "text": "text_field"}[dst]
+            raise ValueError(
+                f"data.{option}={src!r} renames the column {src!r} to {dst!r}, but the data also has a column "
+                f"{dst!r}: it is unclear which one to train on. Remove or rename the {dst!r} column in the "
+                f"data, or set data.{option}={dst!r} to use it instead of {src!r}."
+            )
     if renames:
         ds = ds.rename_columns(renames)
     keep = set(FORMAT_COLUMNS[fmt]) | ({"input"} if fmt == "alpaca" else set())
@@ -238,8 +248,10 @@ def tokenize_example(
     """Token ids and labels of one canonical record.
 
     The text of all segments is tokenized in one call (so ids equal what the tokenizer gives for the whole
-    text, e.g. ``apply_chat_template(..., tokenize=True)`` for chats); each token takes the trained flag
-    of the segment holding its first character (via the fast tokenizer's offset mapping). Special tokens
+    text, e.g. ``apply_chat_template(..., tokenize=True)`` for chats); a token is trained when any of its
+    characters lies in a trained segment (via the fast tokenizer's offset mapping), so a token that
+    straddles the prompt/answer boundary (``"Ġbear"`` after a prompt ending in a space) is trained, as TRL
+    trains the completion. Special tokens
     the tokenizer adds itself (BOS) are masked. For every format except ``messages`` (whose template
     closes turns itself) ``eos_token_id`` is appended, trained, unless the text already ends with it.
     Sequences longer than ``max_seq_length`` keep their first ``max_seq_length`` tokens.
@@ -256,25 +268,23 @@ def tokenize_example(
         )
     segments = _segments(example, tokenizer, fmt)
     text = "".join(s for s, _ in segments)
-    bounds: list[tuple[int, bool]] = []  # (end char, trained) per segment
-    pos = 0
+    trained_before = [0]  # trained_before[c]: trained characters in text[:c]
     for s, trained in segments:
-        pos += len(s)
-        bounds.append((pos, trained or train_on_inputs))
+        flag = int(trained or train_on_inputs)
+        trained_before += [trained_before[-1] + flag * (i + 1) for i in range(len(s))]
     enc = tokenizer(
         text, add_special_tokens=fmt != "messages", return_offsets_mapping=True, return_attention_mask=False
     )
     special = set(tokenizer.all_special_ids)
     input_ids: list[int] = list(enc["input_ids"])
     labels: list[int] = []
-    seg = 0
     for tok, (start, end) in zip(input_ids, enc["offset_mapping"], strict=True):
         if start == end and tok in special:  # added by the tokenizer, not from the text (e.g. BOS)
             labels.append(tok if train_on_inputs else IGNORE_INDEX)
             continue
-        while seg < len(bounds) - 1 and start >= bounds[seg][0]:
-            seg += 1
-        labels.append(tok if bounds[seg][1] else IGNORE_INDEX)
+        end = min(max(end, start + 1), len(text))  # an empty span takes the flag of the character at start
+        trained = trained_before[end] > trained_before[min(start, end - 1)]
+        labels.append(tok if trained else IGNORE_INDEX)
     eos = tokenizer.eos_token_id
     if fmt != "messages" and eos is not None and (not input_ids or input_ids[-1] != eos):
         input_ids.append(eos)
@@ -287,11 +297,30 @@ def tokenize_example(
     }
 
 
-def _tokenize_split(ds: Any, tokenizer: Any, fmt: str, max_seq_length: int, train_on_inputs: bool, name: str):
+def _source_columns(cfg: DataConfig) -> dict[str, str]:
+    """Canonical column -> the ``data.*_field`` option that renamed it, where one did."""
+    fields = {"messages": "messages_field", "prompt": "prompt_field", "completion": "completion_field",
+              "text": "text_field"}
+    return {col: f"data.{opt}={getattr(cfg, opt)!r}" for col, opt in fields.items() if getattr(cfg, opt) != col}
+
+
+def tokenize_record(record: dict[str, Any], index: int, tokenizer: Any, fmt: str, max_seq_length: int,
+                    train_on_inputs: bool, where: str, cfg: DataConfig | None = None) -> dict[str, Any]:
+    """``tokenize_example`` with errors naming the record (`where` and its 0-based index) and the column."""
+    try:
+        return tokenize_example(record, tokenizer, fmt, max_seq_length, train_on_inputs)
+    except FieldTypeError as err:
+        source = _source_columns(cfg).get(err.column) if cfg is not None else None
+        raise ValueError(f"{where} record {index}: {err}" + (f" (the column of {source})" if source else "")
+                         + "; fix or remove that record") from err
+
+
+def _tokenize_split(ds: Any, tokenizer: Any, fmt: str, max_seq_length: int, train_on_inputs: bool, name: str,
+                    cfg: DataConfig | None = None):
     examples: list[dict[str, list[int]]] = []
     stats = {f"{name}_records": len(ds), f"{name}_truncated": 0, f"{name}_dropped_no_labels": 0}
-    for record in ds:
-        ex = tokenize_example(record, tokenizer, fmt, max_seq_length, train_on_inputs)
+    for i, record in enumerate(ds):
+        ex = tokenize_record(record, i, tokenizer, fmt, max_seq_length, train_on_inputs, f"{name} data", cfg)
         stats[f"{name}_truncated"] += ex["truncated"]
         if all(label == IGNORE_INDEX for label in ex["labels"][1:]):  # labels[0] never counts
             stats[f"{name}_dropped_no_labels"] += 1
@@ -344,12 +373,12 @@ def build_datasets(
         ds, eval_ds = parts["train"], parts["test"]
     if cfg.max_examples is not None:
         ds = ds.select(range(min(cfg.max_examples, len(ds))))
-    train, stats = _tokenize_split(ds, tokenizer, fmt, max_seq_length, cfg.train_on_inputs, "train")
+    train, stats = _tokenize_split(ds, tokenizer, fmt, max_seq_length, cfg.train_on_inputs, "train", cfg)
     stats = {"format": fmt, **stats}
     evals = None
     if eval_ds is not None:
         evals, eval_stats = _tokenize_split(
-            eval_ds, tokenizer, fmt, max_seq_length, cfg.train_on_inputs, "eval"
+            eval_ds, tokenizer, fmt, max_seq_length, cfg.train_on_inputs, "eval", cfg
         )
         stats.update(eval_stats)
     return train, evals, stats

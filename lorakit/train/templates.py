@@ -1,8 +1,8 @@
 """Prompt templates for the non-chat data formats, and the segment view every format is reduced to.
 
 Every example becomes an ordered list of ``(text, trained)`` segments; ``data.tokenize_example``
-tokenizes their concatenation once and gives each token the ``trained`` flag of the segment its first
-character lies in. This module only builds the segments.
+tokenizes their concatenation once and trains each token that has a character in a trained segment.
+This module only builds the segments.
 
 * ``alpaca``: Stanford Alpaca's template (https://github.com/tatsu-lab/stanford_alpaca, ``train.py``
   ``PROMPT_DICT``), with the newline after ``### Response:`` that alpaca-lora and most later recipes use.
@@ -34,6 +34,25 @@ Segment = tuple[str, bool]  # (text, trained)
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
+class FieldTypeError(ValueError):
+    """A record whose field is missing, null or not a string; ``column`` names the (canonical) column."""
+
+    def __init__(self, column: str, message: str) -> None:
+        super().__init__(message)
+        self.column = column
+
+
+def field_text(example: dict[str, Any], column: str, optional: bool = False) -> str:
+    """``example[column]`` as a string; a missing / null value is "" when `optional`, else FieldTypeError."""
+    value = example.get(column)
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        what = "missing or null" if value is None else f"of type {type(value).__name__} ({value!r:.60})"
+        raise FieldTypeError(column, f"column {column!r} must be a string, but is {what}")
+    return value
+
+
 def alpaca_prompt(instruction: str, input: str | None = None) -> str:  # noqa: A002 - alpaca's column name
     """The Alpaca prompt for one example, ending right where the response starts (``"### Response:\\n"``)."""
     if input:
@@ -43,17 +62,18 @@ def alpaca_prompt(instruction: str, input: str | None = None) -> str:  # noqa: A
 
 def alpaca_segments(example: dict[str, Any]) -> list[Segment]:
     """``[(prompt, False), (output, True)]`` for an ``instruction`` / ``input`` / ``output`` record."""
-    return [(alpaca_prompt(example["instruction"], example.get("input")), False), (example["output"], True)]
+    prompt = alpaca_prompt(field_text(example, "instruction"), field_text(example, "input", optional=True))
+    return [(prompt, False), (field_text(example, "output"), True)]
 
 
 def prompt_completion_segments(example: dict[str, Any]) -> list[Segment]:
     """``[(prompt, False), (completion, True)]``."""
-    return [(example["prompt"], False), (example["completion"], True)]
+    return [(field_text(example, "prompt"), False), (field_text(example, "completion"), True)]
 
 
 def text_segments(example: dict[str, Any]) -> list[Segment]:
     """``[(text, True)]``."""
-    return [(example["text"], True)]
+    return [(field_text(example, "text"), True)]
 
 
 def _render(tokenizer: Any, messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:
@@ -86,6 +106,10 @@ def chat_segments(messages: Sequence[dict[str, Any]], tokenizer: Any) -> list[Se
             raise ValueError(
                 f"format 'messages': every message must be a dict with 'role' and 'content', got {m!r}"
             )
+        if not isinstance(m["content"], str | list):  # a list: content parts, for templates that take them
+            what = "null" if m["content"] is None else f"of type {type(m['content']).__name__}"
+            raise FieldTypeError("messages", f"column 'messages': the content of a {m['role']!r} message must "
+                                 f"be a string, but is {what}")
         if m["role"] not in CHAT_ROLES:
             raise ValueError(f"format 'messages': unknown role {m['role']!r}; allowed: {list(CHAT_ROLES)}")
     full = _render(tokenizer, messages, add_generation_prompt=False)

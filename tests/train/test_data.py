@@ -35,11 +35,11 @@ def tok():
 
 
 def assert_mask_matches_spans(ex: dict, tok, text: str, spans: list[tuple[int, int]]) -> None:
-    """Token by token: a token takes loss iff its first character lies in one of the char ``spans``."""
+    """Token by token: a token takes loss iff one of its characters lies in one of the char ``spans``."""
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     assert ex["input_ids"] == enc["input_ids"]
-    for tid, label, (start, _) in zip(ex["input_ids"], ex["labels"], enc["offset_mapping"], strict=True):
-        in_answer = any(a <= start < b for a, b in spans)
+    for tid, label, (start, end) in zip(ex["input_ids"], ex["labels"], enc["offset_mapping"], strict=True):
+        in_answer = any(start < b and max(end, start + 1) > a for a, b in spans)
         assert label == (tid if in_answer else IGNORE_INDEX), (tok.decode([tid]), start, label)
 
 
@@ -291,3 +291,39 @@ def test_format_debug_marks_masked_tokens(tok):
     assert sum("(masked)" in line for line in out) == n_masked > 0
     assert "' cat'" in out[-3] and f"label={ex['input_ids'][-2]}" in out[-3]
     assert out[-1].startswith(f"{len(ex['input_ids'])} tokens, 2 with loss")
+
+
+@pytest.mark.parametrize("prompt, completion", [("answer: ", "bear"), ("answer:", " bear")])
+def test_token_straddling_prompt_and_completion_is_trained(tok, prompt, completion):
+    """`Ġbear` starts at the prompt's trailing space: it holds completion characters, so it takes loss."""
+    ex = tokenize_example({"prompt": prompt, "completion": completion}, tok, "prompt_completion", 64)
+    assert trained_text(ex, tok) == " bear<|end|>"
+    assert ex["labels"][-2] == ex["input_ids"][-2] == tok.convert_tokens_to_ids("Ġbear")
+
+
+def test_renamed_column_onto_an_existing_one_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a", "prompt": "system"}])
+    with pytest.raises(ValueError, match="data.prompt_field='question' renames .* also has a column 'prompt'"):
+        load_records(DataConfig(path=path, prompt_field="question", completion_field="answer"))
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": None}],
+     "train data record 1: column 'completion' must be a string, but is missing or null"),
+    ([{"prompt": "a", "completion": "b"}, {"prompt": "a"}],
+     "train data record 1: column 'completion' must be a string, but is missing or null"),
+    ([{"prompt": "a", "completion": 3}], "record 0: column 'completion' must be a string, but is of type int"),
+    ([{"instruction": "a", "output": None}], "record 0: column 'output' must be a string"),
+    ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]}],
+     "record 0: column 'messages': the content of a 'assistant' message must be a string, but is null"),
+])
+def test_null_or_wrong_type_fields_name_record_and_column(tmp_path, tok, rows, message):
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(ValueError, match=message):
+        build_datasets(DataConfig(path=path), tok, 64)
+
+
+def test_wrong_type_names_the_renamed_column(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"q": "a", "a": 1}])
+    with pytest.raises(ValueError, match=r"column 'completion' .* \(the column of data.completion_field='a'\)"):
+        build_datasets(DataConfig(path=path, prompt_field="q", completion_field="a"), tok, 64)

@@ -55,9 +55,15 @@ class LoraModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
+        trainable = {p: p.requires_grad for p in model.parameters()}
         model.requires_grad_(False)
-        self.inject(config, adapter_name, initialize)
-        self.set_adapter(adapter_name)
+        try:
+            self.inject(config, adapter_name, initialize)
+            self.set_adapter(adapter_name)
+        except BaseException:  # leave the user's model as it was (inject already removed its wrappers)
+            for param, flag in trainable.items():
+                param.requires_grad_(flag)
+            raise
 
     def __getattr__(self, name: str) -> Any:
         try:

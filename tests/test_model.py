@@ -295,3 +295,20 @@ def test_refused_safe_merge_leaves_every_layer_unmerged(tiny_llama, input_ids) -
     for n, p in model.named_parameters():
         if ".adapters." not in n:
             torch.testing.assert_close(p, before[n], atol=1e-6, rtol=0)
+
+
+def test_failed_wrap_keeps_requires_grad(tmp_path) -> None:
+    """A get_peft_model / from_pretrained that fails in target matching leaves every flag as it was."""
+    model = make_tiny_llama()
+    model.model.layers[0].requires_grad_(False)  # a mixed starting state, kept exactly
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="matched no module"):
+        get_peft_model(model, LoraConfig(r=4, target_modules=["nope_proj"]))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    get_peft_model(make_tiny_llama(), LoraConfig(r=4, target_modules=["gate_proj"])).save_pretrained(tmp_path)
+    model.model.layers[0].mlp.gate_proj = torch.nn.Identity()  # so the adapter's targets are not all there
+    model.model.layers[1].mlp.gate_proj = torch.nn.Identity()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError):
+        PeftModel.from_pretrained(model, tmp_path)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags

@@ -166,14 +166,32 @@ class GenerationEvalConfig:
     """Exact match by greedy generation on held-out prompts, before and after training."""
 
     path: str | None = None
-    """JSONL file with a prompt field and an answer field; None disables the check."""
+    """Data file with a prompt column and an answer column (put in the training data's format: a user and an
+    assistant turn for chats, the alpaca template, or prompt then answer verbatim), or records in the
+    training data's own format; None disables the check."""
     prompt_field: str = "prompt"
+    """Column of `path` holding the prompt."""
     answer_field: str = "answer"
+    """Column of `path` holding the expected answer."""
     max_examples: int = 50
+    """Check at most this many records (the first ones)."""
     max_new_tokens: int = 16
     batch_size: int = 16
     generate_samples: int = 3
     """After training: reload the saved adapter and print this many generations."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_examples", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"evaluation.{name} must be >= 1, got {getattr(self, name)}")
+        if self.generate_samples < 0:
+            raise ConfigError(f"evaluation.generate_samples must be >= 0, got {self.generate_samples}")
+        for name in ("prompt_field", "answer_field"):
+            if not getattr(self, name):
+                raise ConfigError(f"evaluation.{name} must be a non-empty column name")
+        if self.prompt_field == self.answer_field:
+            raise ConfigError(f"evaluation.prompt_field and evaluation.answer_field are both "
+                              f"{self.prompt_field!r}: name two different columns")
 
 
 @dataclass

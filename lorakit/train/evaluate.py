@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.train.data import IGNORE_INDEX, DataConfig, load_records, record_format, tokenize_example
+from lorakit.train.data import IGNORE_INDEX, DataConfig, load_records
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -89,28 +89,82 @@ class GenerationExample:
     expected: str
 
 
-def generation_examples(path: str, data_cfg: DataConfig, tokenizer: Any, max_examples: int,
-                        max_seq_length: int) -> list[GenerationExample]:
-    """Held-out records in the training format, split where the loss starts: (prompt ids, expected text).
-
-    The prompt is exactly the token prefix the model saw in training before the first trained token, so the
-    check works for every data format (chat template, alpaca template, prompt/completion).
-    """
+def _eval_records(path: str, data_cfg: DataConfig, prompt_field: str, answer_field: str) -> tuple[Any, str | None]:
+    """(records, format): `prompt_field` / `answer_field` columns when the file has both (format None: still to
+    be put in the training format), else the file read like the training data."""
     from dataclasses import replace
 
+    from lorakit.train.data import _load_dataset, _resolve_format
+
+    raw = _load_dataset(path, "train")
+    if len(raw) == 0:
+        raise ValueError(f"evaluation.path {path!r} is empty (0 records)")
+    if prompt_field in raw.column_names and answer_field in raw.column_names:
+        return raw, None
     cfg = replace(data_cfg, path=path, validation_path=None, val_set_size=0, max_examples=None)
-    records = load_records(cfg)
-    fmt = record_format(records)
-    if fmt == "text":
-        raise ValueError(f"evaluation.path {path!r}: exact match needs a prompt and an answer; "
-                         "the text format has no prompt")
-    out = []
-    for record in records.select(range(min(max_examples, len(records)))):
-        ex = tokenize_example(record, tokenizer, fmt, max_seq_length, train_on_inputs=False)
-        first = next(i for i, label in enumerate(ex["labels"]) if label != IGNORE_INDEX)
+    try:
+        fmt = _resolve_format(cfg, raw.column_names)
+    except ValueError:
+        fmt = None
+    if fmt is None or fmt == "text":
+        raise ValueError(
+            f"evaluation.path {path!r}: exact match needs a prompt and an answer per record, but its columns are "
+            f"{sorted(raw.column_names)}: give the columns evaluation.prompt_field={prompt_field!r} and "
+            f"evaluation.answer_field={answer_field!r} (or set those two options to your column names), or "
+            "records in the training data's format (not 'text', which has no prompt)")
+    return load_records(cfg), fmt
+
+
+def check_eval_file(path: str, data_cfg: DataConfig, prompt_field: str, answer_field: str) -> None:
+    """Raise the errors `generation_examples` would raise about the file, before any model is loaded."""
+    _eval_records(path, data_cfg, prompt_field, answer_field)
+
+
+def _as_training_format(prompt: str, answer: str, fmt: str) -> tuple[dict[str, Any], str]:
+    """A prompt/answer pair as a record of the training data's format (text data: prompt_completion)."""
+    if fmt == "messages":
+        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}, fmt
+    if fmt == "alpaca":
+        return {"instruction": prompt, "input": "", "output": answer}, fmt
+    return {"prompt": prompt, "completion": answer}, "prompt_completion"
+
+
+def generation_examples(path: str, data_cfg: DataConfig, tokenizer: Any, max_examples: int, max_seq_length: int,
+                        train_format: str = "prompt_completion", prompt_field: str = "prompt",
+                        answer_field: str = "answer") -> tuple[list[GenerationExample], int]:
+    """Held-out records split where the loss starts: ([(prompt ids, expected text)], records skipped).
+
+    A file with the columns `prompt_field` and `answer_field` is put in the training data's format
+    (`train_format`: a user turn and an assistant turn for chats, the alpaca template, or prompt then
+    answer verbatim); any other file must be in the training data's format itself. The prompt is the token
+    prefix the model sees in training before the first trained token, so the check matches training.
+    Records whose answer is cut off entirely by `max_seq_length` are skipped and counted; a ValueError
+    when every record is.
+    """
+    from lorakit.train.data import tokenize_record
+
+    records, fmt = _eval_records(path, data_cfg, prompt_field, answer_field)
+    out, skipped = [], 0
+    for i, record in enumerate(records.select(range(min(max_examples, len(records))))):
+        rec_fmt = fmt
+        if fmt is None:
+            for col in (prompt_field, answer_field):
+                if not isinstance(record[col], str):
+                    raise ValueError(f"evaluation.path {path!r} record {i}: column {col!r} must be a string, "
+                                     f"got {record[col]!r:.60}")
+            record, rec_fmt = _as_training_format(record[prompt_field], record[answer_field], train_format)
+        ex = tokenize_record(record, i, tokenizer, rec_fmt, max_seq_length, False, f"evaluation.path {path!r}",
+                             data_cfg)
+        first = next((j for j, label in enumerate(ex["labels"]) if label != IGNORE_INDEX), None)
+        if not first:  # no answer token left (or nothing before it to prompt with)
+            skipped += 1
+            continue
         answer = [t for t in ex["labels"][first:] if t != IGNORE_INDEX]
         out.append(GenerationExample(ex["input_ids"][:first], tokenizer.decode(answer, skip_special_tokens=True)))
-    return out
+    if not out:
+        raise ValueError(f"evaluation.path {path!r}: every one of its {skipped} records has its answer cut off "
+                         f"by training.max_seq_length={max_seq_length}; raise it or shorten the prompts")
+    return out, skipped
 
 
 def _normalize(text: str, expected: str) -> str:

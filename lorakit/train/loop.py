@@ -41,6 +41,7 @@ from lorakit.train import checkpoint as ckpt
 from lorakit.train.config import TrainConfig
 from lorakit.train.data import IGNORE_INDEX, build_datasets, collate, pack_examples
 from lorakit.train.evaluate import (
+    check_eval_file,
     exact_match,
     generation_examples,
     label_tokens,
@@ -229,6 +230,9 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     if t.overwrite_output_dir and not resume and main:
         for old in ckpt.checkpoint_dirs(out_dir):
             shutil.rmtree(old)
+    ev = cfg.evaluation
+    if ev.path:  # a wrong eval file fails now, not after the model has loaded
+        check_eval_file(ev.path, cfg.data, ev.prompt_field, ev.answer_field)
     if t.offload_activations and not torch.cuda.is_available():
         say("[lorakit] training.offload_activations=true does nothing here: it offloads CUDA activations "
             "only, and this run is on CPU")
@@ -350,10 +354,14 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
         logger.log(0, {f"data_{k}": v for k, v in data_stats.items()})
 
     # 7. exact match before training --------------------------------------------------------------------
-    ev = cfg.evaluation
     gen_examples, before = None, None
     if ev.path and main:
-        gen_examples = generation_examples(ev.path, cfg.data, tokenizer, ev.max_examples, t.max_seq_length)
+        gen_examples, skipped = generation_examples(ev.path, cfg.data, tokenizer, ev.max_examples,
+                                                    t.max_seq_length, data_stats["format"], ev.prompt_field,
+                                                    ev.answer_field)
+        if skipped:
+            say(f"[lorakit] exact match: skipped {skipped} of {skipped + len(gen_examples)} evaluation records "
+                f"whose answer is cut off by training.max_seq_length={t.max_seq_length}")
         if not resumed_from:
             with model.disable_adapter():
                 before, _ = exact_match(model, tokenizer, gen_examples, ev.max_new_tokens, ev.batch_size)

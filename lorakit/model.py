@@ -209,14 +209,16 @@ class LoraModel(nn.Module):
         for module in self._wrappers():
             merged[module] = list(module.merged_adapters)
             module.unmerge()
-        switches = [m for m in self.model.modules() if isinstance(m, LORA_WRAPPERS + (ModulesToSaveWrapper,))]
+        switches = {
+            m: m.disabled for m in self.model.modules() if isinstance(m, LORA_WRAPPERS + (ModulesToSaveWrapper,))
+        }
         for module in switches:
             module.disabled = True
         try:
             yield
         finally:
-            for module in switches:
-                module.disabled = False
+            for module, was_disabled in switches.items():  # nested blocks: the outer one stays disabled
+                module.disabled = was_disabled
             for module, names in merged.items():
                 module.merge(names)
 

@@ -85,6 +85,19 @@ def test_disable_adapter_gives_base_outputs(tiny_llama, input_ids) -> None:
     torch.testing.assert_close(_logits(model, input_ids), adapted, atol=1e-5, rtol=0)
 
 
+def test_nested_disable_adapter_stays_disabled(tiny_llama, input_ids) -> None:
+    base_out = _logits(copy.deepcopy(tiny_llama), input_ids)
+    model = get_peft_model(tiny_llama, LoraConfig(modules_to_save=["lm_head"], **CFG))
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(2)
+    adapted = _logits(model, input_ids)
+    with model.disable_adapter():
+        with model.disable_adapter():
+            torch.testing.assert_close(_logits(model, input_ids), base_out, atol=1e-6, rtol=0)
+        torch.testing.assert_close(_logits(model, input_ids), base_out, atol=1e-6, rtol=0)  # PEFT: still base
+    torch.testing.assert_close(_logits(model, input_ids), adapted)
+
+
 def test_multi_adapter_calls(tiny_llama, input_ids, tmp_path) -> None:
     model = get_peft_model(tiny_llama, LoraConfig(**CFG))
     model.add_adapter("second", LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights=False))

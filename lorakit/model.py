@@ -116,11 +116,15 @@ class LoraModel(nn.Module):
         set_active_adapters(self.model, self.active_adapters)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Make ``adapter_name`` (or several) the active adapter(s). Does not change ``requires_grad``."""
+        """Make ``adapter_name`` (or several) the active adapter(s). Does not change ``requires_grad``. A merged
+        model is unmerged first, with PEFT's warning (the merged adapters would otherwise stay in the weights)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"adapter(s) {unknown} not found; available: {sorted(self.peft_config)}.")
+        if any(module.merged_adapters for module in self._wrappers()):
+            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=3)
+            self.unmerge_adapter()
         self.active_adapters = names
         set_active_adapters(self.model, names)
 

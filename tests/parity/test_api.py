@@ -133,3 +133,17 @@ def test_save_pretrained_uses_given_state_dict(tmp_path) -> None:
         key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
         want = state["base_model.model.model.layers.0.self_attn.q_proj.adapters.default.lora_A.weight"]
         assert torch.equal(f.get_tensor(key), want)
+
+
+@pytest.mark.parametrize("lib", [lorakit, peft])
+def test_set_adapter_on_merged_model_warns_and_unmerges(lib) -> None:
+    pm = lib.get_peft_model(_llama(), lib.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    torch.manual_seed(5)
+    pm.add_adapter("b", lib.LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+    pm.set_adapter("b")
+    only_b = _logits(pm)
+    pm.set_adapter("default")
+    pm.merge_adapter()
+    with pytest.warns(UserWarning, match="Adapter cannot be set when the model is merged. Unmerging the model first"):
+        pm.set_adapter("b")
+    torch.testing.assert_close(_logits(pm), only_b, atol=1e-5, rtol=0)

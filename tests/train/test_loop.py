@@ -111,6 +111,29 @@ def test_output_dir_that_is_a_file(config_writer, tmp_path, tiny_model_dir):
         _run(config_writer, tmp_path, tiny_model_dir)
 
 
+def test_adapter_name_or_path_refuses_a_differing_lora_section(config_writer, tmp_path, tiny_model_dir):
+    _, first = _run(config_writer, tmp_path, tiny_model_dir, "first", training={"max_steps": 1})
+    model = {"name_or_path": str(tiny_model_dir), "adapter_name_or_path": str(first)}
+    with pytest.raises(ValueError, match="lora section differs from it: r: 8 here vs 4 saved"):
+        _run(config_writer, tmp_path, tiny_model_dir, "second", model=model, lora={"r": 8})
+    with pytest.raises(ValueError, match="target_modules: \\['q_proj'\\] selects 2 modules"):
+        _run(config_writer, tmp_path, tiny_model_dir, "second", model=model, lora={"target_modules": ["q_proj"]})
+    _run(config_writer, tmp_path, tiny_model_dir, "second", model=model, training={"max_steps": 1})  # same values
+
+
+def test_quantized_run_refuses_options_its_loader_ignores(config_writer, tmp_path, tiny_model_dir):
+    model = {"name_or_path": str(tiny_model_dir), "revision": "main", "attn_implementation": "eager"}
+    with pytest.raises(NotImplementedError, match="model.attn_implementation='eager', model.revision='main': not"):
+        _run(config_writer, tmp_path, tiny_model_dir, model=model, overrides=["quantization=nf4"])
+
+
+def test_int8_run(config_writer, tmp_path, tiny_model_dir):
+    """`quantization: int8` with the default llm_int8_threshold (6.0) trains."""
+    result, out = _run(config_writer, tmp_path, tiny_model_dir, overrides=["quantization=int8"],
+                       training={"max_steps": 1})
+    assert result.train_loss is not None and (out / "adapter_model.safetensors").is_file()
+
+
 def test_loss_is_token_normalized_across_accumulation(config_writer, tmp_path, tiny_model_dir):
     """bs 4 x accum 2 and bs 8 x accum 1 see the same 8 examples per step: same loss and update."""
     no_dropout = {"lora_dropout": 0.0}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -11,13 +12,19 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16"}
 
 
+def _positive_int(text: str) -> int:
+    from lorakit.cli.main import positive_int
+
+    return positive_int(text)
+
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="base model (Hub id or folder)")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
                    help="adapter folder; repeat for several (the first is active; name defaults to the folder)")
     p.add_argument("--quantization", default="none", choices=["none", "nf4", "fp4", "int8"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--do-sample", action="store_true", help="sample (default: greedy)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -28,10 +35,16 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
-    """["name=path" | "path", ...] -> [(name, path)]; a bare path is named after its folder."""
+    """["name=path" | "path", ...] -> [(name, path)]; a bare path is named after its folder.
+
+    A spec that is an existing path is a path (`out/lr=1e-3`); otherwise it is split on its first `=` when
+    the part before it has no path separator (`name=out/lr=1e-3`).
+    """
     out = []
     for spec in specs:
-        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        name, sep, path = spec.partition("=")
+        if Path(spec).exists() or not sep or "/" in name or os.sep in name:
+            name, path = "", spec
         name = name or Path(path.rstrip("/")).name or "default"
         if name in {n for n, _ in out}:
             raise ValueError(f"two adapters named {name!r}: name them with NAME=PATH")

@@ -28,10 +28,12 @@ def _preprocess(args: argparse.Namespace) -> int:
 
     from lorakit.train.config import load_config
     from lorakit.train.data import build_datasets, format_debug, pack_examples
+    from lorakit.train.evaluate import model_path_errors
 
     cfg = load_config(args.config, args.overrides)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
-                                              trust_remote_code=cfg.model.trust_remote_code)
+    with model_path_errors(cfg.model.name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
+                                                  trust_remote_code=cfg.model.trust_remote_code)
     train_ex, eval_ex, stats = build_datasets(cfg.data, tokenizer, cfg.training.max_seq_length)
     for key, value in stats.items():
         print(f"{key:<28} {value}")
@@ -69,6 +71,17 @@ def _estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA / QLoRA fine-tuning toolkit.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -83,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--debug", action="store_true", help="print the first examples token by token with labels")
-    p.add_argument("--num-examples", type=int, default=3)
+    p.add_argument("--num-examples", type=positive_int, default=3)
     p.set_defaults(func=_preprocess)
 
     p = sub.add_parser("merge", help="fold an adapter into its full-precision base and save it")
@@ -110,16 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="linear modules, suggested target_modules, LoRA parameters per rank")
     p.add_argument("model", help="Hub id or folder with config.json (no weights are read)")
-    p.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    p.add_argument("--ranks", type=positive_int, nargs="+", default=[4, 8, 16, 32, 64])
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("estimate", help="training memory: weights, adapters, gradients, optimizer, activations")
     p.add_argument("model", help="Hub id or folder with config.json (no weights are read)")
     p.add_argument("--method", required=True, choices=["full", "lora", "qlora"])
-    p.add_argument("--seq-len", type=int, required=True)
-    p.add_argument("--batch-size", type=int, required=True)
-    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--seq-len", type=positive_int, required=True)
+    p.add_argument("--batch-size", type=positive_int, required=True)
+    p.add_argument("--r", type=positive_int, default=16)
     p.add_argument("--target", default="all-linear", help="all-linear | attention | one module name")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-chunked-loss", action="store_true", help="count the full (B*T, V) logits")
@@ -133,7 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Set LORAKIT_TRACEBACK=1 to see the full traceback instead.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `train cfg.yaml --resume key=value`: overrides may come after the flags too
+        if args.command not in ("train", "preprocess") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as err:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -106,6 +107,7 @@ class TrainingConfig:
     warmup_ratio: float = 0.0
     """Fraction of the total steps spent warming up linearly from 0 (overridden by warmup_steps > 0)."""
     warmup_steps: int = 0
+    """Steps of linear warmup; 0 = use warmup_ratio."""
     optim: Optim = "adamw_torch"
     bf16: bool = False
     """bfloat16 autocast (mixed precision); LoRA weights and optimizer states stay float32."""
@@ -151,12 +153,29 @@ class TrainingConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"training.{name} must be >= 1 or null, got {value}")
+        for name in ("learning_rate", "num_train_epochs", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+                     "max_grad_norm", "warmup_ratio"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"training.{name} must be a finite number, got {getattr(self, name)}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.learning_rate <= 0:
             raise ConfigError(f"training.learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("weight_decay", "max_grad_norm", "warmup_steps", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"training.{name} must be >= 0, got {getattr(self, name)}"
+                                  + (" (0 disables clipping)" if name == "max_grad_norm" else ""))
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"training.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_epsilon <= 0:
+            raise ConfigError(f"training.adam_epsilon must be > 0, got {self.adam_epsilon}")
+        if not self.output_dir:
+            raise ConfigError("training.output_dir must be a non-empty folder path")
         if self.bf16 and self.fp16:
             raise ConfigError("training.bf16 and training.fp16 are exclusive: pick one")
+        if self.num_train_epochs < 0:
+            raise ConfigError(f"training.num_train_epochs must be >= 0, got {self.num_train_epochs}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set training.max_steps > 0 or training.num_train_epochs > 0")
 
@@ -382,7 +401,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if (len(parts) < 2 and parts[0] not in _SHORTHANDS) or not all(parts):
         raise ConfigError(f"override {text!r}: the key must be section.key (e.g. training.learning_rate)")
-    return parts, yaml.safe_load(value) if value.strip() else None
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(err)}); quote it, "
+                          "e.g. key='[a, b]' in the shell for a list") from err
+    return parts, parsed
 
 
 def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
@@ -396,7 +420,9 @@ def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dic
         for part in parts[:-1]:
             if isinstance(node.get(part), str) and part in _SHORTHANDS:
                 node[part] = {_SHORTHANDS[part]: node[part]}
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # `evaluation:` with no value in the file is an empty section
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: '{part}' is not a section")
         node[parts[-1]] = value
@@ -412,5 +438,15 @@ def load_config(path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from err
     return build_config(apply_overrides(raw, overrides))
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """The problem and its line:column, on one line."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem

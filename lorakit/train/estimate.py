@@ -40,7 +40,10 @@ def meta_model(name_or_path: str, trust_remote_code: bool = False) -> nn.Module:
     """Build the causal LM of `name_or_path` from its config.json on the meta device (no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    from lorakit.train.evaluate import model_path_errors
+
+    with model_path_errors(name_or_path):
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
@@ -58,29 +61,45 @@ def _linear_shape(module: nn.Module) -> tuple[int, int]:
 
 @dataclass
 class LinearGroup:
-    """All linear layers sharing a last name component, e.g. every `q_proj`."""
+    """Linear layers with one role: the same last name component, shape and attention-or-not, e.g. every
+    `q_proj`. A suffix used in several roles (GPT-2's `attn.c_proj` 64->64 and `mlp.c_proj` 256->64) gives one
+    group per role, named with the parent module (a valid `target_modules` entry: it matches `.attn.c_proj`)."""
 
     name: str
-    shape: tuple[int, int]  # (in, out) of the first one
+    shape: tuple[int, int]  # (in, out), the same for every layer of the group
     paths: list[str] = field(default_factory=list)
     is_attention: bool = False
     lora_per_rank: int = 0  # sum of (in + out) over the group: LoRA parameters per unit of rank
+    suffix: str = ""  # the last name component
 
 
 def linear_groups(model: nn.Module) -> OrderedDict[str, LinearGroup]:
-    """Linear layers grouped by name suffix, excluding the output embedding (as `"all-linear"` does)."""
+    """Linear layers grouped by role (suffix, shape, attention or not), excluding the output embedding (as
+    `"all-linear"` does); keyed by group name."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    groups: OrderedDict[str, LinearGroup] = OrderedDict()
+    by_role: OrderedDict[tuple[str, tuple[int, int], bool], LinearGroup] = OrderedDict()
     for path, module in model.named_modules():
         if not _is_linear(module) or module is output:
             continue
         suffix = path.rsplit(".", 1)[-1]
-        n_in, n_out = _linear_shape(module)
+        shape = _linear_shape(module)
         in_attention = bool(re.search(r"attn|attention", path, re.IGNORECASE))
         is_attention = in_attention and suffix in ATTENTION_NAMES
-        group = groups.setdefault(suffix, LinearGroup(suffix, (n_in, n_out), is_attention=is_attention))
+        group = by_role.setdefault((suffix, shape, is_attention),
+                                   LinearGroup(suffix, shape, is_attention=is_attention, suffix=suffix))
         group.paths.append(path)
-        group.lora_per_rank += n_in + n_out
+        group.lora_per_rank += shape[0] + shape[1]
+    roles_per_suffix: dict[str, int] = {}
+    for suffix, _, _ in by_role:
+        roles_per_suffix[suffix] = roles_per_suffix.get(suffix, 0) + 1
+    groups: OrderedDict[str, LinearGroup] = OrderedDict()
+    for (suffix, shape, _), group in by_role.items():
+        if roles_per_suffix[suffix] > 1:
+            parts = group.paths[0].rsplit(".", 2)
+            group.name = f"{parts[-2]}.{suffix}" if len(parts) == 3 else suffix
+            if group.name in groups:  # same parent name, another shape: say the shape
+                group.name = f"{group.name} ({shape[0]}->{shape[1]})"
+        groups[group.name] = group
     return groups
 
 
@@ -118,9 +137,19 @@ def estimate_memory(model: nn.Module, method: str, seq_len: int, batch_size: int
         raise ValueError(f"method={method!r} is not supported; allowed: {', '.join(METHODS)}")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype={dtype!r} is not supported; allowed: {', '.join(DTYPE_BYTES)}")
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("r", r)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     nbytes = DTYPE_BYTES[dtype]
     groups = linear_groups(model)
-    targets = suggest_target_modules(groups)[target] if target in ("attention", "all-linear") else [target]
+    if target in ("attention", "all-linear"):
+        targets = suggest_target_modules(groups)[target]
+    else:
+        targets = [key for key, g in groups.items() if target in (g.name, g.suffix)]
+        if not targets:
+            names = sorted({g.name for g in groups.values()})
+            raise ValueError(f"target {target!r} is not a linear module of this model; allowed: all-linear, "
+                             f"attention, {', '.join(names)}")
     n_params = sum(p.numel() for p in model.parameters())
     n_lora = 0 if method == "full" else lora_parameters(groups, targets, r)
 

@@ -47,6 +47,71 @@ def test_parser_verbs():
     args = parser.parse_args(["merge", "--base", "b", "--adapter", "a", "--out", "o", "--dtype", "bf16"])
     assert args.dtype == "bf16"
     assert parse_adapters(["x/ad1", "two=x/ad2"]) == [("ad1", "x/ad1"), ("two", "x/ad2")]
+    args, extra = parser.parse_known_args(["train", "c.yaml", "--resume", "training.max_steps=3"])
+    assert extra == ["training.max_steps=3"]  # main() adds these to the overrides
+
+
+def test_adapter_paths_with_equals_signs(tmp_path, monkeypatch):
+    (tmp_path / "out/lr=1e-3").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert parse_adapters(["out/lr=1e-3"]) == [("lr=1e-3", "out/lr=1e-3")]  # an existing path
+    assert parse_adapters(["a=out/lr=1e-3"]) == [("a", "out/lr=1e-3")]  # split on the first '='
+    assert parse_adapters(["other/lr=2e-3"]) == [("lr=2e-3", "other/lr=2e-3")]  # '/' before '=': a path
+
+
+def test_overrides_after_flags(tmp_path, capsys, monkeypatch):
+    import lorakit.train.loop
+
+    seen = {}
+    monkeypatch.setattr(lorakit.train.loop, "train", lambda cfg, resume=None: seen.update(cfg=cfg, resume=resume))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: m\ndata: {path: d.jsonl}\n")
+    assert main(["train", str(cfg), "training.seed=1", "--resume", "training.max_steps=3"]) == 0
+    assert seen["resume"] and seen["cfg"].training.max_steps == 3 and seen["cfg"].training.seed == 1
+    with pytest.raises(SystemExit):
+        main(["inspect", "m", "extra=1"])
+
+
+def test_user_errors_print_one_line(tmp_path, capsys, trained_adapter):
+    missing = str(tmp_path / "nomodel")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {missing}\ndata: {{path: d.jsonl}}\n")
+    for argv in (["preprocess", str(cfg)], ["inspect", missing],
+                 ["estimate", missing, "--method", "lora", "--seq-len", "8", "--batch-size", "1"],
+                 ["merge", "--base", missing, "--adapter", str(trained_adapter), "--out", str(tmp_path / "m")]):
+        assert main(argv) == 2, argv
+        assert f"{missing!r} is not a folder" in capsys.readouterr().err
+    assert main(["estimate", str(TINY), "--method", "lora", "--seq-len", "8", "--batch-size", "1",
+                 "--target", "qproj"]) == 2
+    assert "target 'qproj' is not a linear module of this model; allowed: all-linear, attention" in \
+        capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m\n data: [x\n")
+    assert main(["train", str(bad)]) == 2
+    assert "is not valid YAML" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["inspect", str(TINY), "--ranks", "-4"],
+                                  ["estimate", str(TINY), "--method", "lora", "--seq-len", "-64", "--batch-size", "2"],
+                                  ["estimate", str(TINY), "--method", "lora", "--seq-len", "8", "--batch-size", "0"]])
+def test_sizes_must_be_positive(argv, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    err = capsys.readouterr().err
+    assert "must be >= 1" in err or "expected one argument" in err  # argparse may read -64 as an option
+
+
+def test_oom_advice_is_one_clean_line(tmp_path, capsys, monkeypatch, tiny_model_dir, config_writer):
+    import lorakit.train.loop
+
+    def boom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(lorakit.train.loop.CausalLMLoss, "forward", boom)
+    cfg = config_writer(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "out")
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("lorakit train: error: out of memory") and "training.bf16=true" in err
 
 
 def test_inspect_from_config_only(tmp_path, capsys):
@@ -57,6 +122,23 @@ def test_inspect_from_config_only(tmp_path, capsys):
     assert "['q_proj', 'k_proj', 'v_proj', 'o_proj']" in out
     # r * sum(in + out): attention of 4 layers = 4 * (256 + 192 + 192 + 256) = 3584 per unit rank
     assert f"{4 * 3584:,}" in out and f"{64 * 3584:,}" in out
+
+
+def test_inspect_groups_by_role(capsys):
+    """GPT-2 uses c_proj twice: attn.c_proj (64 -> 64, attention) and mlp.c_proj (256 -> 64)."""
+    from transformers import GPT2Config
+
+    from lorakit.train.estimate import linear_groups, suggest_target_modules
+
+    with torch.device("meta"):
+        from transformers import GPT2LMHeadModel
+
+        model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32))
+    groups = linear_groups(model)
+    assert {n: (g.shape, g.is_attention, len(g.paths)) for n, g in groups.items()} == {
+        "c_attn": ((64, 192), True, 2), "attn.c_proj": ((64, 64), True, 2),
+        "c_fc": ((64, 256), False, 2), "mlp.c_proj": ((256, 64), False, 2)}
+    assert suggest_target_modules(groups)["attention"] == ["c_attn", "attn.c_proj"]
 
 
 def test_estimate_terms(tmp_path, capsys):

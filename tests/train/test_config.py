@@ -101,3 +101,41 @@ def test_shipped_example_configs_validate(path):
     cfg = load_config(path)
     cfg.lora_config()
     assert Path(cfg.model.name_or_path).exists() or "/" in cfg.model.name_or_path
+
+
+@pytest.mark.parametrize(("section", "values", "expected"), [
+    ("training", {"weight_decay": -1}, "training.weight_decay must be >= 0, got -1"),
+    ("training", {"max_grad_norm": -1}, "training.max_grad_norm must be >= 0, got -1.0 \\(0 disables clipping\\)"),
+    ("training", {"warmup_steps": -5}, "training.warmup_steps must be >= 0, got -5"),
+    ("training", {"learning_rate": float("nan")}, "training.learning_rate must be a finite number, got nan"),
+    ("training", {"learning_rate": "inf"}, "training.learning_rate must be a finite number"),
+    ("training", {"adam_beta1": 1.5}, "training.adam_beta1 must be in \\[0, 1\\), got 1.5"),
+    ("training", {"adam_epsilon": -1}, "training.adam_epsilon must be > 0"),
+    ("training", {"num_train_epochs": -1}, "training.num_train_epochs must be >= 0"),
+    ("training", {"seed": -1}, "training.seed must be >= 0"),
+    ("evaluation", {"batch_size": 0}, "evaluation.batch_size must be >= 1, got 0"),
+    ("evaluation", {"max_examples": -1}, "evaluation.max_examples must be >= 1, got -1"),
+    ("evaluation", {"max_new_tokens": 0}, "evaluation.max_new_tokens must be >= 1"),
+    ("evaluation", {"prompt_field": "a", "answer_field": "a"}, "name two different columns"),
+])
+def test_range_checks_name_field_value_and_range(section, values, expected):
+    with pytest.raises(ConfigError, match=expected):
+        build(**{section: values})
+
+
+def test_yaml_syntax_errors_name_the_file_or_override(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m\n data: [x\n")
+    with pytest.raises(ConfigError, match=f"config file {bad} is not valid YAML: .* at line"):
+        load_config(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(BASE))
+    with pytest.raises(ConfigError, match="override 'lora.target_modules=\\[q_proj': the value is not valid YAML"):
+        load_config(good, ["lora.target_modules=[q_proj"])
+
+
+def test_override_into_an_empty_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(BASE) + "evaluation:\ntraining:\n")
+    cfg = load_config(path, ["evaluation.max_examples=5", "training.max_steps=2"])
+    assert cfg.evaluation.max_examples == 5 and cfg.training.max_steps == 2

@@ -127,6 +127,17 @@ def test_quantized_run_refuses_options_its_loader_ignores(config_writer, tmp_pat
         _run(config_writer, tmp_path, tiny_model_dir, model=model, overrides=["quantization=nf4"])
 
 
+def test_ignored_switches_are_reported(config_writer, tmp_path, tiny_model_dir, capsys):
+    cfg_path = config_writer(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "run",
+                             training={"max_steps": 1, "eval_steps": 1, "offload_activations": True})
+    cfg = load_config(cfg_path, ["data.validation_path=null"])
+    train(cfg)
+    out = capsys.readouterr().out
+    assert "training.eval_steps=1 is ignored: there is no eval data" in out
+    if not torch.cuda.is_available():
+        assert "training.offload_activations=true does nothing here" in out
+
+
 def test_int8_run(config_writer, tmp_path, tiny_model_dir):
     """`quantization: int8` with the default llm_int8_threshold (6.0) trains."""
     result, out = _run(config_writer, tmp_path, tiny_model_dir, overrides=["quantization=int8"],

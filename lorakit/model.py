@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from lorakit.config import LoraConfig, TaskType
 from lorakit.inject import (
@@ -35,6 +36,7 @@ from lorakit.io.adapter import (
     saved_embedding_keys,
 )
 from lorakit.io.files import atomic_directory, atomic_write_text
+from lorakit.io.load import check_reload_compatible, remap_keys, split_load_kwargs
 from lorakit.layers import LORA_WRAPPERS, ModulesToSaveWrapper, check_adapter_name
 
 
@@ -256,10 +258,7 @@ class PeftModel(nn.Module):
             peft_config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
         self.base_model = LoraModel(model, peft_config, adapter_name, initialize)
         if not autocast_adapter_dtype:  # adapters in the base weights' dtype instead of fp32
-            base_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-            for module in model.modules():
-                if isinstance(module, LORA_WRAPPERS):
-                    module.adapters[adapter_name].to(base_dtype)
+            self._keep_base_dtype(adapter_name)
         checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5
         if checkpointing is None:
             checkpointing = getattr(model, "is_gradient_checkpointing", False)
@@ -377,9 +376,17 @@ class PeftModel(nn.Module):
                         module.modules_to_save[name].requires_grad_(requires_grad)
 
     # ---- adapters -----------------------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: LoraConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
         """Add a new adapter (trainable unless ``peft_config.inference_mode``); the active adapter is unchanged."""
         self.base_model.inject(peft_config, adapter_name)
+        if not autocast_adapter_dtype:
+            self._keep_base_dtype(adapter_name)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         self.base_model.set_adapter(adapter_name)
@@ -462,20 +469,69 @@ class PeftModel(nn.Module):
         model_id: str | os.PathLike,
         adapter_name: str,
         is_trainable: bool = False,
+        torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
         subfolder: str | None = None,
         **kwargs: Any,
-    ) -> None:
+    ) -> _IncompatibleKeys:
         """Load an adapter folder (PEFT's or ours) as ``adapter_name``; frozen unless ``is_trainable``. Other
-        adapters' ``requires_grad`` and the active adapter are untouched. On a mismatch the model is left as it was."""
-        config = LoraConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs)
+        adapters' ``requires_grad`` and the active adapter are untouched. On a mismatch the model is left as it was.
+
+        An existing ``adapter_name`` gets the file's weights copied in (tensors keep their identity, so an optimizer
+        holding them goes on), as transformers' Trainer does on resume; its config must match in rank, alpha and
+        variant. ``torch_device`` is accepted as in PEFT: the weights land on the device of the adapter's tensors.
+        ``kwargs``: Hub download arguments (``revision``, ``token``, ...)."""
+        hub = split_load_kwargs(kwargs, "load_adapter")
+        if ephemeral_gpu_offload:
+            raise NotImplementedError("load_adapter(ephemeral_gpu_offload=True) is not implemented in lorakit.")
+        config = LoraConfig.from_pretrained(model_id, subfolder=subfolder, **hub)
+        tensors = remap_keys(load_adapter_weights(os.fspath(model_id), subfolder=subfolder, **hub), key_mapping)
+        if adapter_name in self.peft_config:
+            return self._reload_adapter(adapter_name, config, tensors, is_trainable)
         config.inference_mode = not is_trainable
-        tensors = load_adapter_weights(os.fspath(model_id), subfolder=subfolder, **kwargs)
         self.base_model.inject(config, adapter_name, initialize=False)
         try:
-            check_and_copy(self, adapter_name, config.bias, tensors)
+            if not autocast_adapter_dtype:
+                self._keep_base_dtype(adapter_name)
+            return self._adapter_result(adapter_name, check_and_copy(self, adapter_name, config.bias, tensors))
         except BaseException:
             self.base_model.delete_adapter(adapter_name)
             raise
+
+    def _reload_adapter(
+        self, adapter_name: str, config: LoraConfig, tensors: dict[str, torch.Tensor], is_trainable: bool
+    ) -> _IncompatibleKeys:
+        existing = self.peft_config[adapter_name]
+        check_reload_compatible(existing, config, adapter_name)
+        merged = [m for m in self.base_model._wrappers() if adapter_name in m.merged_adapters]
+        if merged:
+            raise ValueError(
+                f"cannot reload adapter {adapter_name!r} while it is merged into the base weights; call "
+                "unmerge_adapter() first."
+            )
+        result = self._adapter_result(adapter_name, check_and_copy(self, adapter_name, existing.bias, tensors))
+        self.set_requires_grad(adapter_name, is_trainable)
+        existing.inference_mode = not is_trainable
+        if is_trainable:
+            mark_bias_trainable(self.get_base_model(), existing.bias)
+        return result
+
+    @staticmethod
+    def _adapter_result(adapter_name: str, result: _IncompatibleKeys) -> _IncompatibleKeys:
+        """PEFT's ``load_adapter`` result: only the loaded adapter's own missing keys (none: those raise)."""
+        missing = [k for k in result.missing_keys if f".adapters.{adapter_name}." in k]
+        return _IncompatibleKeys(missing_keys=missing, unexpected_keys=result.unexpected_keys)
+
+    def _keep_base_dtype(self, adapter_name: str) -> None:
+        """``autocast_adapter_dtype=False``: the adapter's tensors in the base weights' dtype instead of fp32."""
+        model = self.get_base_model()
+        base_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        for module in model.modules():
+            if isinstance(module, LORA_WRAPPERS) and adapter_name in module.adapters:
+                module.adapters[adapter_name].to(base_dtype)
 
     @classmethod
     def from_pretrained(
@@ -485,19 +541,31 @@ class PeftModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
         config: LoraConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
         subfolder: str | None = None,
+        torch_device: str | None = None,
         **kwargs: Any,
     ) -> PeftModel:
         """Wrap ``model`` and load the adapter in ``model_id`` (a folder or Hub repo) as ``adapter_name``.
-        On failure ``model`` is left exactly as it was."""
+        On failure ``model`` is left exactly as it was. ``key_mapping`` (default: the model's
+        ``_checkpoint_conversion_mapping``, as PEFT) renames file keys; ``kwargs``: Hub download arguments.
+        ``torch_device`` as in ``load_adapter``."""
+        hub = split_load_kwargs(kwargs, "from_pretrained")
+        if ephemeral_gpu_offload:
+            raise NotImplementedError("from_pretrained(ephemeral_gpu_offload=True) is not implemented in lorakit.")
         if config is None:
-            config = LoraConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs)
+            config = LoraConfig.from_pretrained(model_id, subfolder=subfolder, **hub)
         config = copy.deepcopy(config)
         config.inference_mode = not is_trainable
-        tensors = load_adapter_weights(os.fspath(model_id), subfolder=subfolder, **kwargs)
+        if key_mapping is None:
+            key_mapping = getattr(model, "_checkpoint_conversion_mapping", None)
+        tensors = remap_keys(load_adapter_weights(os.fspath(model_id), subfolder=subfolder, **hub), key_mapping)
         klass = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel) if cls is PeftModel else cls
         snapshot = {n: p.requires_grad for n, p in model.named_parameters()}
-        peft_model = klass(model, config, adapter_name, initialize=False)
+        peft_model = klass(model, config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, initialize=False)
         try:
             check_and_copy(peft_model, adapter_name, config.bias, tensors)
         except BaseException:

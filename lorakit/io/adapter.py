@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME_BIN = "adapter_model.bin"
@@ -233,11 +234,15 @@ def _modules_listed(keys: list[str]) -> str:
     return f"{modules[:10]}{' ...' if len(modules) > 10 else ''} (e.g. {keys[0]!r})"
 
 
-def check_and_copy(root: nn.Module, adapter_name: str, bias: str, tensors: dict[str, torch.Tensor]) -> None:
+def check_and_copy(
+    root: nn.Module, adapter_name: str, bias: str, tensors: dict[str, torch.Tensor]
+) -> _IncompatibleKeys:
     """Check that ``tensors`` (PEFT file keys) fit the adapter injected as ``adapter_name`` exactly — every key
     present, no extra module, equal shapes — and copy them in. Embedding base weights (PEFT's
     ``save_embedding_layers``) are optional and copied into the base layer. Raises ``ValueError`` naming the
-    module and both shapes before anything is copied."""
+    module and both shapes before anything is copied. Returns torch's ``_IncompatibleKeys`` as
+    ``load_state_dict(strict=False)`` (and so PEFT) does: ``missing_keys`` lists every key of ``root`` not written
+    (the base model's, other adapters'), ``unexpected_keys`` is empty (an unexpected key raises instead)."""
     mapping = adapter_key_map(root, adapter_name, bias)
     state = root.state_dict(keep_vars=True)
     embeddings = {k: v for k, v in embedding_key_map(root, wrapped_only=False).items() if k in tensors}
@@ -278,6 +283,8 @@ def check_and_copy(root: nn.Module, adapter_name: str, bias: str, tensors: dict[
     with torch.no_grad():
         for fk, mk in mapping.items():
             state[mk].copy_(tensors[fk])
+    written = set(mapping.values())
+    return _IncompatibleKeys(missing_keys=[k for k in state if k not in written], unexpected_keys=[])
 
 
 def get_peft_model_state_dict(
@@ -305,11 +312,22 @@ def get_peft_model_state_dict(
 
 
 def set_peft_model_state_dict(
-    model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor], adapter_name: str = "default"
-) -> None:
-    """PEFT's function: copy tensors keyed as in a PEFT file into the existing adapter ``adapter_name``.
+    model: nn.Module,
+    peft_model_state_dict: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+    ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
+) -> _IncompatibleKeys:
+    """PEFT's function: copy tensors keyed as in a PEFT file into the existing adapter ``adapter_name``; returns
+    ``_IncompatibleKeys(missing_keys, unexpected_keys)`` as PEFT does (the model's keys not written; none
+    unexpected, see below).
 
     Unlike PEFT, a key or shape that does not fit raises ``ValueError`` naming the module (nothing is copied).
+    ``low_cpu_mem_usage`` changes nothing (the adapter's tensors exist already).
     """
+    if ignore_mismatched_sizes:
+        raise NotImplementedError(
+            "set_peft_model_state_dict(ignore_mismatched_sizes=True) is not implemented in lorakit."
+        )
     config = model.peft_config[adapter_name]
-    check_and_copy(model, adapter_name, config.bias, peft_model_state_dict)
+    return check_and_copy(model, adapter_name, config.bias, peft_model_state_dict)

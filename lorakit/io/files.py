@@ -72,7 +72,9 @@ def resolve_file(
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
 
-    allowed = {"revision", "cache_dir", "token", "local_files_only", "force_download"}
+    from lorakit.io.load import hub_kwarg_names
+
+    allowed = hub_kwarg_names() - {"use_auth_token"}
     kwargs = {k: v for k, v in hub_kwargs.items() if k in allowed}
     try:
         return hf_hub_download(str(path_or_repo), filename, subfolder=subfolder or None, **kwargs)

@@ -49,3 +49,14 @@ def test_set_state_dict_rejects_wrong_shapes() -> None:
 )
 def test_peft_names_import_from_lorakit(name: str) -> None:
     assert hasattr(peft, name) and hasattr(lorakit, name)
+
+
+def test_set_state_dict_returns_incompatible_keys_like_peft() -> None:
+    base = make_tiny_llama()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**CFG))
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(**CFG))
+    state = peft.get_peft_model_state_dict(theirs)
+    want = peft.set_peft_model_state_dict(theirs, state)
+    got = set_peft_model_state_dict(ours, state)
+    assert got.unexpected_keys == want.unexpected_keys == []
+    assert got.missing_keys == want.missing_keys  # the base model's keys (load_state_dict(strict=False))

@@ -147,3 +147,65 @@ def test_set_adapter_on_merged_model_warns_and_unmerges(lib) -> None:
     with pytest.warns(UserWarning, match="Adapter cannot be set when the model is merged. Unmerging the model first"):
         pm.set_adapter("b")
     torch.testing.assert_close(_logits(pm), only_b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("lib", [lorakit, peft])
+def test_load_adapter_into_existing_name_reloads_weights(tmp_path, lib) -> None:
+    """transformers' Trainer resumes with load_adapter(ckpt, active_adapter, is_trainable=True)."""
+    pm = lib.get_peft_model(_llama(), lib.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    saved = _logits(pm)
+    pm.save_pretrained(tmp_path)
+    params = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(1.0)
+    assert (_logits(pm) - saved).abs().max() > 1e-3
+    pm.load_adapter(tmp_path, adapter_name="default", is_trainable=True)
+    torch.testing.assert_close(_logits(pm), saved, atol=1e-6, rtol=0)
+    now = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    assert now.keys() == params.keys()
+    if lib is lorakit:  # the same tensors (an optimizer holding them goes on)
+        assert all(now[n] is params[n] for n in params)
+        pm.load_adapter(tmp_path, adapter_name="default")  # is_trainable=False freezes it
+        assert not any(p.requires_grad for p in pm.parameters())
+
+
+def test_load_adapter_into_existing_name_refuses_other_config(tmp_path) -> None:
+    lorakit.get_peft_model(_llama(), lorakit.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj"])).save_pretrained(
+        tmp_path
+    )
+    pm = lorakit.get_peft_model(_llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    before = {k: v.clone() for k, v in pm.state_dict().items()}
+    with pytest.raises(ValueError, match="lora_alpha: 16 in the file, 8 in the model"):
+        pm.load_adapter(tmp_path, adapter_name="default")
+    assert all(torch.equal(v, pm.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("lib", [lorakit, peft])
+def test_autocast_adapter_dtype_false_on_load(tmp_path, lib) -> None:
+    lib.get_peft_model(_llama(), lib.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    pm = lib.PeftModel.from_pretrained(_llama().to(torch.bfloat16), tmp_path, autocast_adapter_dtype=False)
+    pm.load_adapter(tmp_path, "second", autocast_adapter_dtype=False)
+    assert {p.dtype for n, p in pm.named_parameters() if "lora_" in n} == {torch.bfloat16}
+    pm.load_adapter(tmp_path, "third")
+    assert {p.dtype for n, p in pm.named_parameters() if "lora_" in n and "third" in n} == {torch.float32}
+
+
+def test_load_kwargs_checked(tmp_path) -> None:
+    lorakit.get_peft_model(_llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['autocast_dtype'\]"):
+        lorakit.PeftModel.from_pretrained(_llama(), tmp_path, autocast_dtype=False)
+    with pytest.raises(NotImplementedError, match="ephemeral_gpu_offload"):
+        lorakit.PeftModel.from_pretrained(_llama(), tmp_path, ephemeral_gpu_offload=True)
+    pm = lorakit.PeftModel.from_pretrained(_llama(), tmp_path, revision="main", token=None, torch_device="cpu")
+    with pytest.raises(TypeError, match="unexpected keyword arguments"):
+        pm.load_adapter(tmp_path, "second", is_trainabel=True)
+    assert list(pm.peft_config) == ["default"]
+
+
+@pytest.mark.parametrize("lib", [lorakit, peft])
+def test_load_adapter_returns_incompatible_keys(tmp_path, lib) -> None:
+    lib.get_peft_model(_llama(), lib.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    pm = lib.PeftModel.from_pretrained(_llama(), tmp_path)
+    result = pm.load_adapter(tmp_path, "second")
+    assert (result.missing_keys, result.unexpected_keys) == ([], [])

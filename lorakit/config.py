@@ -354,12 +354,17 @@ class LoraConfig:
             out[key] = value
         return out
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``adapter_config.json`` into ``save_directory`` (atomically)."""
+    def save_pretrained(self, save_directory: str | os.PathLike, auto_mapping_dict: dict | None = None) -> None:
+        """Write ``adapter_config.json`` into ``save_directory`` (atomically). ``auto_mapping_dict`` (PEFT's:
+        ``{"base_model_class": ..., "parent_library": ...}``, which ``AutoPeftModel`` needs for ``task_type=None``)
+        is written as ``auto_mapping``."""
         from lorakit.io.files import atomic_write_text
 
         os.makedirs(save_directory, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        data = self.to_dict()
+        if auto_mapping_dict is not None:
+            data["auto_mapping"] = auto_mapping_dict
+        text = json.dumps(data, indent=2, sort_keys=True)
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), text)
 
     @classmethod

@@ -454,9 +454,15 @@ class PeftModel(nn.Module):
                 state = convert_to_plain_lora(state, load_adapter_weights(os.fspath(initial), subfolder=sub))
                 config = converted_config(config)
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
+            base_class = type(self.get_base_model())  # PEFT's auto_mapping, for AutoPeftModel without a task type
+            auto_mapping = (
+                {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
+                if config.task_type is None
+                else None
+            )
             with atomic_directory(folder) as tmp:
                 save_adapter_weights(state, tmp, safe_serialization)
-                config.save_pretrained(tmp)
+                config.save_pretrained(tmp, auto_mapping_dict=auto_mapping)
         os.makedirs(save_directory, exist_ok=True)
         card = os.path.join(save_directory, "README.md")
         if not os.path.exists(card):

@@ -209,3 +209,26 @@ def test_load_adapter_returns_incompatible_keys(tmp_path, lib) -> None:
     pm = lib.PeftModel.from_pretrained(_llama(), tmp_path)
     result = pm.load_adapter(tmp_path, "second")
     assert (result.missing_keys, result.unexpected_keys) == ([], [])
+
+
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
+def test_auto_mapping_as_peft_and_auto_peft_model_loads(tmp_path, task_type) -> None:
+    import json
+
+    base_dir = tmp_path / "base"
+    _llama().save_pretrained(base_dir)
+    written = {}
+    for lib in (lorakit, peft):
+        base = tf.AutoModelForCausalLM.from_pretrained(base_dir).eval()
+        cfg = lib.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False, task_type=task_type)
+        pm = lib.get_peft_model(base, cfg)
+        pm.save_pretrained(tmp_path / lib.__name__)
+        config_file = tmp_path / lib.__name__ / "adapter_config.json"
+        written[lib.__name__] = json.loads(config_file.read_text())["auto_mapping"]
+        if lib is lorakit:
+            ours = _logits(pm)
+    assert written["lorakit"] == written["peft"]
+    assert (written["lorakit"] is None) == (task_type is not None)
+    if task_type is None:  # PEFT's AutoPeftModel needs auto_mapping to pick the base class
+        loaded = peft.AutoPeftModel.from_pretrained(str(tmp_path / "lorakit"))
+        torch.testing.assert_close(_logits(loaded), ours, atol=1e-5, rtol=0)

@@ -183,8 +183,9 @@ class LoraModel(nn.Module):
         for name, module in list(modules.items()):
             if isinstance(module, LORA_WRAPPERS):
                 replacement = module.base_layer
-            elif isinstance(module, ModulesToSaveWrapper):
-                replacement = module.active_module if merge else module.original_module
+            elif isinstance(module, ModulesToSaveWrapper):  # PEFT: the active adapter's (trained) copy, both ways
+                active = module.active_adapter
+                replacement = module.original_module if active is None else module.modules_to_save[active]
             else:
                 continue
             parent_name, _, child = name.rpartition(".")
@@ -204,7 +205,8 @@ class LoraModel(nn.Module):
         return self._replace_wrappers(True, adapter_names, safe_merge)
 
     def unload(self) -> nn.Module:
-        """Return the plain base model without merging (adapters dropped)."""
+        """Return the plain base model without merging (LoRA adapters dropped); as in PEFT, a module in
+        ``modules_to_save`` comes back as the active adapter's trained copy."""
         return self._replace_wrappers(False, None, False)
 
     @contextlib.contextmanager

@@ -232,3 +232,18 @@ def test_auto_mapping_as_peft_and_auto_peft_model_loads(tmp_path, task_type) -> 
     if task_type is None:  # PEFT's AutoPeftModel needs auto_mapping to pick the base class
         loaded = peft.AutoPeftModel.from_pretrained(str(tmp_path / "lorakit"))
         torch.testing.assert_close(_logits(loaded), ours, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("how", ["unload", "merge_and_unload"])
+def test_unload_keeps_trained_modules_to_save_copy_as_peft(how) -> None:
+    outs = {}
+    for lib in (lorakit, peft):
+        cfg = lib.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
+        pm = lib.get_peft_model(_llama(), cfg)
+        with torch.no_grad():
+            for name, param in pm.named_parameters():
+                if "modules_to_save" in name:
+                    param.add_(0.3)  # "trained"
+        outs[lib.__name__] = _logits(getattr(pm, how)())
+    torch.testing.assert_close(outs["lorakit"], outs["peft"], atol=1e-5, rtol=0)
+    assert (outs["lorakit"] - _logits(_llama())).abs().max() > 1e-2

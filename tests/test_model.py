@@ -257,7 +257,9 @@ def test_seq_cls_modules_to_save_trains_and_round_trips(tmp_path) -> None:
     torch.testing.assert_close(_logits(theirs, ids), out, atol=1e-5, rtol=0)
     with model.disable_adapter():
         torch.testing.assert_close(_logits(model, ids), _logits(base, ids))
-    assert torch.equal(model.unload().classifier.weight, base.classifier.weight)
+    trained = model.base_model.model.classifier.modules_to_save["default"].weight.detach().clone()
+    assert not torch.equal(trained, base.classifier.weight)
+    assert torch.equal(model.unload().classifier.weight, trained)  # PEFT: the active adapter's copy comes back
 
 
 def test_training_smoke_only_lora_changes(tiny_llama, input_ids) -> None:

@@ -247,9 +247,10 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
 
 
 def add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str, trainable: bool) -> list[str]:
-    """Wrap each module named in ``names`` (exact or ``.suffix``) in a ``ModulesToSaveWrapper`` and give it a
-    copy for ``adapter_name``. Returns the wrapped module names."""
-    wanted = set(names)
+    """Wrap each module whose full name ends with an entry of ``names`` (PEFT's rule: plain ``str.endswith``, so
+    ``"norm"`` takes every ``...layernorm`` too and ``"head"`` takes ``lm_head``) in a ``ModulesToSaveWrapper`` and
+    give it a copy for ``adapter_name``. Returns the wrapped module names."""
+    wanted = tuple(names)
     modules = dict(model.named_modules())
     found = []
     inside = ""
@@ -258,9 +259,7 @@ def add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str, t
             continue
         if isinstance(module, ModulesToSaveWrapper):
             inside = name + "."
-        if any(s in wanted for s in _suffixes(name)) and not name.endswith(
-            (".original_module", ".modules_to_save", ".base_layer")
-        ):
+        if name.endswith(wanted) and not name.endswith((".original_module", ".modules_to_save", ".base_layer")):
             wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
             wrapper.add_adapter(adapter_name, trainable)
             if wrapper is not module:

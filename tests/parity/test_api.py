@@ -247,3 +247,31 @@ def test_unload_keeps_trained_modules_to_save_copy_as_peft(how) -> None:
         outs[lib.__name__] = _logits(getattr(pm, how)())
     torch.testing.assert_close(outs["lorakit"], outs["peft"], atol=1e-5, rtol=0)
     assert (outs["lorakit"] - _logits(_llama())).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("modules_to_save", [["norm"], ["head"], ["lm_head"]])
+def test_modules_to_save_matching_as_peft(tmp_path, modules_to_save) -> None:
+    """PEFT's rule is a plain ``str.endswith``: "norm" wraps every layernorm, "head" wraps lm_head."""
+    wrapped = {}
+    for lib in (lorakit, peft):
+        cfg = lib.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=modules_to_save, init_lora_weights=False)
+        pm = lib.get_peft_model(_llama(), cfg)
+        wrapped[lib.__name__] = sorted(n for n, m in pm.named_modules() if type(m).__name__ == "ModulesToSaveWrapper")
+        if lib is peft:
+            with torch.no_grad():
+                for name, param in pm.named_parameters():
+                    if "modules_to_save" in name:
+                        param.mul_(1.1)
+            want = _logits(pm)
+            pm.save_pretrained(tmp_path)
+    assert wrapped["lorakit"] == wrapped["peft"]
+    torch.testing.assert_close(_logits(lorakit.PeftModel.from_pretrained(_llama(), tmp_path)), want, atol=1e-5, rtol=0)
+
+
+def test_load_error_names_the_module_of_a_full_weight(tmp_path) -> None:
+    cfg = lorakit.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["model.norm"])
+    lorakit.get_peft_model(_llama(), cfg).save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config_file.write_text(config_file.read_text().replace('"model.norm"', '"lm_head"'))
+    with pytest.raises(ValueError, match=r"does not adapt: \['model.norm'\]"):
+        lorakit.PeftModel.from_pretrained(_llama(), tmp_path)

@@ -43,6 +43,9 @@ def load_model(
     quantization_config: BitsAndBytesConfig | dict[str, Any] | None = None,
     torch_dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
+    attn_implementation: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[nn.Module, Any]:
     """Load ``AutoModelForCausalLM`` weights from a local folder or a Hub id (huggingface_hub's cache).
 
@@ -54,14 +57,18 @@ def load_model(
         torch_dtype: dtype of the non-quantized parameters and of the weights before quantization
             (default: config.json's ``dtype`` / ``torch_dtype``, else float32).
         device: where the model ends up (default CPU).
+        attn_implementation: transformers' attention ("eager", "sdpa", "flash_attention_2", ...; default: its
+            choice), checked by transformers when the model is built.
+        revision: the Hub revision (branch, tag or commit) of a Hub id; a local folder is read as it is.
+        trust_remote_code: allow the model's own code from the folder / Hub repo (as in transformers).
 
     Returns:
         ``(model, tokenizer)``; the tokenizer is None when the folder has none.
     """
     from transformers import AutoConfig
 
-    path = _resolve(name_or_path)
-    config = AutoConfig.from_pretrained(path)
+    path = _resolve(name_or_path, revision)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     stored = getattr(config, "quantization_config", None)
     if stored is not None:
         stored_cfg = BitsAndBytesConfig.from_dict(stored if isinstance(stored, dict) else stored.to_dict())
@@ -74,7 +81,7 @@ def load_model(
         qconfig, prequantized = _as_config(quantization_config), False
     dtype = _resolve_dtype(torch_dtype, config)
 
-    model = _empty_model(config, dtype)
+    model = _empty_model(config, dtype, attn_implementation, trust_remote_code)
     if qconfig is not None and (qconfig.load_in_4bit or qconfig.load_in_8bit):
         _replace_linears(model, qconfig, device="meta")
     quantized = {name for name, m in model.named_modules() if isinstance(m, (Linear4bit, Linear8bitLt))}
@@ -102,7 +109,7 @@ def load_model(
     _finish(model, qconfig)
     if device is not None:
         model.to(device)
-    return model.eval(), _load_tokenizer(path)
+    return model.eval(), _load_tokenizer(path, trust_remote_code)
 
 
 def quantize_model(model: nn.Module, config: BitsAndBytesConfig | dict[str, Any]) -> nn.Module:
@@ -189,12 +196,17 @@ def _has_meta_state(module: nn.Module) -> bool:
     return isinstance(module, Linear4bit) and module.weight.quant_state.absmax.is_meta
 
 
-def _empty_model(config: Any, dtype: torch.dtype) -> nn.Module:
+def _empty_model(
+    config: Any, dtype: torch.dtype, attn_implementation: str | None = None, trust_remote_code: bool = False
+) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     with init_empty_weights(include_buffers=False):  # parameters on meta; rotary inv_freq etc. stay real
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
 def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
@@ -282,14 +294,14 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return None
 
 
-def _resolve(name_or_path: str | os.PathLike) -> Path:
+def _resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
     path = Path(name_or_path)
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
-    return Path(snapshot_download(str(name_or_path), allow_patterns=patterns))
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.py"]
+    return Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=patterns))
 
 
 def _resolve_dtype(torch_dtype: torch.dtype | str | None, config: Any) -> torch.dtype:
@@ -310,9 +322,9 @@ def _as_config(config: BitsAndBytesConfig | dict[str, Any] | Any | None) -> Bits
     raise TypeError(f"quantization_config must be a BitsAndBytesConfig or dict, got {type(config).__name__}")
 
 
-def _load_tokenizer(path: Path) -> Any:
+def _load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

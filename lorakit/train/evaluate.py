@@ -23,16 +23,6 @@ def load_base_model(name_or_path: str, torch_dtype: str = "float32", quantizatio
     """(model, tokenizer) for a causal LM; `quantization` is a train.config.QuantizationConfig or None."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if quantization is not None and quantization.method != "none":
-        dropped = {"model.attn_implementation": attn_implementation, "model.revision": revision,
-                   "model.trust_remote_code": trust_remote_code or None}
-        unsupported = [f"{k}={v!r}" for k, v in dropped.items() if v is not None]
-        if unsupported:
-            raise NotImplementedError(
-                f"{', '.join(unsupported)}: not supported with quantization={quantization.method!r}: lorakit's "
-                "quantized loader (lorakit.quant.load.load_model) reads local folders or the Hub's default "
-                "revision with transformers' default attention and no remote code. Remove the option, or train "
-                "without quantization.")
     with model_path_errors(name_or_path):
         return _load_base_model(AutoModelForCausalLM, AutoTokenizer, name_or_path, torch_dtype, quantization,
                                 attn_implementation, revision, trust_remote_code, device)
@@ -71,7 +61,9 @@ def _load_base_model(AutoModelForCausalLM: Any, AutoTokenizer: Any, name_or_path
             llm_int8_threshold=q.llm_int8_threshold, llm_int8_skip_modules=q.llm_int8_skip_modules,
         )
         dtype = None if torch_dtype == "auto" else DTYPES[torch_dtype]
-        model, tokenizer = load_model(name_or_path, quantization_config=bnb, torch_dtype=dtype, device=device)
+        model, tokenizer = load_model(name_or_path, quantization_config=bnb, torch_dtype=dtype, device=device,
+                                      attn_implementation=attn_implementation, revision=revision,
+                                      trust_remote_code=trust_remote_code)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision,
                                                       trust_remote_code=trust_remote_code)

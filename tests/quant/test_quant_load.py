@@ -111,6 +111,13 @@ def test_load_8bit_saved_by_transformers_with_the_default_threshold(tiny_dir, tm
     assert saved["load_in_8bit"] and saved["llm_int8_threshold"] == 6.0
 
 
+def test_load_model_passes_attn_implementation(tiny_dir):
+    model, _ = load_model(tiny_dir, BitsAndBytesConfig(**QLORA), attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    with pytest.raises(ImportError, match="FlashAttention2"):
+        load_model(tiny_dir, BitsAndBytesConfig(**QLORA), attn_implementation="flash_attention_2")
+
+
 def test_quantize_model_equals_load_model(tiny_dir):
     config = BitsAndBytesConfig(**QLORA, bnb_4bit_use_double_quant=True, llm_int8_skip_modules=["mlp.up_proj"])
     loaded, _ = load_model(tiny_dir, config, torch_dtype=torch.float32)

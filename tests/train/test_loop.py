@@ -121,9 +121,10 @@ def test_adapter_name_or_path_refuses_a_differing_lora_section(config_writer, tm
     _run(config_writer, tmp_path, tiny_model_dir, "second", model=model, training={"max_steps": 1})  # same values
 
 
-def test_quantized_run_refuses_options_its_loader_ignores(config_writer, tmp_path, tiny_model_dir):
-    model = {"name_or_path": str(tiny_model_dir), "revision": "main", "attn_implementation": "eager"}
-    with pytest.raises(NotImplementedError, match="model.attn_implementation='eager', model.revision='main': not"):
+def test_quantized_run_passes_the_model_options_to_its_loader(config_writer, tmp_path, tiny_model_dir):
+    """attn_implementation reaches the quantized loader: an unavailable one fails as without quantization."""
+    model = {"name_or_path": str(tiny_model_dir), "attn_implementation": "flash_attention_2"}
+    with pytest.raises(ImportError, match="FlashAttention2"):
         _run(config_writer, tmp_path, tiny_model_dir, model=model, overrides=["quantization=nf4"])
 
 

@@ -49,32 +49,6 @@ class PeftType(str, enum.Enum):
     LORA = "LORA"
 
 
-# Keys PEFT 0.21.2 writes for LoRA that lorakit does not implement, with the value meaning "off".
-# A config file with the "off" value loads silently; any other value raises NotImplementedError naming the key.
-_UNSUPPORTED_PEFT_KEYS: dict[str, Any] = {
-    "alora_invocation_tokens": None,
-    "arrow_config": None,
-    "ensure_weight_tying": False,
-    "kasa_config": None,
-    "layer_replication": None,
-    "lora_ga_config": None,
-    "megatron_config": None,
-    "monteclora_config": None,
-    "target_parameters": None,
-    "trainable_token_indices": None,
-    "use_bdlora": None,
-    "use_qalora": False,
-    "velora_config": None,
-}
-# Keys PEFT writes that carry no behaviour for us; written back with PEFT's values so PEFT reads our files cleanly.
-_PASSIVE_PEFT_KEYS: dict[str, Any] = {
-    "auto_mapping": None,
-    "megatron_core": "megatron.core",
-    "peft_version": PEFT_FORMAT_VERSION,
-    "qalora_group_size": 16,
-}
-
-
 @dataclass
 class LoftQConfig:
     """LoftQ (Li et al. 2023, https://arxiv.org/abs/2310.08659) settings, PEFT's ``LoftQConfig``; stored on
@@ -151,6 +125,18 @@ def _is_valid_regex(pattern: str) -> bool:
     return True
 
 
+def _unsupported(off: Any) -> Any:
+    return field(default=off, repr=False, metadata={"peft": "unsupported"})
+
+
+def _passive(default: Any) -> Any:
+    return field(default=default, repr=False, compare=False, metadata={"peft": "passive"})
+
+
+def _is_off(value: Any, off: Any) -> bool:
+    return value in (off, None, {}, False, [])
+
+
 @dataclass
 class LoraConfig:
     """Configuration of one LoRA adapter; field names and defaults are PEFT's ``LoraConfig``."""
@@ -205,7 +191,36 @@ class LoraConfig:
     peft_type: PeftType | str = PeftType.LORA
     """Always ``"LORA"``."""
 
+    # PEFT 0.21.2's LoRA fields that lorakit does not implement, with the value meaning "off" as default, so that
+    # ``LoraConfig(**json.load(open("adapter_config.json")))`` and PEFT code passing them switched off still run.
+    # Any other value raises NotImplementedError naming the field.
+    alora_invocation_tokens: Any = _unsupported(None)
+    arrow_config: Any = _unsupported(None)
+    ensure_weight_tying: Any = _unsupported(False)
+    kasa_config: Any = _unsupported(None)
+    layer_replication: Any = _unsupported(None)
+    lora_ga_config: Any = _unsupported(None)
+    megatron_config: Any = _unsupported(None)
+    monteclora_config: Any = _unsupported(None)
+    target_parameters: Any = _unsupported(None)
+    trainable_token_indices: Any = _unsupported(None)
+    use_bdlora: Any = _unsupported(None)
+    use_qalora: Any = _unsupported(False)
+    velora_config: Any = _unsupported(None)
+    # PEFT fields that carry no behaviour here; kept and written back with PEFT's values so PEFT reads our files.
+    auto_mapping: Any = _passive(None)
+    megatron_core: Any = _passive("megatron.core")
+    peft_version: Any = _passive(PEFT_FORMAT_VERSION)
+    qalora_group_size: Any = _passive(16)
+
     def __post_init__(self) -> None:
+        for name, off in _UNSUPPORTED_PEFT_KEYS.items():
+            if not _is_off(getattr(self, name), off):
+                raise NotImplementedError(
+                    f"{name}={getattr(self, name)!r} (a PEFT feature) is not implemented in lorakit; leave it at "
+                    f"{off!r}."
+                )
+            setattr(self, name, off)  # None / {} / [] / False all mean "off"; written back as PEFT's default
         self.peft_type = PeftType(self.peft_type) if self.peft_type in ("LORA", PeftType.LORA) else self.peft_type
         if self.peft_type != PeftType.LORA:
             raise ValueError(f"peft_type={self.peft_type!r} is not supported: lorakit implements 'LORA' only.")
@@ -346,12 +361,12 @@ class LoraConfig:
     # ---- serialization -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The keys and values PEFT writes into ``adapter_config.json`` (enums as strings, lists for sets)."""
-        out: dict[str, Any] = dict(_UNSUPPORTED_PEFT_KEYS)
-        out.update(_PASSIVE_PEFT_KEYS)
+        out: dict[str, Any] = {}
         for key, value in asdict(self).items():
             if isinstance(value, enum.Enum):
                 value = value.value
             out[key] = value
+        out["peft_version"] = PEFT_FORMAT_VERSION  # the format written is PEFT 0.21.2's, whatever was read
         return out
 
     def save_pretrained(self, save_directory: str | os.PathLike, auto_mapping_dict: dict | None = None) -> None:
@@ -370,7 +385,7 @@ class LoraConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
         """Build from a PEFT-style dict. Unknown keys (a newer PEFT) are dropped with a warning; known PEFT
-        features lorakit lacks raise ``NotImplementedError`` when switched on."""
+        features lorakit lacks (its PEFT-only fields) raise ``NotImplementedError`` when switched on."""
         data = dict(data)
         peft_type = data.get("peft_type", "LORA")
         if peft_type != "LORA":
@@ -381,11 +396,7 @@ class LoraConfig:
         for key, value in data.items():
             if key in own:
                 kwargs[key] = value
-            elif key in _UNSUPPORTED_PEFT_KEYS:
-                off = _UNSUPPORTED_PEFT_KEYS[key]
-                if value not in (off, None, {}, False, []):
-                    raise NotImplementedError(f"{key}={value!r} (a PEFT feature) is not implemented in lorakit.")
-            elif key not in _PASSIVE_PEFT_KEYS:
+            else:
                 unknown.append(key)
         if unknown:
             warnings.warn(
@@ -410,3 +421,9 @@ class LoraConfig:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{config_file} is not valid JSON: {e}") from e
         return cls.from_dict(data)
+
+
+#: PEFT's LoRA fields lorakit does not implement, with their "off" value (the fields' defaults).
+_UNSUPPORTED_PEFT_KEYS: dict[str, Any] = {
+    f.name: f.default for f in fields(LoraConfig) if f.metadata.get("peft") == "unsupported"
+}

@@ -91,3 +91,17 @@ def test_invalid_values_name_the_field(kwargs, field) -> None:
 def test_rslora_scaling() -> None:
     assert LoraConfig(r=16, lora_alpha=8, use_rslora=True).scaling_for(16, 8) == 2.0
     assert LoraConfig(r=16, lora_alpha=8).scaling_for(16, 8) == 0.5
+
+
+def test_peft_only_fields_as_constructor_kwargs(tmp_path) -> None:
+    """PEFT code builds configs from a folder's JSON, or passes PEFT-only fields switched off."""
+    peft.LoraConfig(target_modules=["q_proj"], task_type="CAUSAL_LM").save_pretrained(str(tmp_path))
+    data = json.loads((tmp_path / CONFIG_NAME).read_text())
+    cfg = LoraConfig(**data)
+    assert cfg.target_modules == ["q_proj"] and cfg.task_type == TaskType.CAUSAL_LM
+    assert LoraConfig(r=4, use_qalora=False, trainable_token_indices=None, layer_replication=[]).use_qalora is False
+    with pytest.raises(NotImplementedError, match="use_qalora=True"):
+        LoraConfig(use_qalora=True)
+    with pytest.raises(NotImplementedError, match="trainable_token_indices"):
+        LoraConfig.from_dict({**data, "trainable_token_indices": [1, 2]})
+    assert set(LoraConfig(**data).to_dict()) == set(data)

@@ -150,7 +150,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     to_save = set(config.modules_to_save or [])
     skip_output = _output_layer_names(model, config) if all_linear else set()
     layer_ids = config.layers_to_transform
-    layer_ids = {layer_ids} if isinstance(layer_ids, int) else set(layer_ids) if layer_ids is not None else None
+    # PEFT: an empty list selects no layer subset (all layers), like None
+    layer_ids = {layer_ids} if isinstance(layer_ids, int) else set(layer_ids) if layer_ids else None
 
     found: list[str] = []
     inside: list[str] = []  # prefixes of wrappers; their internals (base_layer, adapters) never match

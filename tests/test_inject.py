@@ -41,6 +41,15 @@ def test_exclude_modules_and_layers_to_transform(tiny_llama) -> None:
     assert _targets(tiny_llama, target_modules=["q_proj"], layers_to_transform=0) == {"model.layers.0.self_attn.q_proj"}
 
 
+def test_empty_layers_to_transform_means_all_layers_as_peft(tiny_llama) -> None:
+    import peft
+
+    got = _targets(tiny_llama, target_modules=["q_proj"], layers_to_transform=[])
+    assert got == {f"model.layers.{i}.self_attn.q_proj" for i in range(2)}
+    theirs = peft.get_peft_model(tiny_llama, peft.LoraConfig(target_modules=["q_proj"], layers_to_transform=[]))
+    assert {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A")} == got
+
+
 def test_default_targets_by_model_type(tiny_llama) -> None:
     got = _targets(tiny_llama)
     assert got == {f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")}

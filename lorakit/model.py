@@ -29,6 +29,8 @@ from lorakit.inject import (
     set_active_adapters,
 )
 from lorakit.io.adapter import (
+    WEIGHTS_NAME,
+    WEIGHTS_NAME_BIN,
     check_and_copy,
     get_adapter_state_dict,
     load_adapter_weights,
@@ -462,7 +464,7 @@ class PeftModel(nn.Module):
                 if config.task_type is None
                 else None
             )
-            with atomic_directory(folder) as tmp:
+            with atomic_directory(folder, stale=(WEIGHTS_NAME, WEIGHTS_NAME_BIN)) as tmp:
                 save_adapter_weights(state, tmp, safe_serialization)
                 config.save_pretrained(tmp, auto_mapping_dict=auto_mapping)
         os.makedirs(save_directory, exist_ok=True)

@@ -28,15 +28,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(final_dir: str | os.PathLike, commit_last: str = "adapter_config.json") -> Iterator[str]:
+def atomic_directory(
+    final_dir: str | os.PathLike, commit_last: str = "adapter_config.json", stale: tuple[str, ...] = ()
+) -> Iterator[str]:
     """Yield a fresh temporary folder beside ``final_dir``; on success its files land in ``final_dir``.
 
     A new ``final_dir`` appears with one ``os.rename`` of the whole folder. Into an existing folder, the old
-    ``commit_last`` files being replaced are removed first, the other files are moved in (``os.replace``, atomic
-    per file) and the ``commit_last`` files last: an interrupted save leaves a folder without its config, which no
-    loader takes for a complete adapter, never new weights beside an old config. Files the save does not write
-    (other adapters' subfolders, a user's notes) are kept. If the body raises, or the process dies, only a
-    ``.tmp-*`` folder is left behind.
+    ``commit_last`` files being replaced are removed first, then the ``stale`` files (names relative to
+    ``final_dir``, e.g. the other format's weights) the save did not write, the other files are moved in
+    (``os.replace``, atomic per file) and the ``commit_last`` files last: an interrupted save leaves a folder
+    without its config, which no loader takes for a complete adapter, never weights beside a config they do not
+    match. Other files the save does not write (other adapters' subfolders, a user's notes) are kept. If the body
+    raises, or the process dies, only a ``.tmp-*`` folder is left behind.
     """
     final_dir = os.fspath(final_dir)
     parent = os.path.dirname(os.path.abspath(final_dir))
@@ -51,7 +54,7 @@ def atomic_directory(final_dir: str | os.PathLike, commit_last: str = "adapter_c
         for root, _dirs, files in os.walk(tmp):
             names += [os.path.relpath(os.path.join(root, name), tmp) for name in files]
         last = [n for n in names if os.path.basename(n) == commit_last]
-        for rel in last:
+        for rel in last + [n for n in stale if n not in names]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(final_dir, rel))
         for rel in [n for n in names if n not in last] + last:

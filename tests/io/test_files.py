@@ -101,3 +101,20 @@ def test_atomic_directory_new_folder_appears_whole(tmp_path) -> None:
         (open(os.path.join(tmp, "a.txt"), "w")).write("x")
         assert not target.exists()
     assert (target / "a.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize("first, second", [(True, False), (False, True)])
+def test_resave_in_other_format_leaves_no_stale_weights(tmp_path, first, second) -> None:
+    model = get_peft_model(make_tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path, safe_serialization=first)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(1.0)
+    model.save_pretrained(tmp_path, safe_serialization=second)
+    weights = {"adapter_model.safetensors", "adapter_model.bin"} & set(os.listdir(tmp_path))
+    assert weights == {"adapter_model.safetensors" if second else "adapter_model.bin"}
+    ids = torch.tensor([[1, 2, 3, 4]])
+    loaded = PeftModel.from_pretrained(make_tiny_llama(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)

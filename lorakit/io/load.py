@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -28,7 +29,8 @@ def hub_kwarg_names() -> set[str]:
 
 def split_load_kwargs(kwargs: dict[str, Any], caller: str) -> dict[str, Any]:
     """The Hub download arguments among ``kwargs`` (``use_auth_token`` becomes ``token``). PEFT's loading options
-    lorakit lacks raise ``NotImplementedError`` when switched on; anything else raises ``TypeError``."""
+    lorakit lacks raise ``NotImplementedError`` when switched on; anything else is ignored, as PEFT does, with a
+    warning naming it (a misspelt ``is_trainable`` must not pass unseen)."""
     hub_names = hub_kwarg_names()
     hub: dict[str, Any] = {}
     unknown = []
@@ -47,10 +49,12 @@ def split_load_kwargs(kwargs: dict[str, Any], caller: str) -> dict[str, Any]:
                 )
         else:
             unknown.append(key)
-    if unknown:
-        raise TypeError(
-            f"{caller}() got unexpected keyword arguments {sorted(unknown)}; besides its named parameters it takes "
-            f"huggingface_hub.hf_hub_download's ({', '.join(sorted(hub_names))})."
+    if unknown:  # PEFT drops them without a word; raising would break PEFT code that runs
+        warnings.warn(
+            f"{caller}() ignores the keyword arguments {sorted(unknown)} (as PEFT does): besides its named "
+            f"parameters it takes huggingface_hub.hf_hub_download's ({', '.join(sorted(hub_names))}). Check the "
+            "spelling if one of them was meant.",
+            stacklevel=3,
         )
     return hub
 

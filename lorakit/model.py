@@ -487,8 +487,9 @@ class PeftModel(nn.Module):
         subfolder: str | None = None,
         **kwargs: Any,
     ) -> _IncompatibleKeys:
-        """Load an adapter folder (PEFT's or ours) as ``adapter_name``; frozen unless ``is_trainable``. Other
-        adapters' ``requires_grad`` and the active adapter are untouched. On a mismatch the model is left as it was.
+        """Load an adapter folder (PEFT's or ours) as ``adapter_name``; frozen unless ``is_trainable`` (then, as in
+        PEFT, the model is put in eval mode). Other adapters' ``requires_grad`` and the active adapter are untouched.
+        On a mismatch the model is left as it was.
 
         An existing ``adapter_name`` gets the file's weights copied in (tensors keep their identity, so an optimizer
         holding them goes on), as transformers' Trainer does on resume; its config must match in rank, alpha and
@@ -500,16 +501,20 @@ class PeftModel(nn.Module):
         config = LoraConfig.from_pretrained(model_id, subfolder=subfolder, **hub)
         tensors = remap_keys(load_adapter_weights(os.fspath(model_id), subfolder=subfolder, **hub), key_mapping)
         if adapter_name in self.peft_config:
-            return self._reload_adapter(adapter_name, config, tensors, is_trainable)
-        config.inference_mode = not is_trainable
-        self.base_model.inject(config, adapter_name, initialize=False)
-        try:
-            if not autocast_adapter_dtype:
-                self._keep_base_dtype(adapter_name)
-            return self._adapter_result(adapter_name, check_and_copy(self, adapter_name, config.bias, tensors))
-        except BaseException:
-            self.base_model.delete_adapter(adapter_name)
-            raise
+            result = self._reload_adapter(adapter_name, config, tensors, is_trainable)
+        else:
+            config.inference_mode = not is_trainable
+            self.base_model.inject(config, adapter_name, initialize=False)
+            try:
+                if not autocast_adapter_dtype:
+                    self._keep_base_dtype(adapter_name)
+                result = self._adapter_result(adapter_name, check_and_copy(self, adapter_name, config.bias, tensors))
+            except BaseException:
+                self.base_model.delete_adapter(adapter_name)
+                raise
+        if not is_trainable:  # as PEFT: an adapter loaded for inference puts the model in eval mode (no dropout)
+            self.eval()
+        return result
 
     def _reload_adapter(
         self, adapter_name: str, config: LoraConfig, tensors: dict[str, torch.Tensor], is_trainable: bool

@@ -275,3 +275,14 @@ def test_load_error_names_the_module_of_a_full_weight(tmp_path) -> None:
     config_file.write_text(config_file.read_text().replace('"model.norm"', '"lm_head"'))
     with pytest.raises(ValueError, match=r"does not adapt: \['model.norm'\]"):
         lorakit.PeftModel.from_pretrained(_llama(), tmp_path)
+
+
+@pytest.mark.parametrize("lib", [lorakit, peft])
+def test_load_adapter_for_inference_puts_the_model_in_eval_mode(tmp_path, lib) -> None:
+    lib.get_peft_model(_llama(), lib.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    pm = lib.PeftModel.from_pretrained(_llama(), tmp_path, is_trainable=True)
+    pm.train()
+    pm.load_adapter(tmp_path, "trainable", is_trainable=True)
+    assert pm.training
+    pm.load_adapter(tmp_path, "frozen")
+    assert not pm.training and not any(m.training for m in pm.modules())

@@ -6,9 +6,11 @@ Code written for PEFT's LoRA runs after changing ``from peft import X`` to ``fro
 from lorakit.config import CordaConfig, EvaConfig, LoftQConfig, LoraConfig, PeftType, TaskType
 from lorakit.hotswap import hotswap_adapter
 from lorakit.io.adapter import get_peft_model_state_dict, set_peft_model_state_dict
-from lorakit.model import (
-    LoraModel,
-    PeftModel,
+from lorakit.model import LoraModel, PeftModel
+from lorakit.quant.config import BitsAndBytesConfig
+from lorakit.quant.load import load_model, quantize_model
+from lorakit.quant.prepare import prepare_model_for_kbit_training
+from lorakit.tasks import (
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
     PeftModelForQuestionAnswering,
@@ -17,9 +19,6 @@ from lorakit.model import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
-from lorakit.quant.config import BitsAndBytesConfig
-from lorakit.quant.load import load_model, quantize_model
-from lorakit.quant.prepare import prepare_model_for_kbit_training
 from lorakit.variants.corda import preprocess_corda
 from lorakit.variants.eva import get_eva_state_dict, initialize_lora_eva_weights
 from lorakit.variants.loftq_replace import replace_lora_weights_loftq

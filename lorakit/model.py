@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import inspect
 import os
 import warnings
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from lorakit.config import LoraConfig, TaskType
+from lorakit.config import LoraConfig
 from lorakit.inject import (
     TASK_HEAD_NAMES,
     add_modules_to_save,
@@ -578,6 +577,8 @@ class PeftModel(nn.Module):
         if key_mapping is None:
             key_mapping = getattr(model, "_checkpoint_conversion_mapping", None)
         tensors = remap_keys(load_adapter_weights(os.fspath(model_id), subfolder=subfolder, **hub), key_mapping)
+        from lorakit.tasks import MODEL_TYPE_TO_PEFT_MODEL
+
         klass = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel) if cls is PeftModel else cls
         snapshot = {n: p.requires_grad for n, p in model.named_parameters()}
         peft_model = klass(model, config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, initialize=False)
@@ -591,101 +592,3 @@ class PeftModel(nn.Module):
         if not is_trainable:
             peft_model.eval()
         return peft_model
-
-
-def _task_forward(*inputs: str) -> Any:
-    """A ``forward`` whose signature names ``inputs``, passing everything on to ``PeftModel.forward``.
-
-    transformers' Trainer drops dataset columns that the model's forward signature does not name (it looks through
-    only PEFT's own classes to the base model), so each task class names its inputs, as PEFT's task classes do.
-    """
-
-    def forward(self: PeftModel, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        return PeftModel.forward(self, *args, adapter_names=adapter_names, **kwargs)
-
-    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [inspect.Parameter("self", kind)]
-        + [inspect.Parameter(name, kind, default=None) for name in inputs]
-        + [
-            inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None),
-            inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
-        ]
-    )
-    return forward
-
-
-_TEXT = ("input_ids", "attention_mask", "inputs_embeds")
-
-
-class PeftModelForCausalLM(PeftModel):
-    """Causal language models (``TaskType.CAUSAL_LM``)."""
-
-    forward = _task_forward(*_TEXT, "labels", "position_ids")
-
-
-class PeftModelForSequenceClassification(PeftModel):
-    """Sequence classification (``TaskType.SEQ_CLS``): the head (``classifier``/``score``) trains in full."""
-
-    forward = _task_forward(*_TEXT, "labels", "token_type_ids", "position_ids")
-
-
-class PeftModelForSeq2SeqLM(PeftModel):
-    """Encoder-decoder models (``TaskType.SEQ_2_SEQ_LM``)."""
-
-    forward = _task_forward(
-        *_TEXT, "decoder_input_ids", "decoder_attention_mask", "decoder_inputs_embeds", "labels"
-    )
-
-
-class PeftModelForTokenClassification(PeftModel):
-    """Token classification (``TaskType.TOKEN_CLS``): the head (``classifier``/``score``) trains in full."""
-
-    forward = _task_forward(*_TEXT, "labels", "token_type_ids", "position_ids")
-
-
-class PeftModelForQuestionAnswering(PeftModel):
-    """Extractive question answering (``TaskType.QUESTION_ANS``): the head (``qa_outputs``) trains in full."""
-
-    forward = _task_forward(*_TEXT, "token_type_ids", "position_ids", "start_positions", "end_positions")
-
-
-class PeftModelForFeatureExtraction(PeftModel):
-    """Feature extraction / embeddings (``TaskType.FEATURE_EXTRACTION``)."""
-
-    forward = _task_forward(*_TEXT, "token_type_ids", "position_ids")
-
-
-MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType | None, type[PeftModel]] = {
-    None: PeftModel,
-    TaskType.CAUSAL_LM: PeftModelForCausalLM,
-    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
-    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
-    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
-    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
-    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
-}
-
-
-def get_peft_model(
-    model: nn.Module,
-    peft_config: LoraConfig,
-    adapter_name: str = "default",
-    mixed: bool = False,
-    autocast_adapter_dtype: bool = True,
-    revision: str | None = None,
-    low_cpu_mem_usage: bool = False,
-) -> PeftModel:
-    """Wrap ``model`` with a new LoRA adapter; returns the ``PeftModelFor...`` class of ``peft_config.task_type``.
-
-    Adapters are created in fp32 over half-precision bases (PEFT's ``autocast_adapter_dtype=True``); with
-    ``autocast_adapter_dtype=False`` they take the base weight's dtype.
-    """
-    if mixed:
-        raise NotImplementedError("get_peft_model(mixed=True) (PeftMixedModel) is not implemented in lorakit.")
-    if revision is not None:
-        peft_config = copy.deepcopy(peft_config)
-        peft_config.revision = revision
-    klass = MODEL_TYPE_TO_PEFT_MODEL[peft_config.task_type]
-    return klass(model, peft_config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
-

@@ -96,6 +96,29 @@ def embedding_key_map(root: nn.Module, wrapped_only: bool) -> dict[str, str]:
     return mapping
 
 
+def _embedding_copy_keys(root: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """{file key: in-memory key} of ``<emb>.modules_to_save.<k>`` keys in ``tensors``: PEFT, saving the embedding
+    layers of a model whose embeddings are in ``modules_to_save``, also writes the adapter's trained copy under
+    that key (its copy's key without the adapter name) beside ``<emb>.<k>``, the same tensor; it goes into the
+    copy of ``adapter_name``."""
+    from lorakit.layers import ModulesToSaveWrapper
+
+    if not callable(getattr(root, "get_input_embeddings", None)):
+        return {}
+    names = {id(m): n for n, m in root.named_modules()}
+    output = root.get_output_embeddings() if callable(getattr(root, "get_output_embeddings", None)) else None
+    mapping = {}
+    for layer in (root.get_input_embeddings(), output):
+        if not isinstance(layer, ModulesToSaveWrapper) or id(layer) not in names:
+            continue
+        copy = layer.modules_to_save._modules.get(adapter_name)
+        prefix = f"{names[id(layer)]}.modules_to_save."
+        for k in copy.state_dict(keep_vars=True) if copy is not None else ():
+            if prefix + k in tensors:
+                mapping[prefix + k] = f"{prefix}{adapter_name}.{k}"
+    return mapping
+
+
 def embedding_is_targeted(root: nn.Module, config: Any) -> bool:
     """PEFT's rule: a regex ``target_modules`` matching a module named ``...embed_tokens`` / ``...lm_head``, or a
     list holding one of those names verbatim."""
@@ -246,6 +269,7 @@ def check_and_copy(
     mapping = adapter_key_map(root, adapter_name, bias)
     state = root.state_dict(keep_vars=True)
     embeddings = {k: v for k, v in embedding_key_map(root, wrapped_only=False).items() if k in tensors}
+    embeddings.update(_embedding_copy_keys(root, adapter_name, tensors))
     mapping.update({k: v for k, v in embeddings.items() if k not in mapping})
     extra = sorted(set(tensors) - set(mapping))
     if extra:

@@ -106,6 +106,31 @@ def test_peft_folder_with_embedding_base_weights_loads(tmp_path, target) -> None
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+def test_peft_folder_with_resized_vocab_and_embeddings_in_modules_to_save_loads(tmp_path) -> None:
+    """PEFT's recipe for added tokens: resized vocabulary, embeddings in modules_to_save. Its folder also holds
+    each trained copy under <emb>.modules_to_save.weight; lorakit loads it, and PEFT loads lorakit's."""
+
+    def base():
+        model = _llama()
+        model.resize_token_embeddings(64, mean_resizing=False)
+        return model
+
+    pm = peft.get_peft_model(base(), peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False,
+                                                     modules_to_save=["embed_tokens", "lm_head"]))
+    with torch.no_grad():
+        for layer in (pm.get_input_embeddings(), pm.get_output_embeddings()):
+            layer.modules_to_save["default"].weight.mul_(1.5)  # trained copies differ from the base
+    want = _logits(pm)
+    pm.save_pretrained(tmp_path / "peft", save_embedding_layers=True)
+    assert any(k.endswith("embed_tokens.modules_to_save.weight") for k in _file_keys(tmp_path / "peft"))
+    ours = lorakit.PeftModel.from_pretrained(base(), tmp_path / "peft")
+    torch.testing.assert_close(_logits(ours), want, atol=1e-5, rtol=0)
+    ours.save_pretrained(tmp_path / "ours", save_embedding_layers=True)
+    theirs = peft.PeftModel.from_pretrained(base(), tmp_path / "ours")
+    torch.testing.assert_close(_logits(theirs), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_embedding_base_weight_of_wrong_shape_leaves_model_unchanged(tmp_path) -> None:
     from safetensors.torch import load_file, save_file
 

@@ -250,7 +250,9 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
 def add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str, trainable: bool) -> list[str]:
     """Wrap each module whose full name ends with an entry of ``names`` (PEFT's rule: plain ``str.endswith``, so
     ``"norm"`` takes every ``...layernorm`` too and ``"head"`` takes ``lm_head``) in a ``ModulesToSaveWrapper`` and
-    give it a copy for ``adapter_name``. Returns the wrapped module names."""
+    give it a copy for ``adapter_name``. Returns the wrapped module names. A LoRA-wrapped module that matches
+    raises ``TypeError``, as in PEFT (a fully trained copy of a layer that also has LoRA factors); the insides of
+    LoRA wrappers are not matched."""
     wanted = tuple(names)
     modules = dict(model.named_modules())
     found = []
@@ -258,9 +260,17 @@ def add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str, t
     for name, module in list(modules.items()):
         if not name or (inside and name.startswith(inside)):
             continue
-        if isinstance(module, ModulesToSaveWrapper):
+        if isinstance(module, (ModulesToSaveWrapper, *LORA_WRAPPERS)):
             inside = name + "."
         if name.endswith(wanted) and not name.endswith((".original_module", ".modules_to_save", ".base_layer")):
+            if isinstance(module, LORA_WRAPPERS):
+                entry = next(n for n in wanted if name.endswith(n))
+                raise TypeError(
+                    f"modules_to_save entry {entry!r} matches {name!r}, which has LoRA adapters "
+                    f"({type(module).__name__}): modules_to_save cannot be applied to it (PEFT refuses it too). Name "
+                    "the modules to train in full more precisely (entries match by name suffix), or drop the layer "
+                    "from target_modules."
+                )
             wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
             wrapper.add_adapter(adapter_name, trainable)
             if wrapper is not module:

@@ -492,7 +492,8 @@ class PeftModel(nn.Module):
 
         An existing ``adapter_name`` gets the file's weights copied in (tensors keep their identity, so an optimizer
         holding them goes on), as transformers' Trainer does on resume; its config must match in rank, alpha and
-        variant. ``torch_device`` is accepted as in PEFT: the weights land on the device of the adapter's tensors.
+        variant; ``is_trainable=True`` makes it trainable, the default leaves its ``requires_grad`` as it was (PEFT).
+        ``torch_device`` is accepted as in PEFT: the weights land on the device of the adapter's tensors.
         ``kwargs``: Hub download arguments (``revision``, ``token``, ...)."""
         hub = split_load_kwargs(kwargs, "load_adapter")
         if ephemeral_gpu_offload:
@@ -527,9 +528,9 @@ class PeftModel(nn.Module):
                 "unmerge_adapter() first."
             )
         result = self._adapter_result(adapter_name, check_and_copy(self, adapter_name, existing.bias, tensors))
-        self.set_requires_grad(adapter_name, is_trainable)
-        existing.inference_mode = not is_trainable
-        if is_trainable:
+        if is_trainable:  # the default (False) leaves requires_grad as it was, as PEFT does: transformers' Trainer
+            self.set_requires_grad(adapter_name, True)  # reloads its best checkpoint that way, mid-training too
+            existing.inference_mode = False
             mark_bias_trainable(self.get_base_model(), existing.bias)
         return result
 

@@ -279,9 +279,16 @@ def check_and_copy(
         )
     missing = sorted(set(mapping) - set(tensors))
     if missing:
+        hint = "The file and adapter_config.json do not belong together, or the base model differs."
+        if all(".modules_to_save." in mapping[k] for k in missing):
+            hint = (
+                "Only modules_to_save copies are missing: modules_to_save entries match by name suffix, as in PEFT "
+                "(['norm'] takes every '...norm'), and lorakit before 2026-11-25 matched whole name parts. For an "
+                "adapter saved then, write the full module names in adapter_config.json's modules_to_save (e.g. "
+                "'model.norm')."
+            )
         raise ValueError(
-            f"the adapter file lacks weights for modules its config targets: {_modules_listed(missing)}. The file "
-            "and adapter_config.json do not belong together, or the base model differs."
+            f"the adapter file lacks weights for modules its config targets: {_modules_listed(missing)}. {hint}"
         )
     for fk, mk in mapping.items():
         have, want = tuple(tensors[fk].shape), tuple(state[mk].shape)

@@ -82,10 +82,12 @@ class Linear8bitLt(DequantLinearModule):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype | None = None) -> Linear8bitLt:
+    def from_linear(
+        cls, linear: nn.Linear, compute_dtype: torch.dtype | None = None, threshold: float = 0.0
+    ) -> Linear8bitLt:
         """Quantize an ``nn.Linear`` into a new layer (bias copied in its dtype)."""
         layer = cls(linear.in_features, linear.out_features, bias=False, compute_dtype=compute_dtype,
-                    device=linear.weight.device)  # fmt: skip
+                    threshold=threshold, device=linear.weight.device)  # fmt: skip
         layer.set_weight(linear.weight)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)

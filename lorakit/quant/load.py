@@ -161,7 +161,7 @@ def _replace_linears(model: nn.Module, qconfig: BitsAndBytesConfig, device: str 
                 qconfig.bnb_4bit_use_double_quant, qconfig.bnb_4bit_quant_storage,
             )  # fmt: skip
         else:
-            new = Linear8bitLt.from_linear(linear)
+            new = Linear8bitLt.from_linear(linear, threshold=qconfig.llm_int8_threshold)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
 
@@ -170,7 +170,9 @@ def _empty_quantized(linear: nn.Linear, qconfig: BitsAndBytesConfig) -> nn.Modul
     """A quantized layer shell on the meta device (filled by set_weight / load_state_dict while loading)."""
     bias = linear.bias is not None
     if qconfig.load_in_8bit:
-        return Linear8bitLt(linear.in_features, linear.out_features, bias, device="meta")
+        return Linear8bitLt(
+            linear.in_features, linear.out_features, bias, threshold=qconfig.llm_int8_threshold, device="meta"
+        )
     return Linear4bit(
         linear.in_features, linear.out_features, bias, qconfig.bnb_4bit_compute_dtype, qconfig.bnb_4bit_quant_type,
         BLOCKSIZE_4BIT, qconfig.bnb_4bit_use_double_quant, qconfig.bnb_4bit_quant_storage, device="meta",

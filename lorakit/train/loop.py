@@ -160,6 +160,20 @@ def _check_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | No
     return None
 
 
+def _check_inputs_outside(doomed: list[Path], inputs: dict[str, str | None]) -> None:
+    """Refuse to delete the earlier run's checkpoints (``doomed``) when an input of this run lies in one."""
+    for key, value in inputs.items():
+        if not value or not Path(value).exists():
+            continue
+        path = Path(value).resolve()
+        inside = next((d for d in doomed if d == path or d in path.parents), None)
+        if inside is not None:
+            raise ValueError(
+                f"{key}={value!r} lies in {str(inside)!r}, a checkpoint of the earlier run in training.output_dir "
+                "that training.overwrite_output_dir=true deletes before training. Copy it out of the output_dir "
+                "first, or train into another training.output_dir.")
+
+
 def _check_resume_state(state: dict[str, Any], where: Path, expected: dict[str, Any]) -> None:
     """Refuse a checkpoint written by a run with another world size, step count or data order."""
     for key, value in expected.items():
@@ -227,10 +241,16 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
             raise ValueError(f"cannot resume from {resume_from}: its adapter differs from this config's "
                              f"({'; '.join(diffs)}). Resume with the config of that run, or start a new "
                              "training.output_dir.")
-    if t.overwrite_output_dir and not resume and main:
-        for old in ckpt.checkpoint_dirs(out_dir):
-            shutil.rmtree(old)
     ev = cfg.evaluation
+    if t.overwrite_output_dir and not resume:
+        doomed = [d.resolve() for d in ckpt.checkpoint_dirs(out_dir)]
+        _check_inputs_outside(doomed, {
+            "model.name_or_path": m.name_or_path, "model.adapter_name_or_path": m.adapter_name_or_path,
+            "data.path": cfg.data.path, "data.validation_path": cfg.data.validation_path, "evaluation.path": ev.path,
+        })
+        if main:
+            for old in doomed:
+                shutil.rmtree(old)
     if ev.path:  # a wrong eval file fails now, not after the model has loaded
         check_eval_file(ev.path, cfg.data, ev.prompt_field, ev.answer_field)
     if t.offload_activations and not torch.cuda.is_available():

@@ -191,8 +191,10 @@ def test_load_adapter_into_existing_name_reloads_weights(tmp_path, lib) -> None:
     assert now.keys() == params.keys()
     if lib is lorakit:  # the same tensors (an optimizer holding them goes on)
         assert all(now[n] is params[n] for n in params)
-        pm.load_adapter(tmp_path, adapter_name="default")  # is_trainable=False freezes it
-        assert not any(p.requires_grad for p in pm.parameters())
+    # the default is_trainable=False (the Trainer's load of its best checkpoint) leaves it trainable, as in PEFT
+    pm.load_adapter(tmp_path, adapter_name="default")
+    assert {n for n, p in pm.named_parameters() if p.requires_grad} == params.keys()
+    assert pm.peft_config["default"].inference_mode is False
 
 
 def test_load_adapter_into_existing_name_refuses_other_config(tmp_path) -> None:
@@ -291,6 +293,15 @@ def test_modules_to_save_matching_as_peft(tmp_path, modules_to_save) -> None:
             pm.save_pretrained(tmp_path)
     assert wrapped["lorakit"] == wrapped["peft"]
     torch.testing.assert_close(_logits(lorakit.PeftModel.from_pretrained(_llama(), tmp_path)), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("lib", [lorakit, peft])
+def test_modules_to_save_matching_a_lora_layer_is_refused_as_in_peft(lib) -> None:
+    model = _llama()
+    with pytest.raises(TypeError, match="modules_to_save"):
+        lib.get_peft_model(model, lib.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["proj"]))
+    if lib is lorakit:  # and the model is left as it was
+        assert not any("lora" in n or "modules_to_save" in n for n, _ in model.named_modules())
 
 
 def test_load_error_names_the_module_of_a_full_weight(tmp_path) -> None:

@@ -106,6 +106,7 @@ def test_load_8bit_saved_by_transformers_with_the_default_threshold(tiny_dir, tm
     fresh.save_pretrained(tmp_path / "theirs")
     back, _ = load_model(tmp_path / "theirs")
     _assert_same_state(back, fresh)
+    assert back.model.layers[0].mlp.up_proj.threshold == 6.0  # kept on the layers too
     back.save_pretrained(tmp_path / "again")
     saved = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
     assert saved["load_in_8bit"] and saved["llm_int8_threshold"] == 6.0

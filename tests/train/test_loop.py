@@ -99,6 +99,11 @@ def test_output_dir_of_an_earlier_run_is_not_reused_silently(config_writer, tmp_
     state_file.write_text(json.dumps({**state, "world_size": 2}))
     with pytest.raises(ValueError, match="world_size=2, this run has 1"):
         _run(config_writer, tmp_path, tiny_model_dir, training={"max_steps": 4, "save_steps": 2, "resume": True})
+    model = {"name_or_path": str(tiny_model_dir), "adapter_name_or_path": str(out / "checkpoint-2")}
+    with pytest.raises(ValueError, match="model.adapter_name_or_path=.* lies in .*checkpoint-2.* deletes"):
+        _run(config_writer, tmp_path, tiny_model_dir, model=model,
+             training={"max_steps": 2, "save_steps": 1, "overwrite_output_dir": True})
+    assert (out / "checkpoint-2" / "adapter_config.json").is_file()  # nothing deleted
     _run(config_writer, tmp_path, tiny_model_dir,
          training={"max_steps": 2, "save_steps": 1, "overwrite_output_dir": True})
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]

@@ -486,8 +486,8 @@ class PeftModel(nn.Module):
         subfolder: str | None = None,
         **kwargs: Any,
     ) -> _IncompatibleKeys:
-        """Load an adapter folder (PEFT's or ours) as ``adapter_name``; frozen unless ``is_trainable`` (then, as in
-        PEFT, the model is put in eval mode). Other adapters' ``requires_grad`` and the active adapter are untouched.
+        """Load an adapter folder (PEFT's or ours) as ``adapter_name``; frozen unless ``is_trainable`` (without it the
+        model is put in eval mode, as in PEFT). Other adapters' ``requires_grad`` and the active adapter are untouched.
         On a mismatch the model is left as it was.
 
         An existing ``adapter_name`` gets the file's weights copied in (tensors keep their identity, so an optimizer

@@ -277,6 +277,14 @@ def add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str, t
                 _set_submodule(model, name, wrapper, modules)
                 inside = name + "."
             found.append(name)
+    heads = {h for names_ in TASK_HEAD_NAMES.values() for h in names_}  # task heads: one of them is absent
+    unmatched = [n for n in names if n not in heads and not any(f.endswith(n) for f in found)]
+    if unmatched:
+        warnings.warn(
+            f"modules_to_save entries {unmatched} match no module of the model (entries match by module-name suffix, "
+            "outside LoRA layers); nothing is trained in full for them.",
+            stacklevel=4,
+        )
     return found
 
 

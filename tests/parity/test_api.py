@@ -304,6 +304,13 @@ def test_modules_to_save_matching_a_lora_layer_is_refused_as_in_peft(lib) -> Non
         assert not any("lora" in n or "modules_to_save" in n for n, _ in model.named_modules())
 
 
+def test_modules_to_save_entry_matching_nothing_warns() -> None:
+    cfg = lorakit.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head", "base_layer", "nrom"])
+    with pytest.warns(UserWarning, match=r"modules_to_save entries \['base_layer', 'nrom'\] match no module"):
+        pm = lorakit.get_peft_model(_llama(), cfg)
+    assert type(pm.base_model.model.lm_head).__name__ == "ModulesToSaveWrapper"
+
+
 def test_load_error_names_the_module_of_a_full_weight(tmp_path) -> None:
     cfg = lorakit.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["model.norm"])
     lorakit.get_peft_model(_llama(), cfg).save_pretrained(tmp_path)

@@ -34,6 +34,7 @@ CONFIG_FILENAME = "train_config.yaml"  # the resolved config, written into outpu
 
 QuantMethod = Literal["none", "nf4", "fp4", "int8"]
 DType = Literal["float32", "bfloat16", "float16", "auto"]
+QuantStorage = Literal["uint8", "int8", "float16", "bfloat16", "float32", "int16", "int32"]
 Scheduler = Literal["cosine", "linear", "constant"]
 Optim = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
 
@@ -72,8 +73,8 @@ class QuantizationConfig:
     """dtype the 4-bit weights are dequantized to for the matmul."""
     bnb_4bit_use_double_quant: bool = False
     """Quantize the per-block absmax constants too (saves ~0.37 bit/parameter)."""
-    bnb_4bit_quant_storage: str = "uint8"
-    """Storage dtype of the packed 4-bit weights."""
+    bnb_4bit_quant_storage: QuantStorage = "uint8"
+    """Storage dtype of the packed 4-bit weights (bfloat16 for FSDP)."""
     llm_int8_threshold: float = 6.0
     """int8 only: outlier threshold of LLM.int8 (https://arxiv.org/abs/2208.07339), saved with the model; lorakit's
     int8 layers never quantize activations (every column is computed as LLM.int8 computes outliers), so it

@@ -117,6 +117,8 @@ def test_shipped_example_configs_validate(path):
     ("evaluation", {"max_examples": -1}, "evaluation.max_examples must be >= 1, got -1"),
     ("evaluation", {"max_new_tokens": 0}, "evaluation.max_new_tokens must be >= 1"),
     ("evaluation", {"prompt_field": "a", "answer_field": "a"}, "name two different columns"),
+    ("quantization", {"method": "nf4", "bnb_4bit_quant_storage": "banana"},
+     "quantization.bnb_4bit_quant_storage: 'banana' is not allowed; allowed: uint8, int8"),
 ])
 def test_range_checks_name_field_value_and_range(section, values, expected):
     with pytest.raises(ConfigError, match=expected):

@@ -180,8 +180,10 @@ def _check_resume_state(state: dict[str, Any], where: Path, expected: dict[str, 
         if key in state and state[key] != value:
             raise ValueError(
                 f"cannot resume from {where}: it was written with {key}={state[key]!r}, this run has {value!r} "
-                "(it would see other batches / another schedule). Resume with the same config and number of "
-                "processes, or start a new training.output_dir.")
+                "(it would see other batches / another schedule, or the optimizer and schedule restored from the "
+                "checkpoint would override it). Resume with the same config and number of processes, or start a "
+                f"new run from its adapter (model.adapter_name_or_path={str(where)!r}, another "
+                "training.output_dir).")
     if "total_steps" in expected and state["global_step"] > expected["total_steps"]:
         raise ValueError(f"cannot resume from {where}: it is at step {state['global_step']}, past this run's "
                          f"{expected['total_steps']} steps")
@@ -284,7 +286,11 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
     warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * total_steps)
     data_order = {"total_steps": total_steps, "seed": t.seed, "per_device_train_batch_size": bs,
-                  "gradient_accumulation_steps": accum, "train_rows": len(train_ex)}
+                  "gradient_accumulation_steps": accum, "train_rows": len(train_ex),
+                  # the optimizer and the schedule come back from the checkpoint: changed values would not apply
+                  "learning_rate": t.learning_rate, "lr_scheduler_type": t.lr_scheduler_type,
+                  "warmup_steps_resolved": warmup, "optim": t.optim, "weight_decay": t.weight_decay,
+                  "adam_betas": [t.adam_beta1, t.adam_beta2], "adam_epsilon": t.adam_epsilon}
     if resume_from is not None:
         _check_resume_state(state, resume_from, data_order)
     if t.eval_steps and not eval_ex:

@@ -94,6 +94,9 @@ def test_output_dir_of_an_earlier_run_is_not_reused_silently(config_writer, tmp_
     with pytest.raises(ValueError, match="r: 8 here vs 4 saved"):  # checked before the model loads
         _run(config_writer, tmp_path, tiny_model_dir, lora={"r": 8},
              training={"max_steps": 4, "save_steps": 2, "resume": True})
+    with pytest.raises(ValueError, match="learning_rate=.*this run has 0.123 .*model.adapter_name_or_path="):
+        _run(config_writer, tmp_path, tiny_model_dir,
+             training={"max_steps": 4, "save_steps": 2, "resume": True, "learning_rate": 0.123})
     state_file = out / "checkpoint-2/trainer_state.json"
     state = json.loads(state_file.read_text())
     state_file.write_text(json.dumps({**state, "world_size": 2}))

@@ -21,7 +21,7 @@ from torch import nn
 
 from lorakit.kernels.lora_fused import LoraProjection, lora_mlp
 from lorakit.kernels.rms_norm import RMSNormWithKernel
-from lorakit.layers import LoraAdapter, LoraLinear
+from lorakit.layers import LoraAdapter, LoraLinear, _has_hooks
 from lorakit.quant.matmul import DequantLinearModule
 
 #: transformers MLP classes whose forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``.
@@ -38,7 +38,10 @@ def _is_swiglu_mlp(module: nn.Module) -> bool:
 
 
 def _projection(layer: nn.Module, x: torch.Tensor) -> Any:
-    """The ``LoraProjection`` of one MLP projection, or None if it cannot take the fused path now."""
+    """The ``LoraProjection`` of one MLP projection, or None if it cannot take the fused path now (the fused MLP
+    calls neither the projection nor its base: any hook on them keeps the plain path)."""
+    if _has_hooks(layer):
+        return None
     if isinstance(layer, LoraLinear):
         if layer.row_adapters is not None or layer.fan_in_fan_out:
             return None
@@ -46,6 +49,8 @@ def _projection(layer: nn.Module, x: torch.Tensor) -> Any:
         if len(adapters) > 1 or (adapters and type(adapters[0]) is not LoraAdapter):
             return None
         base = layer.base_layer
+        if _has_hooks(base):
+            return None
     else:
         adapters, base = [], layer
     if isinstance(base, DequantLinearModule):
@@ -109,11 +114,14 @@ def enable_fused(model: nn.Module, mlp: bool = True, norm_kernels: bool | None =
         if isinstance(module, LoraLinear):
             module.use_fused = True
     for name, module in list(model.named_modules()):
-        if _is_rms_norm(module) and (norm_kernels or (norm_kernels is None and module.weight.is_cuda)):
+        # modules with hooks (accelerate's offloading, user hooks) are kept: a replacement would drop the hooks
+        if _is_rms_norm(module) and (norm_kernels or (norm_kernels is None and module.weight.is_cuda)) and not (
+            _has_hooks(module)
+        ):
             _replace(model, name, RMSNormWithKernel(module))
     if mlp:
         for name, module in list(model.named_modules()):
-            if _is_swiglu_mlp(module) and any(
+            if _is_swiglu_mlp(module) and not _has_hooks(module) and any(
                 isinstance(getattr(module, n), LoraLinear) for n in ("gate_proj", "up_proj", "down_proj")
             ):
                 _replace(model, name, FusedLoraMLP(module))
@@ -126,6 +134,6 @@ def disable_fused(model: nn.Module, plain: bool = False) -> None:
         if isinstance(module, FusedLoraMLP):
             _replace(model, name, module.restore())
         elif isinstance(module, RMSNormWithKernel):
-            _replace(model, name, module.base_layer)
+            _replace(model, name, module.restore())
         elif isinstance(module, LoraLinear):
             module.use_fused = False if plain else None

@@ -457,6 +457,8 @@ class LoraLinear(_LoraWrapper):
         if self.use_fused is None and not self._fuses_by_default(x, adapters[0]):
             return False
         base = self.base_layer
+        if _has_hooks(base):  # also when switched on: the fused path never calls base (accelerate's offload hooks)
+            return False
         bias = getattr(base, "bias", None)
         weight = getattr(base, "weight", None)
         frozen = weight is not None and not weight.requires_grad and (bias is None or not bias.requires_grad)

@@ -95,3 +95,44 @@ def test_norm_kernels_swap_in_and_out(input_ids) -> None:
         torch.testing.assert_close(model(input_ids=input_ids).logits, expected, atol=1e-5, rtol=0)
     disable_fused(model)
     assert model.model.norm is norm
+
+
+def test_hooks_keep_the_plain_path(input_ids) -> None:
+    """The fused paths never call the base layers or the MLP projections: a module with hooks (accelerate's
+    offloading, a user's) keeps the plain path even when fusing is switched on, so its hooks run."""
+    plain, _ = _models(False)
+    model = plain.get_base_model()
+    calls = []
+    model.model.layers[0].self_attn.q_proj.base_layer.register_forward_hook(lambda m, i, o: calls.append("q"))
+    model.model.layers[1].mlp.down_proj.register_forward_hook(lambda m, i, o: o * 0.5)  # changes the output
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda m, a: calls.append("mlp") or None)
+    with torch.no_grad():
+        want = plain(input_ids=input_ids).logits
+    calls.clear()
+    plain.enable_fused_lora()
+    with torch.no_grad():
+        got = plain(input_ids=input_ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert calls == ["q", "mlp"]
+    assert not isinstance(model.model.layers[0].mlp, FusedLoraMLP)  # a hooked MLP is not replaced
+
+
+def test_norm_kernels_keep_parameter_names(input_ids, tmp_path) -> None:
+    """RMSNorm kernels (CUDA's default, forced here) hold the norm's own weight: a norm in modules_to_save saves
+    and reloads under the same keys."""
+    from lorakit import PeftModel
+    from lorakit.fused import enable_fused
+
+    base = make_tiny_llama(hidden=64)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["norm"],
+                                                           init_lora_weights=False))
+    with torch.no_grad():
+        model.base_model.model.model.norm.modules_to_save["default"].weight.mul_(1.5)
+        want = model(input_ids=input_ids).logits
+    keys = set(model.state_dict())
+    enable_fused(model.get_base_model(), norm_kernels=True)
+    assert set(model.state_dict()) == keys
+    model.save_pretrained(tmp_path)
+    back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=input_ids).logits, want, atol=1e-5, rtol=0)

@@ -60,18 +60,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: 
 
 
 class RMSNormWithKernel(nn.Module):
-    """Wraps an RMSNorm module (``weight`` (H,), ``variance_epsilon``) and runs ``rms_norm`` on its weight.
+    """Runs ``rms_norm`` in place of an RMSNorm module (``weight`` (H,), ``variance_epsilon``).
 
-    The wrapped module stays as ``base_layer``; replacing a model's norm instances with this wrapper (as
-    ``get_peft_model`` replaces linears) needs no change to the model class.
+    It holds the module's own ``weight`` parameter under the same name, so state-dict keys, saved adapters
+    (a norm in ``modules_to_save``) and optimizers see no change; the module itself is kept, not as a submodule,
+    in ``base_layer`` to be put back. Replacing a model's norm instances with this (as ``get_peft_model`` replaces
+    linears) needs no change to the model class.
     """
 
     def __init__(self, base_layer: nn.Module, backend: str = "auto") -> None:
         super().__init__()
         if not hasattr(base_layer, "weight") or not hasattr(base_layer, "variance_epsilon"):
             raise ValueError(f"{type(base_layer).__name__} has no weight/variance_epsilon: not a Llama-style RMSNorm")
-        self.base_layer = base_layer
+        self.weight = base_layer.weight  # the same Parameter
+        self.variance_epsilon = base_layer.variance_epsilon
+        object.__setattr__(self, "base_layer", base_layer)  # not a submodule: its parameter is ours already
         self.backend = backend
+        self.train(base_layer.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.base_layer.weight, self.base_layer.variance_epsilon, self.backend)
+        return rms_norm(x, self.weight, self.variance_epsilon, self.backend)
+
+    def restore(self) -> nn.Module:
+        """The original norm instance, holding this module's current weight and mode."""
+        self.base_layer.weight = self.weight
+        self.base_layer.train(self.training)
+        return self.base_layer

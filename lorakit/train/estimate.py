@@ -9,8 +9,10 @@ Memory of one training step, per process, in bytes (P = parameters, P_t = traina
     gradients    P_t * 4 (lora/qlora) | P * bytes(dtype) (full)
     optimizer    P_t * 8                                    # AdamW: exp_avg + exp_avg_sq in fp32
     activations  per token and layer, the tensors autograd keeps for a Llama-style block (elements):
-                   8 h + 3 h_kv + 4 I        (norm inputs/outputs, q, k, v, rotated q/k, attention output,
-                                              gate, up, act(gate), act(gate) * up)
+                   5 h + 3 h_q + 3 h_kv + 4 I   (norm inputs/outputs and the block's residual, q, rotated q,
+                                              attention output, k, v, rotated k, gate, up, act(gate),
+                                              act(gate) * up; h_q = heads * head_dim, h_kv = kv heads *
+                                              head_dim: head_dim * heads need not be h, e.g. Qwen3, Gemma)
                  times (B * T) tokens, L layers, bytes(compute dtype); with gradient checkpointing only
                  the block inputs are kept (h per token and layer) plus one block recomputed at a time.
                  LM head: B * T * V * 4 * 2 (fp32 logits and their softmax gradient), or one
@@ -168,10 +170,11 @@ def estimate_memory(model: nn.Module, method: str, seq_len: int, batch_size: int
     layers = cfg.num_hidden_layers
     heads = cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", None) or heads
-    h_kv = h * kv // heads
+    head_dim = getattr(cfg, "head_dim", None) or h // heads
+    h_q, h_kv = heads * head_dim, kv * head_dim
     inter = getattr(cfg, "intermediate_size", None) or 4 * h
     tokens = seq_len * batch_size
-    per_token_layer = 8 * h + 3 * h_kv + 4 * inter  # elements, see module docstring
+    per_token_layer = 5 * h + 3 * h_q + 3 * h_kv + 4 * inter  # elements, see module docstring
     activations = tokens * layers * per_token_layer * nbytes
     checkpointed = tokens * layers * h * nbytes + tokens * per_token_layer * nbytes
     vocab = cfg.vocab_size

@@ -18,6 +18,14 @@ def _positive_int(text: str) -> int:
     return positive_int(text)
 
 
+def _top_p(text: str) -> float:
+    """argparse type: a probability mass in (0, 1]."""
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"--top-p must be in (0, 1], got {text}")
+    return value
+
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="base model (Hub id or folder)")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
@@ -27,7 +35,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--do-sample", action="store_true", help="sample (default: greedy)")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=_top_p, default=1.0)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -74,7 +82,8 @@ def load_with_adapters(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
 def _generation_kwargs(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
                               "repetition_penalty": args.repetition_penalty,
-                              "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}
+                              "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                              else tokenizer.eos_token_id}  # a pad id of 0 is a pad id
     if args.do_sample:
         kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     return kwargs

@@ -101,6 +101,24 @@ def test_sizes_must_be_positive(argv, capsys):
     assert "must be >= 1" in err or "expected one argument" in err  # argparse may read -64 as an option
 
 
+@pytest.mark.parametrize("value", ["0", "1.5"])
+def test_top_p_must_be_a_probability_mass(value, capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--base", "x", "--prompt", "hi", "--top-p", value])
+    assert f"--top-p must be in (0, 1], got {value}" in capsys.readouterr().err
+
+
+def test_generation_keeps_a_pad_id_of_zero():
+    import argparse
+    from types import SimpleNamespace
+
+    from lorakit.cli.generate import _generation_kwargs
+
+    args = argparse.Namespace(max_new_tokens=4, do_sample=False, repetition_penalty=1.0)
+    assert _generation_kwargs(args, SimpleNamespace(pad_token_id=0, eos_token_id=2))["pad_token_id"] == 0
+    assert _generation_kwargs(args, SimpleNamespace(pad_token_id=None, eos_token_id=2))["pad_token_id"] == 2
+
+
 def test_oom_advice_is_one_clean_line(tmp_path, capsys, monkeypatch, tiny_model_dir, config_writer):
     import lorakit.train.loop
 

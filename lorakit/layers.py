@@ -443,7 +443,7 @@ class LoraLinear(_LoraWrapper):
                 return False
         elif not (type(base) is nn.Linear or type(base).__name__ == "Conv1D") or base.weight.dtype != dtype:
             return False
-        if torch.is_autocast_enabled(x.device.type) or _has_hooks(base):
+        if torch.is_autocast_enabled(x.device.type):  # (hooks on the base: checked by _can_fuse in every mode)
             return False
         return not (
             torch.compiler.is_compiling()

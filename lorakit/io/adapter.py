@@ -74,26 +74,30 @@ def embedding_key_map(root: nn.Module, wrapped_only: bool) -> dict[str, str]:
     one and ``<emb>.original_module.<k>`` of a modules_to_save copy. File and in-memory keys are the same."""
     from lorakit.layers import LORA_WRAPPERS, ModulesToSaveWrapper
 
-    if not callable(getattr(root, "get_input_embeddings", None)):
-        return {}
-    names = {id(m): n for n, m in root.named_modules()}
-    output = root.get_output_embeddings() if callable(getattr(root, "get_output_embeddings", None)) else None
     mapping: dict[str, str] = {}
-    for layer in (root.get_input_embeddings(), output):
-        if layer is None or id(layer) not in names:
-            continue
+    for name, layer in _embedding_layers(root):
         if isinstance(layer, LORA_WRAPPERS):
             if not isinstance(layer.base_layer, nn.Linear | nn.Embedding):
                 continue
-            prefix, inner = f"{names[id(layer)]}.base_layer.", layer.base_layer
+            prefix, inner = f"{name}.base_layer.", layer.base_layer
         elif wrapped_only:
             continue
         elif isinstance(layer, ModulesToSaveWrapper):
-            prefix, inner = f"{names[id(layer)]}.original_module.", layer.original_module
+            prefix, inner = f"{name}.original_module.", layer.original_module
         else:
-            prefix, inner = f"{names[id(layer)]}.", layer
+            prefix, inner = f"{name}.", layer
         mapping.update({prefix + k: prefix + k for k in inner.state_dict(keep_vars=True)})
     return mapping
+
+
+def _embedding_layers(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the input and output embeddings of a transformers model under ``root`` (none for
+    other models, or for an output layer that is not a submodule)."""
+    if not callable(getattr(root, "get_input_embeddings", None)):
+        return []
+    names = {id(m): n for n, m in root.named_modules()}
+    output = root.get_output_embeddings() if callable(getattr(root, "get_output_embeddings", None)) else None
+    return [(names[id(m)], m) for m in (root.get_input_embeddings(), output) if m is not None and id(m) in names]
 
 
 def _embedding_copy_keys(root: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -103,16 +107,12 @@ def _embedding_copy_keys(root: nn.Module, adapter_name: str, tensors: dict[str, 
     copy of ``adapter_name``."""
     from lorakit.layers import ModulesToSaveWrapper
 
-    if not callable(getattr(root, "get_input_embeddings", None)):
-        return {}
-    names = {id(m): n for n, m in root.named_modules()}
-    output = root.get_output_embeddings() if callable(getattr(root, "get_output_embeddings", None)) else None
     mapping = {}
-    for layer in (root.get_input_embeddings(), output):
-        if not isinstance(layer, ModulesToSaveWrapper) or id(layer) not in names:
+    for name, layer in _embedding_layers(root):
+        if not isinstance(layer, ModulesToSaveWrapper):
             continue
         copy = layer.modules_to_save._modules.get(adapter_name)
-        prefix = f"{names[id(layer)]}.modules_to_save."
+        prefix = f"{name}.modules_to_save."
         for k in copy.state_dict(keep_vars=True) if copy is not None else ():
             if prefix + k in tensors:
                 mapping[prefix + k] = f"{prefix}{adapter_name}.{k}"

@@ -11,12 +11,21 @@ Model: Llama, hidden 512, 8 layers, intermediate 1376, vocab 8000, batch 4 x 256
 Runs are interleaved (ours, PEFT, limit, ours, ...) and the median is reported, so both sides see the same load.
 The ratios to the limit are also given as the median of per-round ratios ("per round"): on a shared machine whose
 speed drifts by 10-20% within a minute, a round's steps see the same drift, so this is the steadier figure.
+
+Minor page faults per step are printed too. glibc's malloc gives large freed blocks back to the kernel (munmap of
+an mmapped block, or a trim of its heap's top) as its dynamic thresholds decide, and the next allocation of that
+size faults every 4 KiB page in again: 8,000 faults for one (1024, 8000) fp32 logits tensor, ~50 ms of a step
+here (profiled: fill_ 48 ms vs 1 ms when the block was reused). Which variant refaults, and how often, depends on
+its allocation history, not on its arithmetic. To measure without that (every variant keeps its freed blocks):
+
+    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184 python bench/bench_core.py
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import resource
 import statistics
 import time
 
@@ -60,19 +69,24 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer | None, ids: torch.
         opt.zero_grad(set_to_none=True)
 
 
-def _time(fn, reps: int) -> list[float]:
+def _time(fn, reps: int, faults: list[int] | None = None) -> list[float]:
+    """Wall times of ``reps`` calls; with ``faults``, each call's minor page faults are appended to it."""
     out = []
     for _ in range(reps):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         fn()
         out.append(time.perf_counter() - t0)
+        if faults is not None:
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     return out
 
 
 def bench_training(
     base: nn.Module, ids: torch.Tensor, dropout: float, steps: int
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Median step time per variant, and the median over rounds of each variant's step time / the limit's."""
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Median step time per variant, the median over rounds of each variant's step time / the limit's, and the
+    median minor page faults per step (see the module docstring: a step that refaults its logits pays ~50 ms)."""
     models = {k: _wrap(k, base, dropout) for k in ("lorakit", "lorakit-fused", "peft", "limit")}
     opts = {
         k: (torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) if k != "limit" else None)
@@ -81,14 +95,18 @@ def bench_training(
     for m in models.values():
         m.train()
     times: dict[str, list[float]] = {k: [] for k in models}
+    faults: dict[str, list[int]] = {k: [] for k in models}
     for k, m in models.items():  # warm-up
         _train_step(m, opts[k], ids)
     for _ in range(steps):
         for k, m in models.items():
-            times[k] += _time(lambda m=m, k=k: _train_step(m, opts[k], ids), 1)
+            times[k] += _time(lambda m=m, k=k: _train_step(m, opts[k], ids), 1, faults[k])
     limit = times["limit"]
     per_round = {k: statistics.median([a / b for a, b in zip(v, limit, strict=True)]) for k, v in times.items()}
-    return {k: statistics.median(v) for k, v in times.items()}, per_round
+    return (
+        {k: statistics.median(v) for k, v in times.items()}, per_round,
+        {k: statistics.median(v) for k, v in faults.items()},
+    )
 
 
 def bench_inference(base: nn.Module, ids: torch.Tensor, steps: int) -> dict[str, float]:
@@ -139,14 +157,15 @@ def main() -> None:
     base = _model(args.quick)
     ids = torch.randint(0, 8000, (4, 64 if args.quick else 256), generator=torch.Generator().manual_seed(0))
     for dropout in (0.0, 0.05):
-        t, per_round = bench_training(base, ids, dropout, args.steps)
+        t, per_round, faults = bench_training(base, ids, dropout, args.steps)
         print(
             f"train step, dropout {dropout}: lorakit {t['lorakit'] * 1e3:.1f} ms | lorakit-fused "
             f"{t['lorakit-fused'] * 1e3:.1f} ms | peft {t['peft'] * 1e3:.1f} ms | limit {t['limit'] * 1e3:.1f} ms || "
             f"lorakit/peft {t['lorakit'] / t['peft']:.3f} | fused/peft {t['lorakit-fused'] / t['peft']:.3f} | "
             f"lorakit/limit {t['lorakit'] / t['limit']:.3f} | fused/limit {t['lorakit-fused'] / t['limit']:.3f} | "
             f"peft/limit {t['peft'] / t['limit']:.3f} || per round: lorakit/limit {per_round['lorakit']:.3f} | "
-            f"fused/limit {per_round['lorakit-fused']:.3f} | peft/limit {per_round['peft']:.3f}"
+            f"fused/limit {per_round['lorakit-fused']:.3f} | peft/limit {per_round['peft']:.3f} || page faults per "
+            f"step: " + " | ".join(f"{k} {v:.0f}" for k, v in faults.items())
         )
     t = bench_inference(base, ids, args.steps)
     print(

@@ -20,10 +20,11 @@ copy of x over a bf16 base) and builds the output in three additions. A 4-bit ba
 callable that dequantizes W; it is called in the forward and again in the backward and never saved, so the
 dequantized weight lives only while one matmul needs it.
 
-Everything runs in the compute dtype: the autocast dtype when autocast is on, else x's dtype. The adapter
-weights are cast to it for the matmuls (fp32 accumulation inside), and their gradients are returned in the
-adapters' own dtype. Over a bf16 base this differs from the plain path, which runs an fp32 adapter on an fp32
-copy of x, by bf16 rounding of the adapter branch.
+The six rank-r products go through ``lorakit.kernels.small_matmul.rank_matmul`` (oneDNN on CPU where it is
+faster for these shapes; the base GEMMs stay torch's). Everything runs in the compute dtype: the autocast dtype
+when autocast is on, else x's dtype. The adapter weights are cast to it for the matmuls (fp32 accumulation
+inside), and their gradients are returned in the adapters' own dtype. Over a bf16 base this differs from the
+plain path, which runs an fp32 adapter on an fp32 copy of x, by bf16 rounding of the adapter branch.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lorakit.kernels.small_matmul import rank_matmul
 from lorakit.kernels.swiglu import swiglu_for_backward, swiglu_forward
 
 WeightOrFn = torch.Tensor | Callable[[], torch.Tensor]
@@ -115,12 +117,12 @@ def _projection_forward(
         # fused and the plain path drop the same entries from the same RNG state (reentrant checkpointing may run
         # one and recompute with the other); it also returns the mask, in one pass
         x_d, mask = torch.native_dropout(x, proj.dropout_p, True)  # (M, in); mask (M, in) bool
-    hs = (x_d @ _cast(proj.lora_A, dtype).t()).mul_(proj.scaling)  # (M, r): s h
+    hs = rank_matmul(x_d, _cast(proj.lora_A, dtype).t()).mul_(proj.scaling)  # (M, r): s h
     b_t = _cast(proj.lora_B, dtype).t()  # (r, out)
     if proj.lora_B_bias is not None:
         lora_bias = _cast(proj.lora_B_bias, dtype) * proj.scaling
         bias = lora_bias if bias is None else bias + lora_bias
-    y = torch.mm(hs, b_t) if bias is None else torch.addmm(bias, hs, b_t)  # (M, out)
+    y = rank_matmul(hs, b_t, bias)  # (M, out)
     y.addmm_(x, w.t())
     return y, mask, hs
 
@@ -145,15 +147,15 @@ def _projection_backward(
     # dB^T = (s h)^T dY as an (r, out) product read back transposed: on CPU, one thread, M=1024, r=16, this took
     # 0.23 ms vs 0.44 ms for dY^T h at out=512 (with two threads 0.16 vs 0.23 ms at out=512, but 0.40 vs 0.33 ms
     # at out=1376; not measured on GPU). Either orientation is the same sum.
-    d_b = (hs.t() @ dy).t().to(proj.lora_B.dtype)  # (out, r)
+    d_b = rank_matmul(hs.t(), dy).t().to(proj.lora_B.dtype)  # (out, r)
     d_b_bias = None if proj.lora_B_bias is None else (dy.sum(0) * s).to(proj.lora_B_bias.dtype)  # (out,)
-    g = (dy @ b).mul_(s if mask is None else s / (1.0 - proj.dropout_p))  # (M, r)
+    g = rank_matmul(dy, b).mul_(s if mask is None else s / (1.0 - proj.dropout_p))  # (M, r)
     x_m = x if mask is None else x * mask  # (M, in), transient
-    d_a = (g.t() @ x_m).to(proj.lora_A.dtype)  # (r, in)
+    d_a = rank_matmul(g.t(), x_m).to(proj.lora_A.dtype)  # (r, in)
     del x_m
     dx = None
     if need_dx:
-        dx = g @ a  # (M, in)
+        dx = rank_matmul(g, a)  # (M, in)
         if mask is not None:
             dx.mul_(mask)
         dx.addmm_(dy, proj.base_weight(dtype))

@@ -140,16 +140,18 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | 
     )
 
 
-def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Full names of the modules of ``model`` that ``config`` adapts, in module order (linear time)."""
+def find_targets(model: nn.Module, config: LoraConfig, exclusions: bool = True) -> list[str]:
+    """Full names of the modules of ``model`` that ``config`` adapts, in module order (linear time).
+    ``exclusions=False`` ignores ``exclude_modules`` and ``layers_to_transform``: for ``"all-linear"``, the names
+    PEFT saves as ``target_modules`` (it applies those two fields when matching, not when expanding)."""
     target = resolve_target_modules(model, config)
     all_linear = isinstance(target, str) and target.lower() == "all-linear"
     target_set: set[str] | str = target if isinstance(target, str) else set(target)
-    exclude = config.exclude_modules
+    exclude = config.exclude_modules if exclusions else None
     exclude_set: set[str] | str | None = exclude if isinstance(exclude, str) or exclude is None else set(exclude)
     to_save = set(config.modules_to_save or [])
     skip_output = _output_layer_names(model, config) if all_linear else set()
-    layer_ids = config.layers_to_transform
+    layer_ids = config.layers_to_transform if exclusions else None
     # PEFT: an empty list selects no layer subset (all layers), like None
     layer_ids = {layer_ids} if isinstance(layer_ids, int) else set(layer_ids) if layer_ids else None
 
@@ -179,6 +181,50 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return found
 
 
+#: PEFT's ``MIN_TARGET_MODULES_FOR_OPTIMIZATION``: a ``target_modules`` list this long is saved condensed.
+CONDENSE_TARGETS_FROM = 20
+
+
+def condense_targets(targets: list[str], module_names: list[str]) -> list[str]:
+    """PEFT's ``_find_minimal_target_modules``, applied as PEFT does to lists of >= 20 entries (``all-linear``
+    expanded, or the user's): the fewest name suffixes that match ``targets`` and none of the other modules of
+    ``module_names`` (the model's module names before injection); ``targets`` unchanged if that is not shorter."""
+    if len(targets) < CONDENSE_TARGETS_FROM:
+        return targets
+    ends = tuple("." + t for t in targets)
+    wanted = set(targets)
+    others = {n for n in module_names if n not in wanted and not n.endswith(ends)}
+
+    def suffixes(name: str) -> list[str]:  # shortest first: 'a.b.c' -> 'c', 'b.c', 'a.b.c'
+        parts = name.split(".")
+        return [".".join(parts[i:]) for i in range(len(parts))][::-1]
+
+    other_suffixes = {s for n in others for s in suffixes(n)}
+    required: set[str] = set()
+    for item, item_suffixes in sorted(((t, suffixes(t)) for t in wanted), key=lambda pair: pair[1]):
+        for suffix in item_suffixes:
+            if suffix in required or suffix in other_suffixes:
+                continue
+            if not any(item.endswith("." + r) for r in required):
+                required.add(suffix)
+                break
+    return sorted(required) if required and len(required) < len(targets) else targets
+
+
+def recorded_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | str:
+    """What PEFT records as ``target_modules`` for ``config`` on ``model`` (before injection): its default for the
+    model type when None, ``"all-linear"`` expanded to the linear layers' names (before ``exclude_modules`` /
+    ``layers_to_transform``), lists of >= 20 entries condensed; a regex unchanged."""
+    targets = config.target_modules
+    if targets is None:
+        targets = resolve_target_modules(model, config)
+    elif isinstance(targets, str) and targets.lower() == "all-linear":
+        targets = sorted(find_targets(model, config, exclusions=False))
+    if isinstance(targets, str):
+        return targets
+    return condense_targets(list(targets), [n for n, _ in model.named_modules()])
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module, modules: dict[str, nn.Module]) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = modules[parent_name] if parent_name else model
@@ -192,6 +238,14 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
     LoRA cannot wrap. New adapter parameters are trainable unless ``config.inference_mode``.
     """
     targets = find_targets(model, config)
+    exclude = config.exclude_modules
+    if exclude and not any(n and _matches_names(n, exclude if isinstance(exclude, str) else set(exclude))
+                           for n, _ in model.named_modules()):
+        warnings.warn(  # PEFT's check: most likely a misspelt name
+            f"You have passed exclude_modules={exclude!r} but no modules were excluded. Please check that "
+            "exclude_modules was set correctly.",
+            stacklevel=3,
+        )
     if not targets:
         target = resolve_target_modules(model, config)
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
@@ -201,6 +255,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
             f"Linear layers of this model are named: {linear[:30]}; or use target_modules='all-linear'."
         )
     modules = dict(model.named_modules())
+    no_bias: list[str] = []
     for name in targets:
         module = modules[name]
         if isinstance(module, LORA_WRAPPERS):
@@ -244,6 +299,14 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
         adapter.requires_grad_(not config.inference_mode)
         if wrapper is not module:
             _set_submodule(model, name, wrapper, modules)
+        if config.lora_bias and isinstance(wrapper, LoraLinear) and getattr(wrapper.base_layer, "bias", None) is None:
+            no_bias.append(name)
+    if no_bias:  # PEFT warns too: merge() will refuse these layers
+        warnings.warn(
+            f"lora_bias=True but {len(no_bias)} targeted layer(s) have no bias (e.g. {no_bias[0]!r}): the adapter "
+            "trains and runs, but merging it into those layers will not be possible.",
+            stacklevel=3,
+        )
     return targets
 
 

@@ -18,13 +18,14 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, PeftType
 from lorakit.inject import (
     TASK_HEAD_NAMES,
     add_modules_to_save,
     eject_adapter,
     inject_adapter,
     mark_bias_trainable,
+    recorded_target_modules,
     set_active_adapters,
 )
 from lorakit.io.adapter import (
@@ -38,14 +39,7 @@ from lorakit.io.adapter import (
 )
 from lorakit.io.files import atomic_directory, atomic_write_text
 from lorakit.io.load import check_reload_compatible, remap_keys, split_load_kwargs
-from lorakit.layers import LORA_WRAPPERS, ModulesToSaveWrapper, check_adapter_name
-
-
-def _condense_targets(model: nn.Module, targets: list[str]) -> list[str]:
-    """Shortest names that match exactly ``targets`` (PEFT saves ``all-linear`` expanded this way)."""
-    suffixes = sorted({t.rsplit(".", 1)[-1] for t in targets})
-    matched = {n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in suffixes}
-    return suffixes if matched == set(targets) else sorted(targets)
+from lorakit.layers import LORA_WRAPPERS, LoraLinear, ModulesToSaveWrapper, check_adapter_name
 
 
 class LoraModel(nn.Module):
@@ -58,11 +52,12 @@ class LoraModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
+        self._active_adapter: str | list[str] = []  # PEFT's active_adapter: what set_adapter was given
         trainable = {p: p.requires_grad for p in model.parameters()}
         model.requires_grad_(False)
         try:
             self.inject(config, adapter_name, initialize)
-            self.set_adapter(adapter_name)
+            self.set_adapter([adapter_name])
         except BaseException:  # leave the user's model as it was (inject already removed its wrappers)
             for param, flag in trainable.items():
                 param.requires_grad_(flag)
@@ -98,7 +93,7 @@ class LoraModel(nn.Module):
                 f"adapter {adapter_name!r} has bias={config.bias!r}: with several adapters, biases would be "
                 "shared between them; use bias='none' for all but one adapter (as PEFT requires)."
             )
-        is_all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
+        saved_targets = recorded_target_modules(self.model, config)
         to_inject = config if initialize else dataclasses.replace(config, init_lora_weights=True)
         try:
             targets = inject_adapter(self.model, to_inject, adapter_name)
@@ -107,20 +102,22 @@ class LoraModel(nn.Module):
         except BaseException:
             eject_adapter(self.model, adapter_name)
             raise
-        if is_all_linear:
-            config.target_modules = _condense_targets(self.model, targets)
+        config.target_modules = saved_targets
         modules = dict(self.model.named_modules())
-        if any(getattr(modules[t], "fan_in_fan_out", False) for t in targets):
-            config.fan_in_fan_out = True  # as PEFT records it for Conv1D bases
+        linear = [modules[t] for t in targets if isinstance(modules[t], LoraLinear)]
+        if linear:  # PEFT corrects the config at each layer whose type disagrees: the last linear target's decides
+            config.fan_in_fan_out = linear[-1].fan_in_fan_out
         if not config.inference_mode:
             mark_bias_trainable(self.model, config.bias)
         self.peft_config[adapter_name] = config
         # Wrappers created now know only this adapter; keep the active set as it is.
         set_active_adapters(self.model, self.active_adapters)
+        self._active_adapter = list(self.active_adapters)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Make ``adapter_name`` (or several) the active adapter(s). Does not change ``requires_grad``. A merged
-        model is unmerged first, with PEFT's warning (the merged adapters would otherwise stay in the weights)."""
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` (or several) the active adapter(s). Does not change ``requires_grad`` (unlike PEFT),
+        except that ``inference_mode=True`` freezes the adapters it activates (PEFT's meaning). A merged model is
+        unmerged first, with PEFT's warning (the merged adapters would otherwise stay in the weights)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
@@ -129,7 +126,37 @@ class LoraModel(nn.Module):
             warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=3)
             self.unmerge_adapter()
         self.active_adapters = names
+        self._active_adapter = adapter_name if isinstance(adapter_name, str) else names
         set_active_adapters(self.model, names)
+        if inference_mode:
+            self.set_requires_grad(names, False)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """PEFT's ``LoraModel.active_adapter``: what ``set_adapter`` was given (a name or a list); the list of
+        active adapters after adding, loading or deleting one."""
+        return self._active_adapter
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Names (in the transformers model) of the modules that have LoRA adapters, in module order."""
+        return [name for name, module in self.model.named_modules() if isinstance(module, LORA_WRAPPERS)]
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Explicitly (un)freeze the named adapters' parameters (nothing else flips them)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"adapter {name!r} not found; available: {sorted(self.peft_config)}.")
+        for module in self.model.modules():
+            if isinstance(module, LORA_WRAPPERS):
+                for name in names:
+                    if name in module.adapters:
+                        module.adapters[name].requires_grad_(requires_grad)
+            elif isinstance(module, ModulesToSaveWrapper):
+                for name in names:
+                    if name in module.modules_to_save:
+                        module.modules_to_save[name].requires_grad_(requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -142,8 +169,35 @@ class LoraModel(nn.Module):
         remaining = [n for n in self.active_adapters if n != adapter_name]
         if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]
+            warnings.warn(  # PEFT's warning: the active adapter changes
+                f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {remaining[0]}.",
+                stacklevel=3,
+            )
         self.active_adapters = remaining
+        self._active_adapter = list(remaining)
         set_active_adapters(self.model, remaining)
+
+    def disable_adapter_layers(self) -> None:
+        """PEFT's in-place switch: the base model alone until ``enable_adapter_layers()``. Merged adapters are
+        unmerged now (the outputs would otherwise still hold them)."""
+        for config in (self.peft_config[n] for n in self.active_adapters):
+            if config.bias != "none":  # PEFT's warning: trained biases stay in the base layers
+                warnings.warn(
+                    f"Careful, disabling adapter layers with bias configured to be '{config.bias}' does not produce "
+                    "the same output as the base model would without adaption.",
+                    stacklevel=3,
+                )
+        self.unmerge_adapter()
+        self._set_disabled(True)
+
+    def enable_adapter_layers(self) -> None:
+        """Undo ``disable_adapter_layers()``."""
+        self._set_disabled(False)
+
+    def _set_disabled(self, disabled: bool) -> None:
+        for module in self.model.modules():
+            if isinstance(module, LORA_WRAPPERS + (ModulesToSaveWrapper,)):
+                module.disabled = disabled
 
     def _wrappers(self) -> Iterator[nn.Module]:
         return (m for m in self.model.modules() if isinstance(m, LORA_WRAPPERS))
@@ -196,6 +250,7 @@ class LoraModel(nn.Module):
         clear_mixed_caches(self.model)  # the last mixed call's plans hold the wrappers and adapters
         self.peft_config.clear()
         self.active_adapters = []
+        self._active_adapter = []
         return self.model
 
     def merge_and_unload(
@@ -313,6 +368,16 @@ class PeftModel(nn.Module):
     def active_peft_config(self) -> LoraConfig:
         return self.peft_config[self.active_adapter]
 
+    @property
+    def peft_type(self) -> PeftType:
+        return PeftType.LORA
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """PEFT's: the ``modules_to_save`` entries of all adapters (task heads included), or None if there are none."""
+        names = {m for config in self.peft_config.values() for m in config.modules_to_save or ()}
+        return names or None
+
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Enable checkpointing on the base model and make the (frozen) embeddings' output require grad."""
         base = self.get_base_model()
@@ -364,19 +429,7 @@ class PeftModel(nn.Module):
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """Explicitly (un)freeze the named adapters' parameters (nothing else flips them)."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for name in names:
-            if name not in self.peft_config:
-                raise ValueError(f"adapter {name!r} not found; available: {sorted(self.peft_config)}.")
-        for module in self.get_base_model().modules():
-            if isinstance(module, LORA_WRAPPERS):
-                for name in names:
-                    if name in module.adapters:
-                        module.adapters[name].requires_grad_(requires_grad)
-            elif isinstance(module, ModulesToSaveWrapper):
-                for name in names:
-                    if name in module.modules_to_save:
-                        module.modules_to_save[name].requires_grad_(requires_grad)
+        self.base_model.set_requires_grad(adapter_names, requires_grad)
 
     # ---- adapters -----------------------------------------------------------------------------------------
     def add_adapter(
@@ -391,8 +444,8 @@ class PeftModel(nn.Module):
         if not autocast_adapter_dtype:
             self._keep_base_dtype(adapter_name)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        self.base_model.set_adapter(adapter_name)
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        self.base_model.set_adapter(adapter_name, inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)

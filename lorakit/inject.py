@@ -173,7 +173,8 @@ def find_targets(model: nn.Module, config: LoraConfig, exclusions: bool = True) 
                 continue
         elif not _matches_names(name, target_set):
             continue
-        if layer_ids is not None and not isinstance(target_set, str):
+        # PEFT: layers_to_transform filters name-suffix matches; an entry naming the module exactly is kept
+        if layer_ids is not None and not isinstance(target_set, str) and name not in target_set:
             idx = _layer_index(name, config.layers_pattern)
             if idx is None or idx not in layer_ids:
                 continue

@@ -124,3 +124,12 @@ def test_fused_lora_linear_on_the_onednn_path_matches_autograd(onednn_calls):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_traced_by_torch_compile_without_graph_breaks(onednn_calls):
+    lhs, rhs = _lora_products()["x A^T"]
+    compiled = torch.compile(rank_matmul, backend="eager", fullgraph=True)  # fullgraph: a graph break raises
+    for _ in range(ONEDNN_AFTER_CALLS + 2):
+        out = compiled(lhs, rhs)
+    assert onednn_calls == [] and small_matmul._seen == {}  # the plain op, nothing counted while tracing
+    torch.testing.assert_close(out, rank_matmul_reference(lhs, rhs))

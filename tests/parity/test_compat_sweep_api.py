@@ -169,3 +169,16 @@ def test_lora_bias_on_layers_without_bias_warns(lib) -> None:
 def test_exclude_modules_matching_nothing_warns(lib) -> None:
     with pytest.warns(UserWarning, match="exclude_modules=.* but no modules were excluded"):
         lib.get_peft_model(_llama(), lib.LoraConfig(r=4, target_modules=["q_proj"], exclude_modules=["qproj"]))
+
+
+def test_layers_to_transform_keeps_exact_names_as_peft(tmp_path) -> None:
+    """PEFT filters only name-suffix matches by layer; an entry naming a module fully is adapted in any layer. A
+    PEFT folder made so loads, with PEFT's outputs."""
+    kwargs = dict(r=4, target_modules=["model.layers.0.self_attn.q_proj", "v_proj"], layers_to_transform=[1],
+                  init_lora_weights=False)
+    theirs = peft.get_peft_model(_llama(), peft.LoraConfig(**kwargs))
+    theirs.save_pretrained(tmp_path)
+    ours = lorakit.get_peft_model(_llama(), lorakit.LoraConfig(**kwargs))
+    assert ours.base_model.targeted_module_names == sorted(theirs.base_model.targeted_module_names)
+    loaded = lorakit.PeftModel.from_pretrained(_llama(), tmp_path)
+    torch.testing.assert_close(loaded(IDS).logits, theirs(IDS).logits, atol=1e-5, rtol=0)

@@ -32,6 +32,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from lorakit.layers import LORA_WRAPPERS, LoraEmbeddingAdapter, ModulesToSaveWrapper
 
@@ -152,7 +153,7 @@ def _check(model: LoraModel, adapters: list[str], weights: list[float], combinat
             )
         new_rank = next(iter(ranks.values()))
     elif combination_type == "cat":
-        new_rank = sum(ranks.values())
+        new_rank = sum(ranks[a] for a in adapters)  # an adapter listed twice is stacked twice
     else:
         new_rank = svd_rank or max(ranks.values())
     targets = [model.peft_config[a].target_modules for a in adapters]
@@ -270,13 +271,15 @@ def _svd_combine(
     driver: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine full deltas (out, in), or (in, out) when ``transposed``, then truncate the SVD of the (out, in)
-    result: ``A = Vh_r`` (r, in), ``B = U_r diag(S_r)`` (out, r)."""
+    result: ``A = Vh_r`` (r, in), ``B = U_r diag(S_r)`` (out, r). A ``rank`` above ``min(out, in)`` keeps every
+    triplet and pads A's rows and B's columns with zeros (exact; PEFT 0.21.2 builds mismatched factors there)."""
     delta = combine_tensors(deltas, torch.tensor(weights).to(deltas[0].device), method, density, sign_method)
     delta = delta.T if transposed else delta  # (out, in)
     u, s, vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
-    u = u[:, :rank] @ torch.diag(s[:rank])  # (out, r)
-    vh = vh[:rank, :]  # (r, in)
+    k = min(rank, s.shape[0])  # a rank above min(out, in) keeps every triplet; the rest is zero padding
+    u = u[:, :k] @ torch.diag(s[:k])  # (out, k)
+    vh = vh[:k, :]  # (k, in)
     if clamp is not None:
         hi = torch.quantile(torch.cat([u.flatten(), vh.flatten()]), clamp)
         u, vh = u.clamp(-hi, hi), vh.clamp(-hi, hi)
-    return vh, u
+    return F.pad(vh, (0, 0, 0, rank - k)), F.pad(u, (0, rank - k))  # (rank, in), (out, rank)

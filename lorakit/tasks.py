@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from typing import Any
 
 from torch import nn
@@ -103,6 +104,12 @@ def get_peft_model(
     """
     if mixed:
         raise NotImplementedError("get_peft_model(mixed=True) (PeftMixedModel) is not implemented in lorakit.")
+    if isinstance(model, PeftModel):  # PEFT's warning: the new PeftModel wraps the old one, adapters and all
+        warnings.warn(
+            "You are trying to modify a model with PEFT for a second time. If you want to reload the model with a "
+            "different config, make sure to call `.unload()` before.",
+            stacklevel=2,
+        )
     if revision is not None:
         peft_config = copy.deepcopy(peft_config)
         peft_config.revision = revision

@@ -182,3 +182,10 @@ def test_layers_to_transform_keeps_exact_names_as_peft(tmp_path) -> None:
     assert ours.base_model.targeted_module_names == sorted(theirs.base_model.targeted_module_names)
     loaded = lorakit.PeftModel.from_pretrained(_llama(), tmp_path)
     torch.testing.assert_close(loaded(IDS).logits, theirs(IDS).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("lib", [lorakit, peft])
+def test_get_peft_model_on_a_peft_model_warns(lib) -> None:
+    pm = lib.get_peft_model(_llama(), lib.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.warns(UserWarning, match="modify a model with PEFT for a second time"):
+        lib.get_peft_model(pm, lib.LoraConfig(r=4, target_modules=["k_proj"]))

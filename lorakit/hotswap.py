@@ -55,6 +55,11 @@ def hotswap_adapter(
     are zeroed) and have a smaller rank; it may not target modules the adapter lacks. The adapter must not be
     merged. All or nothing: every key and shape is checked before the first tensor changes."""
     peft_model = getattr(model, "_orig_mod", model)  # a torch.compile'd PeftModel
+    if adapter_name not in peft_model.peft_config:
+        raise ValueError(
+            f"hotswap: the model has no adapter {adapter_name!r}; available: {sorted(peft_model.peft_config)}. Load "
+            "the first adapter with load_adapter / PeftModel.from_pretrained, then swap others into it."
+        )
     config = LoraConfig.from_pretrained(model_name_or_path, **kwargs)
     current = peft_model.peft_config[adapter_name]
     if config.use_dora != current.use_dora:

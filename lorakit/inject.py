@@ -21,14 +21,24 @@ from lorakit.config import LoraConfig, TaskType
 from lorakit.layers import LORA_WRAPPERS, LoraEmbedding, LoraLinear, ModulesToSaveWrapper, _LoraWrapper
 
 #: PEFT's default ``target_modules`` per transformers ``model_type`` (used when ``target_modules`` is None).
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
     **dict.fromkeys(
         [
             "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "bart", "opt",
-            "gptj", "stablelm", "mllama", "cohere", "granite",
+            "gptj", "stablelm", "mllama", "cohere", "granite", "gpt_neo", "llama4",
         ],
         ["q_proj", "v_proj"],
     ),
+    **dict.fromkeys(["RefinedWeb", "RefinedWebModel", "chatglm"], ["query_key_value"]),
+    **dict.fromkeys(["electra", "layoutlm"], ["query", "value"]),
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
+    "btlm": ["c_proj", "c_attn"],
+    "codegen": ["qkv_proj"],
+    "deberta": ["in_proj"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",  # a regex: the vision tower's q/v stay without LoRA
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
     "phi": ["q_proj", "v_proj", "fc1", "fc2"],
     "phi3": ["qkv_proj"],
     "gpt2": ["c_attn"],
@@ -133,7 +143,8 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | 
         return config.target_modules
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in DEFAULT_TARGET_MODULES:
-        return list(DEFAULT_TARGET_MODULES[model_type])
+        default = DEFAULT_TARGET_MODULES[model_type]
+        return default if isinstance(default, str) else list(default)
     raise ValueError(
         f"target_modules is None and lorakit has no default for model_type={model_type!r}: set target_modules "
         "to a list of module names (see `lorakit inspect MODEL`), a regex, or 'all-linear'."

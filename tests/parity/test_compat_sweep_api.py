@@ -189,3 +189,26 @@ def test_get_peft_model_on_a_peft_model_warns(lib) -> None:
     pm = lib.get_peft_model(_llama(), lib.LoraConfig(r=4, target_modules=["q_proj"]))
     with pytest.warns(UserWarning, match="modify a model with PEFT for a second time"):
         lib.get_peft_model(pm, lib.LoraConfig(r=4, target_modules=["k_proj"]))
+
+
+def _tiny(kind: str):
+    torch.manual_seed(0)
+    if kind == "gpt_neo":
+        config = tf.GPTNeoConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                                 attention_types=[[["global", "local"], 1]], max_position_embeddings=32)
+        return tf.GPTNeoForCausalLM(config)
+    if kind == "electra":
+        return tf.ElectraModel(tf.ElectraConfig(vocab_size=64, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=4, intermediate_size=64))
+    return tf.CodeGenForCausalLM(tf.CodeGenConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+                                                  n_positions=32))
+
+
+@pytest.mark.parametrize("kind", ["gpt_neo", "electra", "codegen"])
+def test_default_target_modules_for_more_model_types_as_peft(kind) -> None:
+    """target_modules=None works for every model type PEFT has a default for."""
+    seen = {}
+    for lib in (lorakit, peft):
+        pm = lib.get_peft_model(_tiny(kind), lib.LoraConfig(r=4))
+        seen[lib] = (sorted(pm.base_model.targeted_module_names), sorted(pm.peft_config["default"].target_modules))
+    assert seen[lorakit] == seen[peft]

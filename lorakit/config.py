@@ -407,10 +407,13 @@ class LoraConfig:
         return cls(**kwargs)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any) -> LoraConfig:
-        """Read ``adapter_config.json`` from a local folder or a Hub repo id."""
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any
+    ) -> LoraConfig:
+        """Read ``adapter_config.json`` from a local folder or a Hub repo id (PEFT's parameter names)."""
         from lorakit.io.files import resolve_file
 
+        path = pretrained_model_name_or_path
         config_file = resolve_file(path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
         if config_file is None:
             where = os.path.join(str(path), subfolder or "")

@@ -212,3 +212,10 @@ def test_default_target_modules_for_more_model_types_as_peft(kind) -> None:
         pm = lib.get_peft_model(_tiny(kind), lib.LoraConfig(r=4))
         seen[lib] = (sorted(pm.base_model.targeted_module_names), sorted(pm.peft_config["default"].target_modules))
     assert seen[lorakit] == seen[peft]
+
+
+@pytest.mark.parametrize("lib", [lorakit, peft])
+def test_config_from_pretrained_takes_peft_keyword(tmp_path, lib) -> None:
+    lib.LoraConfig(r=3, target_modules=["q_proj"]).save_pretrained(str(tmp_path / "sub"))
+    config = lib.LoraConfig.from_pretrained(pretrained_model_name_or_path=str(tmp_path), subfolder="sub")
+    assert config.r == 3

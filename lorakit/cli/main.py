@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -15,11 +16,23 @@ from lorakit.cli.generate import add_generate_arguments, run_chat, run_generate
 
 
 def _train(args: argparse.Namespace) -> int:
+    from lorakit.train.checkpoint import latest_checkpoint
     from lorakit.train.config import load_config
     from lorakit.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg, resume=True if args.resume else None)
+    try:
+        train(cfg, resume=True if args.resume else None)
+    except KeyboardInterrupt:
+        if os.environ.get("LORAKIT_TRACEBACK"):
+            raise
+        latest = latest_checkpoint(cfg.training.output_dir)
+        rerun = shlex.join(["lorakit", "train", args.config, *args.overrides, "--resume"])
+        print("lorakit train: interrupted; " + (
+            f"the newest complete checkpoint is {latest}: continue with `{rerun}`" if latest is not None else
+            f"no checkpoint was written yet (training.save_steps={cfg.training.save_steps}), so there is "
+            "nothing to resume: run it again from the start"), file=sys.stderr)
+        return 130
     return 0
 
 
@@ -142,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; user errors (bad config, missing file, unsupported option) print one line and exit 2.
+    """Entry point; user errors (bad config, missing file, unsupported option) print one line and exit 2,
+    Ctrl-C prints one line (for train: the checkpoint to resume from) and exits 130.
 
     Set LORAKIT_TRACEBACK=1 to see the full traceback instead.
     """
@@ -159,6 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"lorakit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: no traceback (train says how to resume, in _train)
+        if os.environ.get("LORAKIT_TRACEBACK"):
+            raise
+        print(f"lorakit {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

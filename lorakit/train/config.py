@@ -131,8 +131,8 @@ class TrainingConfig:
     resume: bool = False
     """Continue from the newest complete checkpoint in output_dir (same as `--resume`)."""
     overwrite_output_dir: bool = False
-    """Start a new run in an output_dir that holds an earlier one (its checkpoints are deleted first); without
-    it such a run is refused."""
+    """Start a new run in an output_dir that holds an earlier one (its checkpoints and final adapter are deleted
+    first); without it such a run is refused."""
     report_to: Literal["all", "tensorboard", "none"] = "all"
     """"all" writes TensorBoard events when tensorboard is importable; "none" writes only metrics.jsonl."""
     fused_lora: bool = False

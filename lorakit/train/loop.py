@@ -48,7 +48,7 @@ from lorakit.train.evaluate import (
     load_base_model,
     perplexity,
 )
-from lorakit.train.metrics import SUMMARY_FILE, MetricsLogger, format_bytes, peak_memory_bytes
+from lorakit.train.metrics import PLOT_FILE, SUMMARY_FILE, MetricsLogger, format_bytes, peak_memory_bytes
 from lorakit.train.optim import build_optimizer, build_scheduler, param_groups
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -156,20 +156,33 @@ def _check_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | No
         raise ValueError(
             f"training.output_dir={str(out_dir)!r} already holds a run ({', '.join(earlier[:4])}). Continue it "
             "with --resume (training.resume=true), pick another training.output_dir, or set "
-            "training.overwrite_output_dir=true to replace it (its checkpoints are deleted).")
+            "training.overwrite_output_dir=true to replace it (its checkpoints and final adapter are deleted).")
     return None
 
 
-def _check_inputs_outside(doomed: list[Path], inputs: dict[str, str | None]) -> None:
-    """Refuse to delete the earlier run's checkpoints (``doomed``) when an input of this run lies in one."""
+def _earlier_outputs(out_dir: Path) -> list[Path]:
+    """What an earlier run left in `out_dir` besides checkpoints and that a new run must not leave behind: its
+    final adapter (which would load as this run's), summary, plot and TensorBoard events; adapter_config.json
+    first, so a deletion cut short never leaves an adapter that loads."""
+    names = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", SUMMARY_FILE, PLOT_FILE,
+             "runs")
+    return [out_dir / n for n in names if (out_dir / n).exists()]
+
+
+def _check_inputs_outside(doomed: list[Path], inputs: dict[str, str | None], out_dir: Path) -> None:
+    """Refuse to delete the earlier run's checkpoints and final adapter (``doomed``, resolved paths) when an
+    input of this run lies in one, or is the earlier adapter in ``out_dir`` itself."""
+    adapter_here = out_dir.resolve() / "adapter_config.json" in doomed
     for key, value in inputs.items():
         if not value or not Path(value).exists():
             continue
         path = Path(value).resolve()
         inside = next((d for d in doomed if d == path or d in path.parents), None)
+        if inside is None and adapter_here and path == out_dir.resolve():
+            inside = path
         if inside is not None:
             raise ValueError(
-                f"{key}={value!r} lies in {str(inside)!r}, a checkpoint of the earlier run in training.output_dir "
+                f"{key}={value!r} lies in {str(inside)!r}, part of the earlier run in training.output_dir "
                 "that training.overwrite_output_dir=true deletes before training. Copy it out of the output_dir "
                 "first, or train into another training.output_dir.")
 
@@ -245,14 +258,17 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
                              "training.output_dir.")
     ev = cfg.evaluation
     if t.overwrite_output_dir and not resume:
-        doomed = [d.resolve() for d in ckpt.checkpoint_dirs(out_dir)]
+        doomed = [d.resolve() for d in [*_earlier_outputs(out_dir), *ckpt.checkpoint_dirs(out_dir)]]
         _check_inputs_outside(doomed, {
             "model.name_or_path": m.name_or_path, "model.adapter_name_or_path": m.adapter_name_or_path,
             "data.path": cfg.data.path, "data.validation_path": cfg.data.validation_path, "evaluation.path": ev.path,
-        })
+        }, out_dir)
         if main:
             for old in doomed:
-                shutil.rmtree(old)
+                if old.is_dir():
+                    shutil.rmtree(old)
+                else:
+                    old.unlink()
     if ev.path:  # a wrong eval file fails now, not after the model has loaded
         check_eval_file(ev.path, cfg.data, ev.prompt_field, ev.answer_field)
     if t.offload_activations and not torch.cuda.is_available():

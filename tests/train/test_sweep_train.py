@@ -1,0 +1,35 @@
+"""`lorakit train` as a new user runs it: reruns over an earlier run, what the data line reports, resume."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorakit.train.config import load_config
+from lorakit.train.loop import train
+
+
+def _run(config_writer, tmp_path, model_dir, name="run", overrides=(), **sections):
+    out = tmp_path / name
+    path = config_writer(tmp_path / f"{name}.yaml", model_dir, out, **sections)
+    return train(load_config(path, list(overrides))), out
+
+
+def test_overwrite_removes_the_earlier_final_adapter(config_writer, tmp_path, tiny_model_dir):
+    """A rerun with overwrite_output_dir that stops early (here: a data error; Ctrl-C alike) must not leave the
+    earlier run's adapter and summary beside its own files, where they would load as this run's result."""
+    _, out = _run(config_writer, tmp_path, tiny_model_dir, training={"max_steps": 1})
+    assert (out / "adapter_config.json").is_file() and (out / "summary.json").is_file()
+    with pytest.raises(ValueError, match="every label of the train data is masked"):
+        _run(config_writer, tmp_path, tiny_model_dir,
+             training={"max_steps": 1, "overwrite_output_dir": True, "max_seq_length": 2})
+    for name in ("adapter_config.json", "adapter_model.safetensors", "summary.json", "loss.png"):
+        assert not (out / name).exists(), name
+
+
+def test_overwrite_refuses_to_delete_the_adapter_it_starts_from(config_writer, tmp_path, tiny_model_dir):
+    _, out = _run(config_writer, tmp_path, tiny_model_dir, training={"max_steps": 1})
+    model = {"name_or_path": str(tiny_model_dir), "adapter_name_or_path": str(out)}
+    with pytest.raises(ValueError, match="model.adapter_name_or_path=.* deletes before training"):
+        _run(config_writer, tmp_path, tiny_model_dir, model=model,
+             training={"max_steps": 1, "overwrite_output_dir": True})
+    assert (out / "adapter_config.json").is_file()

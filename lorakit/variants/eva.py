@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -87,10 +88,18 @@ def prepare_layer_inputs_fn_language_modeling(layer_input: Any, model_input: tor
     return x[model_input.T.unbind()]
 
 
+def _adapted_layers(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
+    """Every wrapper (linear or embedding) carrying ``adapter_name``."""
+    from lorakit.layers import LORA_WRAPPERS
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, LORA_WRAPPERS) and adapter_name in m.adapters}
+
+
 def _lora_layers(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
+    """The linear wrappers carrying ``adapter_name``: the layers EVA initialises."""
     from lorakit.layers import LoraLinear
 
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear) and adapter_name in m.adapters}
+    return {n: m for n, m in _adapted_layers(model, adapter_name).items() if isinstance(m, LoraLinear)}
 
 
 @torch.no_grad()
@@ -216,7 +225,8 @@ def initialize_lora_eva_weights(
     """PEFT's ``initialize_lora_eva_weights``: compute (or take) the EVA state dict, then give each layer its new
     rank k with ``A`` = the k components and ``B = 0``; layers with k = 0 lose the adapter. ``lora_alpha`` is
     scaled by k / r with ``adjust_scaling_factors``; the config's ``rank_pattern``/``alpha_pattern`` record the
-    new values, so the saved adapter loads in PEFT."""
+    new values, so the saved adapter loads in PEFT. Adapted layers the state dict lacks (embeddings, which EVA does
+    not initialise) keep their default init, with a warning, as in PEFT."""
     from lorakit.inject import pattern_value
 
     config = model.peft_config[adapter_name]
@@ -228,15 +238,22 @@ def initialize_lora_eva_weights(
         eva_state_dict = get_eva_state_dict(
             model, dataloader, None, forward_fn, prepare_model_inputs_fn, prepare_layer_inputs_fn, adapter_name
         )
-    rank_pattern, alpha_pattern, targets = {}, {}, []
-    for name, wrapper in _lora_layers(model, adapter_name).items():
+    rank_pattern, alpha_pattern, targets, missing = {}, {}, [], []
+    linear = _lora_layers(model, adapter_name)
+    for name, wrapper in _adapted_layers(model, adapter_name).items():
         short = name.removeprefix("base_model.model.")
         r = int(pattern_value(config.rank_pattern, short, config.r))
         alpha = pattern_value(config.alpha_pattern, short, config.lora_alpha)
         old = wrapper.adapters[adapter_name]
-        a = eva_state_dict.get(name)
-        if a is None:
-            raise ValueError(f"eva_state_dict has no entry for layer {name!r}.")
+        a = eva_state_dict.get(name) if name in linear else None
+        if a is None:  # an embedding, or a layer the state dict lacks: it keeps its default init (PEFT's rule)
+            missing.append(short)
+            targets.append(short)
+            if r != config.r:
+                rank_pattern[short] = r
+            if alpha != config.lora_alpha:
+                alpha_pattern[short] = alpha
+            continue
         k = a.shape[0]
         if k != r and config.eva_config.adjust_scaling_factors:
             alpha = alpha * k / r
@@ -261,4 +278,11 @@ def initialize_lora_eva_weights(
             alpha_pattern[short] = alpha
     config.target_modules = targets
     config.rank_pattern, config.alpha_pattern = rank_pattern, alpha_pattern
+    if missing:
+        warnings.warn(
+            f"EVA: these layers keep their default init (init_lora_weights=True) because they were not found in the "
+            f"eva state_dict: {missing} (EVA initialises linear layers only).",
+            UserWarning,
+            stacklevel=2,
+        )
     return model

@@ -210,10 +210,14 @@ def corda_init(wrapper: nn.Module, adapter: nn.Module) -> None:
 
 
 def init_adapter(wrapper: nn.Module, adapter_name: str, config: LoraConfig, module_name: str) -> None:
-    """Run ``config.init_lora_weights`` on adapter ``adapter_name`` of ``wrapper`` (called by injection)."""
+    """Run ``config.init_lora_weights`` on adapter ``adapter_name`` of ``wrapper`` (called by injection). An
+    embedding adapter keeps its default init (A = 0, B ~ N(0, 1)), as in PEFT: the methods here decompose linear
+    weights, and the embedding's base stays untouched. LoftQ, which quantizes every target's base, refuses it."""
     from lorakit.layers import LoraLinear
 
     method = config.init_lora_weights
+    if not isinstance(wrapper, LoraLinear) and method != "loftq":
+        return
     if not isinstance(wrapper, LoraLinear):
         raise ValueError(
             f"init_lora_weights={method!r} applies to linear layers only; {module_name!r} is "
@@ -245,12 +249,14 @@ def convert_to_plain_lora(
     trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """File tensors of a rank-2r LoRA for the original base: ``A = [A_t; A_0]`` (2r, in), ``B = [B_t, -B_0]``
-    (out, 2r); other tensors unchanged (PEFT's ``subtract_mutated_init``)."""
+    (out, 2r); other tensors unchanged (PEFT's ``subtract_mutated_init``). Embedding factors (same orientation,
+    base untouched, ``A_0 = 0``) take the same form, which adds nothing and brings them to rank 2r with the rest
+    (PEFT 0.21.2 drops them from the converted file, losing the trained embedding adapter)."""
     out = {}
     for key, value in trained.items():
-        if key.endswith(".lora_A.weight"):
+        if key.endswith((".lora_A.weight", ".lora_embedding_A")):
             out[key] = torch.cat([value, initial[key].to(value)], dim=0)
-        elif key.endswith(".lora_B.weight"):
+        elif key.endswith((".lora_B.weight", ".lora_embedding_B")):
             out[key] = torch.cat([value, -initial[key].to(value)], dim=1)
         else:
             out[key] = value

@@ -287,10 +287,16 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     mask_dtype = next(model.parameters()).dtype if m.torch_dtype != "float32" else torch.float32
     if not mask_dtype.is_floating_point:
         mask_dtype = torch.float32
+    dropped = {split: data_stats.get(f"{split}_dropped_no_labels", 0) for split in ("train", "eval")}
     say(f"[lorakit] data: {data_stats['train_examples']} train examples ({data_stats['format']}), "
         f"{data_stats['train_truncated']} truncated to {t.max_seq_length} tokens"
         + (f", {len(train_ex)} packed rows" if t.packing else "")
         + (f"; {len(eval_ex)} eval rows" if eval_ex else ""))
+    if dropped["train"] or dropped["eval"]:
+        say("[lorakit] data: dropped " + " and ".join(
+            f"{dropped[s]} of {data_stats[f'{s}_records']} {s} records" for s in ("train", "eval") if dropped[s])
+            + f" with no answer token left: training.max_seq_length={t.max_seq_length} cuts the answer off (or "
+            "it is empty). Raise training.max_seq_length (`lorakit preprocess CONFIG` shows the counts)")
 
     bs, accum = t.per_device_train_batch_size, t.gradient_accumulation_steps
     global_micro = bs * world

@@ -41,6 +41,9 @@ from lorakit.io.files import atomic_directory, atomic_write_text
 from lorakit.io.load import check_reload_compatible, remap_keys, split_load_kwargs
 from lorakit.layers import LORA_WRAPPERS, LoraLinear, ModulesToSaveWrapper, check_adapter_name
 
+#: Inits that fold part of the adapter out of the base weights (``pissa_niter_<K>`` too).
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
 
 class LoraModel(nn.Module):
     """Holds the adapted model (``self.model``) and the adapters' configs; does the model-wide operations."""
@@ -95,6 +98,15 @@ class LoraModel(nn.Module):
             )
         saved_targets = recorded_target_modules(self.model, config)
         to_inject = config if initialize else dataclasses.replace(config, init_lora_weights=True)
+        init = config.init_lora_weights
+        if not initialize and isinstance(init, str) and (init.startswith("pissa") or init in BASE_CHANGING_INITS):
+            warnings.warn(
+                f"adapter {adapter_name!r} was made with init_lora_weights={init!r}, which changes the base weights. "
+                "lorakit loads it without re-running that init (PEFT re-runs it on load): load it onto the base "
+                "model it was trained on (the residual saved with it), or save it with "
+                "path_initial_model_for_weight_conversion to get a plain LoRA for the original base.",
+                stacklevel=3,
+            )
         try:
             targets = inject_adapter(self.model, to_inject, adapter_name)
             if config.modules_to_save:

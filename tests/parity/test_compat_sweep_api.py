@@ -219,3 +219,17 @@ def test_config_from_pretrained_takes_peft_keyword(tmp_path, lib) -> None:
     lib.LoraConfig(r=3, target_modules=["q_proj"]).save_pretrained(str(tmp_path / "sub"))
     config = lib.LoraConfig.from_pretrained(pretrained_model_name_or_path=str(tmp_path), subfolder="sub")
     assert config.r == 3
+
+
+def test_loading_a_base_changing_init_says_it_is_not_rerun(tmp_path) -> None:
+    """PEFT re-runs init_lora_weights='pissa' on load (it subtracts the principal part from the base again); lorakit
+    does not, so a PEFT folder saved that way gives other outputs on the original base: lorakit says so."""
+    theirs = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa"))
+    theirs.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="init_lora_weights='pissa'.*without re-running"):
+        lorakit.PeftModel.from_pretrained(_llama(), tmp_path)
+    plain = lorakit.get_peft_model(_llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj"]))
+    plain.save_pretrained(tmp_path / "plain")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lorakit.PeftModel.from_pretrained(_llama(), tmp_path / "plain")

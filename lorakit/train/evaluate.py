@@ -103,6 +103,10 @@ def _eval_records(path: str, data_cfg: DataConfig, prompt_field: str, answer_fie
         raise ValueError(f"evaluation.path {path!r} is empty (0 records)")
     if prompt_field in raw.column_names and answer_field in raw.column_names:
         return raw, None
+    for option, name, default in (("prompt_field", prompt_field, "prompt"), ("answer_field", answer_field, "answer")):
+        if name != default and name not in raw.column_names:  # set on purpose: never fall back silently
+            raise ValueError(f"evaluation.{option}={name!r} is not a column of evaluation.path {path!r}; its "
+                             f"columns are {sorted(raw.column_names)}")
     cfg = replace(data_cfg, path=path, validation_path=None, val_set_size=0, max_examples=None)
     try:
         fmt = _resolve_format(cfg, raw.column_names)
@@ -146,6 +150,12 @@ def generation_examples(path: str, data_cfg: DataConfig, tokenizer: Any, max_exa
     from lorakit.train.data import tokenize_record
 
     records, fmt = _eval_records(path, data_cfg, prompt_field, answer_field)
+    if fmt is not None and fmt != train_format and (fmt, train_format) != ("prompt_completion", "text"):
+        raise ValueError(
+            f"evaluation.path {path!r} holds {fmt!r} records, the training data {train_format!r} ones: its prompts "
+            "would not look like the ones the model is trained on. Give records in the training data's format, "
+            f"or the columns evaluation.prompt_field={prompt_field!r} and evaluation.answer_field={answer_field!r} "
+            "(put in the training format for you)")
     out, skipped = [], 0
     for i, record in enumerate(records.select(range(min(max_examples, len(records))))):
         rec_fmt = fmt

@@ -240,9 +240,14 @@ class TrainConfig:
 
         kwargs = {"task_type": "CAUSAL_LM", **self.lora}
         try:
-            return LoraConfig(**kwargs)
+            config = LoraConfig(**kwargs)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"lora: {err}") from err
+        task = getattr(config.task_type, "value", config.task_type)
+        if task not in ("CAUSAL_LM", None):  # the loop loads AutoModelForCausalLM and trains next-token loss
+            raise ConfigError(f"lora.task_type={task!r}: `lorakit train` fine-tunes causal language models only "
+                              "(next-token loss); use CAUSAL_LM (the default) or leave the key out")
+        return config
 
     def save(self, output_dir: str | os.PathLike) -> Path:
         """Write the resolved config (every default filled in) as `output_dir/train_config.yaml`."""

@@ -192,19 +192,22 @@ class LoraModel(nn.Module):
     def disable_adapter_layers(self) -> None:
         """PEFT's in-place switch: the base model alone until ``enable_adapter_layers()``. Merged adapters are
         unmerged now (the outputs would otherwise still hold them)."""
-        for config in (self.peft_config[n] for n in self.active_adapters):
-            if config.bias != "none":  # PEFT's warning: trained biases stay in the base layers
-                warnings.warn(
-                    f"Careful, disabling adapter layers with bias configured to be '{config.bias}' does not produce "
-                    "the same output as the base model would without adaption.",
-                    stacklevel=3,
-                )
+        self._warn_trained_biases()
         self.unmerge_adapter()
         self._set_disabled(True)
 
     def enable_adapter_layers(self) -> None:
         """Undo ``disable_adapter_layers()``."""
         self._set_disabled(False)
+
+    def _warn_trained_biases(self) -> None:
+        for config in (self.peft_config[n] for n in self.active_adapters):
+            if config.bias != "none":  # PEFT's warning: trained biases stay in the base layers
+                warnings.warn(
+                    f"Careful, disabling adapter layers with bias configured to be '{config.bias}' does not produce "
+                    "the same output as the base model would without adaption.",
+                    stacklevel=4,
+                )
 
     def _set_disabled(self, disabled: bool) -> None:
         for module in self.model.modules():
@@ -281,6 +284,7 @@ class LoraModel(nn.Module):
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model alone inside the block. Merged adapters are unmerged on entry and merged back on
         exit (explicit state changes, never inside forward)."""
+        self._warn_trained_biases()
         merged = {}
         for module in self._wrappers():
             merged[module] = list(module.merged_adapters)

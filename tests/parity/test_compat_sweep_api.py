@@ -157,6 +157,10 @@ def test_disable_adapter_layers_with_trained_biases_warns(lib) -> None:
     pm = lib.get_peft_model(_gpt2(), lib.LoraConfig(r=4, target_modules=["c_attn"], bias="all"))
     with pytest.warns(UserWarning, match="disabling adapter layers with bias configured to be 'all'"):
         pm.disable_adapter_layers()
+    pm.enable_adapter_layers()
+    with pytest.warns(UserWarning, match="disabling adapter layers with bias configured to be 'all'"):
+        with pm.disable_adapter():
+            pass
 
 
 @pytest.mark.parametrize("lib", [lorakit, peft])

@@ -79,8 +79,18 @@ def _inspect(args: argparse.Namespace) -> int:
 def _estimate(args: argparse.Namespace) -> int:
     from lorakit.cli.inspect import estimate_report
 
-    print(estimate_report(args.model, args.method, args.seq_len, args.batch_size, args.r, args.target,
-                          args.dtype, chunked_loss=not args.no_chunked_loss, double_quant=args.double_quant))
+    ignored = []  # flags the method would ignore: refused rather than printing the report without them
+    if args.method == "full":
+        ignored += [flag for flag, value in (("--r", args.r), ("--target", args.target)) if value is not None]
+    if args.double_quant and args.method != "qlora":
+        ignored.append("--double-quant")
+    if ignored:
+        raise ValueError(f"{' and '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to --method "
+                         f"{args.method}: --r and --target size the adapter of lora / qlora, --double-quant the "
+                         "4-bit weights of qlora")
+    print(estimate_report(args.model, args.method, args.seq_len, args.batch_size, args.r or 16,
+                          args.target or "all-linear", args.dtype, chunked_loss=not args.no_chunked_loss,
+                          double_quant=args.double_quant))
     return 0
 
 
@@ -145,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=["full", "lora", "qlora"])
     p.add_argument("--seq-len", type=positive_int, required=True)
     p.add_argument("--batch-size", type=positive_int, required=True)
-    p.add_argument("--r", type=positive_int, default=16)
-    p.add_argument("--target", default="all-linear", help="all-linear | attention | one module name")
+    p.add_argument("--r", type=positive_int, default=None, help="LoRA rank (lora / qlora; default 16)")
+    p.add_argument("--target", default=None,
+                   help="all-linear (default) | attention | one module name (lora / qlora)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-chunked-loss", action="store_true", help="count the full (B*T, V) logits")
     p.add_argument("--double-quant", action="store_true", help="qlora: double-quantized absmax")

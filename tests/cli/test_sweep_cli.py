@@ -54,3 +54,25 @@ def test_ctrl_c_elsewhere_is_one_line(capsys, monkeypatch):
     monkeypatch.delenv("LORAKIT_TRACEBACK", raising=False)
     assert main(["inspect", str(TINY)]) == 130
     assert capsys.readouterr().err == "lorakit inspect: interrupted\n"
+
+
+@pytest.mark.parametrize(("method", "flags", "named"), [
+    ("lora", ["--double-quant"], "--double-quant"),
+    ("full", ["--double-quant"], "--double-quant"),
+    ("full", ["--r", "64"], "--r"),
+    ("full", ["--target", "q_proj"], "--target"),
+])
+def test_estimate_refuses_flags_its_method_ignores(capsys, method, flags, named):
+    """These flags used to change nothing, with the same report printed as without them."""
+    assert main(["estimate", str(TINY), "--method", method, "--seq-len", "8", "--batch-size", "1", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lorakit estimate: error: {named} does not apply to --method {method}")
+
+
+def test_estimate_defaults_and_applicable_flags(capsys):
+    args = ["estimate", str(TINY), "--seq-len", "8", "--batch-size", "1"]
+    assert main([*args, "--method", "lora"]) == 0
+    assert "r=16 target=all-linear" in capsys.readouterr().out
+    assert main([*args, "--method", "qlora", "--double-quant", "--r", "8", "--target", "attention"]) == 0
+    assert "r=8 target=attention" in capsys.readouterr().out
+    assert main([*args, "--method", "full"]) == 0

@@ -126,6 +126,31 @@ def detect_format(columns: list[str] | tuple[str, ...]) -> str:
     )
 
 
+def _json_problem(path: str) -> str | None:
+    """Where a .json / .jsonl file stops being a JSON array or JSON Lines of objects ("line 6 is not valid
+    JSON: ..."), or None when it parses."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):  # one JSON array
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"it is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+        return None
+    for n, line in enumerate(text.splitlines(), 1):  # JSON Lines: one object per line
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {n} is not valid JSON ({e.msg} at column {e.colno}): {line.strip()[:80]!r}"
+        if not isinstance(value, dict):
+            return f"line {n} is not a JSON object but {type(value).__name__} {line.strip()[:40]!r}"
+    return None
+
+
 def _load_dataset(path: str, split: str) -> Any:
     import datasets
 
@@ -141,6 +166,9 @@ def _load_dataset(path: str, split: str) -> Any:
         try:
             return datasets.load_dataset(_FILE_BUILDERS[ext], data_files=path, split="train")
         except Exception as e:
+            problem = _json_problem(path) if _FILE_BUILDERS[ext] == "json" else None
+            if problem:  # datasets only says "An error occurred while generating the dataset"
+                raise ValueError(f"could not read {path!r}: {problem}; fix or remove it") from e
             raise ValueError(f"could not read {path!r} as {ext} data: {type(e).__name__}: {e}") from e
     if os.path.isdir(path):
         return datasets.load_dataset(path, split=split)

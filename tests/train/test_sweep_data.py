@@ -1,0 +1,36 @@
+"""Data files with a broken record: the error names the line and what is wrong with it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lorakit.train.data import DataConfig, load_records
+
+GOOD = {"prompt": "second word: a b c\nanswer:", "completion": " b"}
+
+
+def _write(path: Path, lines: list[str]) -> str:
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize(("bad", "expected"), [
+    ('{"prompt": "x", "completion": "y"', "line 3 is not valid JSON"),
+    ('["prompt", "completion"]', "line 3 is not a JSON object but list"),
+])
+def test_a_broken_jsonl_line_is_named(tmp_path, bad, expected):
+    """datasets only said 'DatasetGenerationError: An error occurred while generating the dataset'."""
+    path = _write(tmp_path / "d.jsonl", [json.dumps(GOOD), json.dumps(GOOD), bad, json.dumps(GOOD)])
+    with pytest.raises(ValueError, match=f"could not read .*d.jsonl': {expected}"):
+        load_records(DataConfig(path=path))
+
+
+def test_a_broken_json_array_is_located(tmp_path):
+    path = _write(tmp_path / "d.json", ["[", json.dumps(GOOD) + ",", json.dumps(GOOD)[:-1], "]"])
+    with pytest.raises(ValueError, match="it is not valid JSON .* at line 4"):
+        load_records(DataConfig(path=path))
+    good = _write(tmp_path / "e.json", [json.dumps([GOOD, GOOD])])
+    assert len(load_records(DataConfig(path=good))) == 2

@@ -187,6 +187,18 @@ def _check_inputs_outside(doomed: list[Path], inputs: dict[str, str | None], out
                 "first, or train into another training.output_dir.")
 
 
+def _finished_summary(out_dir: Path, total_steps: int) -> dict[str, Any] | None:
+    """The summary of a run in `out_dir` that wrote its final adapter at `total_steps`, else None."""
+    path = out_dir / SUMMARY_FILE
+    if not (out_dir / "adapter_config.json").is_file() or not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return summary if isinstance(summary, dict) and summary.get("global_step") == total_steps else None
+
+
 def _check_resume_state(state: dict[str, Any], where: Path, expected: dict[str, Any]) -> None:
     """Refuse a checkpoint written by a run with another world size, step count or data order."""
     for key, value in expected.items():
@@ -315,6 +327,13 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
                   "adam_betas": [t.adam_beta1, t.adam_beta2], "adam_epsilon": t.adam_epsilon}
     if resume_from is not None:
         _check_resume_state(state, resume_from, data_order)
+        finished = _finished_summary(out_dir, total_steps) if state["global_step"] == total_steps else None
+        if finished is not None:  # rerunning would rewrite its summary as a 0-step run
+            say(f"[lorakit] --resume: {out_dir} holds this run, finished at step {total_steps} (adapter, "
+                f"{SUMMARY_FILE}); nothing to do. To train on, start a new run from its adapter "
+                f"(model.adapter_name_or_path={str(out_dir)!r}, another training.output_dir).")
+            return TrainResult(out_dir, total_steps, finished.get("final_train_loss"),
+                               finished.get("final_eval_loss"), finished)
     if t.eval_steps and not eval_ex:
         say(f"[lorakit] training.eval_steps={t.eval_steps} is ignored: there is no eval data (set "
             "data.validation_path or data.val_set_size)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from lorakit.train.config import load_config
@@ -42,3 +44,18 @@ def test_data_line_reports_records_dropped_by_max_seq_length(config_writer, tmp_
     out = capsys.readouterr().out
     assert "14 train examples" in out
     assert "dropped 18 of 32 train records and 52 of 100 eval records with no answer token left" in out
+
+
+def test_resume_of_a_finished_run_changes_nothing(config_writer, tmp_path, tiny_model_dir, capsys):
+    """--resume on a finished run used to rewrite summary.json as a 0-step run (0 s, 0 tokens/s)."""
+    training = {"max_steps": 2, "save_steps": 2, "resume": True}
+    _, out = _run(config_writer, tmp_path, tiny_model_dir, training=training)
+    summary = (out / "summary.json").read_text()
+    adapter = (out / "adapter_model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    result, _ = _run(config_writer, tmp_path, tiny_model_dir, training=training)
+    printed = capsys.readouterr().out
+    assert "finished at step 2" in printed and "nothing to do" in printed
+    assert (out / "summary.json").read_text() == summary
+    assert (out / "adapter_model.safetensors").stat().st_mtime_ns == adapter
+    assert result.global_step == 2 and result.train_loss == json.loads(summary)["final_train_loss"]

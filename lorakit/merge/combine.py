@@ -32,7 +32,6 @@ import warnings
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from lorakit.layers import LORA_WRAPPERS, LoraEmbeddingAdapter, ModulesToSaveWrapper
 
@@ -113,6 +112,15 @@ def _delta_in_weight_layout(wrapper: torch.nn.Module, adapter: torch.nn.Module) 
     return wrapper._base_weight_delta_layout(adapter.delta_weight())
 
 
+def _write(target_a: torch.Tensor, target_b: torch.Tensor, a_new: torch.Tensor, b_new: torch.Tensor) -> None:
+    """Copy ``a_new`` (k, in) and ``b_new`` (out, k) into the new adapter's ``A`` (r, in) and ``B`` (out, r), k <= r,
+    the rest zero (adds nothing): every module keeps the config's rank, so the adapter saves, loads and mixes."""
+    target_a.zero_()
+    target_b.zero_()
+    target_a[: a_new.shape[0]] = a_new
+    target_b[:, : b_new.shape[1]] = b_new
+
+
 def _check(model: LoraModel, adapters: list[str], weights: list[float], combination_type: str, svd_rank: int | None):
     missing = [a for a in adapters if a not in model.peft_config]
     if missing:
@@ -151,6 +159,16 @@ def _check(model: LoraModel, adapters: list[str], weights: list[float], combinat
                 f"combination_type={combination_type!r} needs adapters of equal rank, got {listed}. Use 'cat' or "
                 "'svd' (or one of the *_svd types) to combine adapters of different ranks."
             )
+        for name, wrapper in model.model.named_modules():
+            if not isinstance(wrapper, LORA_WRAPPERS):
+                continue
+            here = {a: wrapper.adapters[a].r for a in adapters if a in wrapper.adapters}
+            if len(set(here.values())) > 1:
+                listed = ", ".join(f"{a!r}: r={r}" for a, r in here.items())
+                raise ValueError(
+                    f"combination_type={combination_type!r} needs adapters of equal rank at each module; {name!r} has "
+                    f"{listed} (rank_pattern). Use 'cat' or 'svd' (or one of the *_svd types) instead."
+                )
         new_rank = next(iter(ranks.values()))
     elif combination_type == "cat":
         new_rank = sum(ranks[a] for a in adapters)  # an adapter listed twice is stacked twice
@@ -220,10 +238,7 @@ def add_weighted_adapter(
             if combination_type == "cat":
                 a_cat = torch.cat([_factors(ad)[0] * w * ad.scaling for ad, w in present], dim=0)  # (sum r, in)
                 b_cat = torch.cat([_factors(ad)[1] for ad, _ in present], dim=1)  # (out, sum r)
-                target_a.zero_()
-                target_b.zero_()
-                target_a[: a_cat.shape[0], :] = a_cat
-                target_b[:, : b_cat.shape[1]] = b_cat
+                _write(target_a, target_b, a_cat, b_cat)
             elif combination_type.endswith("svd"):
                 transposed = isinstance(new, LoraEmbeddingAdapter) or getattr(wrapper, "fan_in_fan_out", False)
                 a_new, b_new = _svd_combine(
@@ -238,7 +253,7 @@ def add_weighted_adapter(
                     svd_full_matrices,
                     svd_driver,
                 )
-                target_a.data, target_b.data = a_new.to(target_a.dtype), b_new.to(target_b.dtype)
+                _write(target_a, target_b, a_new, b_new)
             else:
                 weights_a, weights_b, list_a, list_b = [], [], [], []
                 for ad, w in present:
@@ -255,7 +270,7 @@ def add_weighted_adapter(
                 b_new = combine_tensors(
                     list_b, torch.tensor(weights_b).to(device), combination_type, density, majority_sign_method
                 )
-                target_a.data, target_b.data = a_new.to(target_a.dtype), b_new.to(target_b.dtype)
+                _write(target_a, target_b, a_new, b_new)
 
 
 def _svd_combine(
@@ -271,15 +286,16 @@ def _svd_combine(
     driver: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine full deltas (out, in), or (in, out) when ``transposed``, then truncate the SVD of the (out, in)
-    result: ``A = Vh_r`` (r, in), ``B = U_r diag(S_r)`` (out, r). A ``rank`` above ``min(out, in)`` keeps every
-    triplet and pads A's rows and B's columns with zeros (exact; PEFT 0.21.2 builds mismatched factors there)."""
+    result: ``A = Vh_k`` (k, in), ``B = U_k diag(S_k)`` (out, k), ``k = min(rank, out, in)``. A ``rank`` above
+    ``min(out, in)`` keeps every triplet and ``_write`` pads the rest with zeros (exact; PEFT 0.21.2 builds
+    mismatched factors there)."""
     delta = combine_tensors(deltas, torch.tensor(weights).to(deltas[0].device), method, density, sign_method)
     delta = delta.T if transposed else delta  # (out, in)
     u, s, vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
-    k = min(rank, s.shape[0])  # a rank above min(out, in) keeps every triplet; the rest is zero padding
+    k = min(rank, s.shape[0])  # a rank above min(out, in) keeps every triplet
     u = u[:, :k] @ torch.diag(s[:k])  # (out, k)
     vh = vh[:k, :]  # (k, in)
     if clamp is not None:
         hi = torch.quantile(torch.cat([u.flatten(), vh.flatten()]), clamp)
         u, vh = u.clamp(-hi, hi), vh.clamp(-hi, hi)
-    return F.pad(vh, (0, 0, 0, rank - k)), F.pad(u, (0, rank - k))  # (rank, in), (out, rank)
+    return vh, u

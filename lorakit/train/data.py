@@ -151,7 +151,8 @@ def _json_problem(path: str) -> str | None:
     return None
 
 
-def _load_dataset(path: str, split: str) -> Any:
+def _load_dataset(path: str, split: str, key: str = "data.path") -> Any:
+    """The raw ``datasets.Dataset`` of a file, dataset folder or Hub name; errors name the option (`key`)."""
     import datasets
 
     ext = os.path.splitext(path)[1].lower()
@@ -162,7 +163,7 @@ def _load_dataset(path: str, split: str) -> Any:
             )
         with open(path, "rb") as f:
             if not f.read(1 << 16).strip() and os.path.getsize(path) <= 1 << 16:
-                raise ValueError(f"dataset {path!r} is empty (no records)")
+                raise ValueError(f"{key}: dataset {path!r} is empty (no records)")
         try:
             return datasets.load_dataset(_FILE_BUILDERS[ext], data_files=path, split="train")
         except Exception as e:
@@ -173,12 +174,12 @@ def _load_dataset(path: str, split: str) -> Any:
     if os.path.isdir(path):
         return datasets.load_dataset(path, split=split)
     if ext in _FILE_BUILDERS or path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise FileNotFoundError(f"data file not found: {path!r} (resolved to {os.path.abspath(path)!r})")
+        raise FileNotFoundError(f"{key}: data file not found: {path!r} (resolved to {os.path.abspath(path)!r})")
     try:  # a Hub dataset name, e.g. "tatsu-lab/alpaca"
         return datasets.load_dataset(path, split=split)
     except Exception as e:
         raise ValueError(
-            f"{path!r} is not a local file or folder, and loading it as a Hub dataset (split {split!r}) "
+            f"{key}={path!r} is not a local file or folder, and loading it as a Hub dataset (split {split!r}) "
             f"failed: {type(e).__name__}: {e}"
         ) from e
 
@@ -226,17 +227,18 @@ def _resolve_format(cfg: DataConfig, columns: list[str]) -> str:
     return cfg.format
 
 
-def load_records(cfg: DataConfig, path: str | None = None, split: str | None = None) -> Any:
+def load_records(cfg: DataConfig, path: str | None = None, split: str | None = None, key: str = "data.path"
+                 ) -> Any:
     """Load ``cfg.path`` (or ``path``) as a ``datasets.Dataset`` with the canonical columns of its format.
 
     The resolved format is stored in ``dataset.info.description`` as ``"lorakit-format=<fmt>"`` and
     returned by ``record_format``. Errors: FileNotFoundError for a missing local file, ValueError for an
-    empty dataset or columns that match no format.
+    empty dataset or columns that match no format; both name the option `key` that gave the path.
     """
     path = cfg.path if path is None else path
-    ds = _load_dataset(path, cfg.split if split is None else split)
+    ds = _load_dataset(path, cfg.split if split is None else split, key)
     if len(ds) == 0:
-        raise ValueError(f"dataset {path!r} is empty (0 records)")
+        raise ValueError(f"{key}: dataset {path!r} is empty (0 records)")
     fmt = _resolve_format(cfg, ds.column_names)
     ds = _canonical(ds, cfg, fmt)
     ds.info.description = f"lorakit-format={fmt}"
@@ -384,7 +386,7 @@ def build_datasets(
     fmt = record_format(ds)
     eval_ds = None
     if cfg.validation_path is not None:
-        eval_ds = load_records(cfg, path=cfg.validation_path, split=cfg.validation_split)
+        eval_ds = load_records(cfg, path=cfg.validation_path, split=cfg.validation_split, key="data.validation_path")
         if record_format(eval_ds) != fmt:
             raise ValueError(
                 f"data.validation_path {cfg.validation_path!r} has format {record_format(eval_ds)!r} "

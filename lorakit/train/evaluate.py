@@ -98,7 +98,7 @@ def _eval_records(path: str, data_cfg: DataConfig, prompt_field: str, answer_fie
 
     from lorakit.train.data import _load_dataset, _resolve_format
 
-    raw = _load_dataset(path, "train")
+    raw = _load_dataset(path, "train", "evaluation.path")
     if len(raw) == 0:
         raise ValueError(f"evaluation.path {path!r} is empty (0 records)")
     if prompt_field in raw.column_names and answer_field in raw.column_names:
@@ -118,7 +118,7 @@ def _eval_records(path: str, data_cfg: DataConfig, prompt_field: str, answer_fie
             f"{sorted(raw.column_names)}: give the columns evaluation.prompt_field={prompt_field!r} and "
             f"evaluation.answer_field={answer_field!r} (or set those two options to your column names), or "
             "records in the training data's format (not 'text', which has no prompt)")
-    return load_records(cfg), fmt
+    return load_records(cfg, key="evaluation.path"), fmt
 
 
 def check_eval_file(path: str, data_cfg: DataConfig, prompt_field: str, answer_field: str) -> None:

@@ -34,3 +34,21 @@ def test_a_broken_json_array_is_located(tmp_path):
         load_records(DataConfig(path=path))
     good = _write(tmp_path / "e.json", [json.dumps([GOOD, GOOD])])
     assert len(load_records(DataConfig(path=good))) == 2
+
+
+@pytest.mark.parametrize("key", ["data.path", "data.validation_path", "evaluation.path"])
+def test_a_missing_or_empty_file_names_its_option(tmp_path, key):
+    """All three said only 'data file not found: ...', leaving the user to guess which option was wrong."""
+    from lorakit.train.data import build_datasets
+    from lorakit.train.evaluate import check_eval_file
+
+    good = _write(tmp_path / "good.jsonl", [json.dumps(GOOD)] * 4)
+    (tmp_path / "empty.jsonl").write_text("")
+    for bad, problem in ((str(tmp_path / "missing.jsonl"), "data file not found"),
+                         (str(tmp_path / "empty.jsonl"), "is empty")):
+        with pytest.raises((ValueError, FileNotFoundError), match=f"^{key}[:=].*{problem}"):
+            if key == "evaluation.path":
+                check_eval_file(bad, DataConfig(path=good), "prompt", "answer")
+            else:
+                cfg = {"path": good, "validation_path": bad} if key == "data.validation_path" else {"path": bad}
+                build_datasets(DataConfig(**cfg), None, 64)

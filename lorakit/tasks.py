@@ -14,67 +14,79 @@ from lorakit.config import LoraConfig, TaskType
 from lorakit.model import PeftModel
 
 
-def _task_forward(*inputs: str) -> Any:
-    """A ``forward`` whose signature names ``inputs``, passing everything on to ``PeftModel.forward``.
+def _task_forward(positional: tuple[str, ...], keyword: tuple[str, ...] = ()) -> Any:
+    """A ``forward`` taking PEFT's task-class parameters: ``positional`` in PEFT's order (a positional argument
+    means what it means in PEFT, whatever the base model's own order), then ``keyword`` (keyword-only), all passed
+    on by name to ``PeftModel.forward``. ``task_ids`` (PEFT's, for prompt learning) is dropped, as PEFT does for
+    LoRA; unnamed keywords go through.
 
     transformers' Trainer drops dataset columns that the model's forward signature does not name (it looks through
     only PEFT's own classes to the base model), so each task class names its inputs, as PEFT's task classes do.
     """
 
     def forward(self: PeftModel, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        return PeftModel.forward(self, *args, adapter_names=adapter_names, **kwargs)
+        if len(args) > len(positional):
+            raise TypeError(f"forward() takes at most {len(positional)} positional arguments ({len(args)} given).")
+        for name, value in zip(positional, args, strict=False):
+            if name in kwargs:
+                raise TypeError(f"forward() got multiple values for argument {name!r}.")
+            kwargs[name] = value
+        kwargs.pop("task_ids", None)
+        return PeftModel.forward(self, adapter_names=adapter_names, **kwargs)
 
-    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    kind, named = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY
     forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [inspect.Parameter("self", kind)]
-        + [inspect.Parameter(name, kind, default=None) for name in inputs]
-        + [
-            inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None),
-            inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
-        ]
+        + [inspect.Parameter(name, kind, default=None) for name in positional]
+        + [inspect.Parameter(name, named, default=None) for name in (*keyword, "adapter_names")]
+        + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
     )
     return forward
 
 
 _TEXT = ("input_ids", "attention_mask", "inputs_embeds")
+_OUTPUTS = ("output_attentions", "output_hidden_states", "return_dict", "task_ids")
 
 
 class PeftModelForCausalLM(PeftModel):
     """Causal language models (``TaskType.CAUSAL_LM``)."""
 
-    forward = _task_forward(*_TEXT, "labels", "position_ids")
+    forward = _task_forward((*_TEXT, "labels", *_OUTPUTS), ("position_ids",))
 
 
 class PeftModelForSequenceClassification(PeftModel):
     """Sequence classification (``TaskType.SEQ_CLS``): the head (``classifier``/``score``) trains in full."""
 
-    forward = _task_forward(*_TEXT, "labels", "token_type_ids", "position_ids")
+    forward = _task_forward((*_TEXT, "labels", *_OUTPUTS), ("token_type_ids", "position_ids"))
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
     """Encoder-decoder models (``TaskType.SEQ_2_SEQ_LM``)."""
 
     forward = _task_forward(
-        *_TEXT, "decoder_input_ids", "decoder_attention_mask", "decoder_inputs_embeds", "labels"
+        (*_TEXT, "decoder_input_ids", "decoder_attention_mask", "decoder_inputs_embeds", "labels", *_OUTPUTS)
     )
 
 
 class PeftModelForTokenClassification(PeftModel):
     """Token classification (``TaskType.TOKEN_CLS``): the head (``classifier``/``score``) trains in full."""
 
-    forward = _task_forward(*_TEXT, "labels", "token_type_ids", "position_ids")
+    forward = _task_forward((*_TEXT, "labels", *_OUTPUTS), ("token_type_ids", "position_ids"))
 
 
 class PeftModelForQuestionAnswering(PeftModel):
     """Extractive question answering (``TaskType.QUESTION_ANS``): the head (``qa_outputs``) trains in full."""
 
-    forward = _task_forward(*_TEXT, "token_type_ids", "position_ids", "start_positions", "end_positions")
+    forward = _task_forward(
+        ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "start_positions",
+         "end_positions", *_OUTPUTS)
+    )
 
 
 class PeftModelForFeatureExtraction(PeftModel):
     """Feature extraction / embeddings (``TaskType.FEATURE_EXTRACTION``)."""
 
-    forward = _task_forward(*_TEXT, "token_type_ids", "position_ids")
+    forward = _task_forward((*_TEXT, *_OUTPUTS), ("token_type_ids", "position_ids"))
 
 
 MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType | None, type[PeftModel]] = {

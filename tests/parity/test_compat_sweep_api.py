@@ -237,3 +237,17 @@ def test_loading_a_base_changing_init_says_it_is_not_rerun(tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lorakit.PeftModel.from_pretrained(_llama(), tmp_path / "plain")
+
+
+def test_task_forward_takes_positional_arguments_in_peft_order() -> None:
+    """PEFT's task classes give positional arguments their own meaning (CausalLM: input_ids, attention_mask,
+    inputs_embeds, labels; Seq2SeqLM: ... decoder_input_ids 4th), not the base model's order."""
+    outputs = {}
+    for lib in (lorakit, peft):
+        lm = lib.get_peft_model(_llama(), lib.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False,
+                                                         task_type="CAUSAL_LM"))
+        s2s = lib.get_peft_model(_t5(), lib.LoraConfig(r=4, init_lora_weights=False, task_type="SEQ_2_SEQ_LM"))
+        outputs[lib] = (lm(IDS, torch.ones_like(IDS), None, IDS).loss, s2s(IDS, None, None, IDS[:, :3]).logits,
+                        lm(input_ids=IDS, task_ids=None).logits)
+    for ours, theirs in zip(outputs[lorakit], outputs[peft], strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)

@@ -6,7 +6,8 @@ A saved adapter of rank ``r' <= r`` (the loaded adapter's rank) fits by zero pad
 ``A[r':] = 0``, ``B[:, :r'] = B'``, ``B[:, r':] = 0`` (zero rows/columns add nothing). A different scaling ``s'``
 is folded into B: ``s B_stored = s' B'`` with ``B_stored = B' s' / s``. So load the first adapter with the
 largest rank you will swap in. Modules the saved adapter does not target get ``A = B = 0`` (they then compute the
-base output; a DoRA magnitude is reset to the base weight's norm), as in PEFT.
+base output; a DoRA magnitude is reset to the base weight's norm), as in PEFT. An embedding base weight in the file
+(``save_embedding_layers``) must equal the model's: hotswap never changes base weights.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.inject import pattern_value
-from lorakit.io.adapter import load_adapter_weights
+from lorakit.io.adapter import embedding_key_map, load_adapter_weights
 from lorakit.layers import LORA_WRAPPERS, LoraEmbeddingAdapter
 
 
@@ -98,6 +99,16 @@ def hotswap_adapter(
             _check_padded(dst, src, rank_dim, key)
             copies.append((dst, src.to(dst.device, dst.dtype) * factor, rank_dim))
             used.add(key)
+    state = peft_model.state_dict()
+    for key in sorted(set(embedding_key_map(peft_model, wrapped_only=False)) & (set(tensors) - used)):
+        # save_embedding_layers' copy of the base weight: not an adapter weight; it must be what the model has
+        if not torch.equal(tensors[key].to(state[key]), state[key]):
+            raise ValueError(
+                f"hotswap: the adapter file's embedding base weight {key!r} differs from the model's (a resized or "
+                "retrained vocabulary?); hotswap swaps adapter weights only: load this adapter with "
+                "PeftModel.from_pretrained or load_adapter instead."
+            )
+        used.add(key)
     extra = sorted(set(tensors) - used)
     if extra:
         raise ValueError(f"hotswap: the adapter file has weights the model's adapter lacks, e.g. {extra[:3]}.")

@@ -266,7 +266,27 @@ class LoraModel(nn.Module):
         self.peft_config.clear()
         self.active_adapters = []
         self._active_adapter = []
+        self._untie_config_if_diverged()
         return self.model
+
+    def _untie_config_if_diverged(self) -> None:
+        """PEFT's fix after merging: a trained copy (modules_to_save) of a tied input or output embedding leaves the
+        two weights apart; ``tie_word_embeddings=True`` would tie them again on save/load or ``tie_weights()``."""
+        config = getattr(self.model, "config", None)
+        if not getattr(config, "tie_word_embeddings", False) or not hasattr(self.model, "get_output_embeddings"):
+            return
+        try:
+            layers = (self.model.get_input_embeddings(), self.model.get_output_embeddings())
+        except (NotImplementedError, AttributeError):
+            return
+        weights = [getattr(m, "weight", None) for m in layers]
+        if None not in weights and weights[0].data_ptr() != weights[1].data_ptr():
+            config.tie_word_embeddings = False
+            warnings.warn(
+                "Input and output embeddings are no longer tied after merging. Setting `tie_word_embeddings=False` in "
+                "the model config.",
+                stacklevel=4,
+            )
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None

@@ -251,3 +251,28 @@ def test_task_forward_takes_positional_arguments_in_peft_order() -> None:
                         lm(input_ids=IDS, task_ids=None).logits)
     for ours, theirs in zip(outputs[lorakit], outputs[peft], strict=True):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("head", ["embed_tokens", "lm_head"])
+def test_merging_a_trained_copy_of_a_tied_embedding_unties_the_config_as_peft(head) -> None:
+    """The trained copy leaves input and output embeddings apart; with tie_word_embeddings=True, tie_weights() (or
+    a save/reload elsewhere) would tie them again and change the merged model's outputs."""
+    results = {}
+    for lib in (lorakit, peft):
+        torch.manual_seed(0)
+        config = tf.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        pm = lib.get_peft_model(tf.LlamaForCausalLM(config).eval(),
+                                lib.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=[head]))
+        with torch.no_grad():
+            getattr(pm.base_model.model.model if head == "embed_tokens" else pm.base_model.model, head) \
+                .modules_to_save["default"].weight.add_(0.1)
+        expected = pm(IDS).logits
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            merged = pm.merge_and_unload()
+        merged.tie_weights()
+        torch.testing.assert_close(merged(IDS).logits, expected, atol=1e-5, rtol=0)
+        results[lib] = (merged.config.tie_word_embeddings,
+                        any("no longer tied after merging" in str(w.message) for w in caught))
+    assert results[lorakit] == results[peft] == (False, True)

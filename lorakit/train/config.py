@@ -435,6 +435,23 @@ def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dic
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently, so
+    `max_steps: 10` further down a section would quietly replace `max_steps: 600`)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one section (first at line {seen[key]}); keep one",
+                    key_node.start_mark)
+            if isinstance(key, typing.Hashable):
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> TrainConfig:
     """Read a YAML config, apply `section.key=value` overrides, validate.
 
@@ -445,7 +462,7 @@ def load_config(path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # a SafeLoader: plain data only
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from err
     return build_config(apply_overrides(raw, overrides))

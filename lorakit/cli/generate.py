@@ -63,10 +63,14 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
 def load_with_adapters(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
     """(model, tokenizer, adapter names): the base, then every adapter; the first one active."""
     from lorakit.train.config import QuantizationConfig
-    from lorakit.train.evaluate import load_base_model
+    from lorakit.train.evaluate import is_local_path, load_base_model
 
-    model, tokenizer = load_base_model(args.base, DTYPES[args.dtype], QuantizationConfig(method=args.quantization))
     adapters = parse_adapters(args.adapter)
+    for _, path in adapters:  # a missing folder fails now, not after the base loaded and the Hub was retried
+        if not Path(path).exists() and (is_local_path(path) or "/" not in path):
+            raise FileNotFoundError(f"--adapter {path!r}: no such folder (relative paths are taken from the "
+                                    f"current directory, {os.getcwd()})")
+    model, tokenizer = load_base_model(args.base, DTYPES[args.dtype], QuantizationConfig(method=args.quantization))
     if adapters:
         from lorakit import PeftModel
 

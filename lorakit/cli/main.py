@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -105,19 +106,27 @@ def positive_int(text: str) -> int:
     return value
 
 
+def shard_size(text: str) -> str:
+    """argparse type: a safetensors shard size as save_pretrained takes it (a number and KB, MB, GB or TB)."""
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", text, flags=re.IGNORECASE):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 500MB or 2GB (units: KB, MB, GB, TB)")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA / QLoRA fine-tuning toolkit.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="fine-tune a LoRA adapter from a YAML config")
     p.add_argument("config", help="YAML config file (see examples/quickstart.yaml)")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.learning_rate=1e-4")
+    p.add_argument("overrides", nargs="*", default=[],
+                   help="section.key=value overrides, e.g. training.learning_rate=1e-4")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("preprocess", help="tokenize the data of a config and report (--debug: token by token)")
     p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", default=[])
     p.add_argument("--debug", action="store_true", help="print the first examples token by token with labels")
     p.add_argument("--num-examples", type=positive_int, default=3)
     p.set_defaults(func=_preprocess)
@@ -130,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out that is not an earlier merge output (never the inputs)")
     p.add_argument("--dtype", default="float32", choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"])
-    p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (transformers syntax)")
+    p.add_argument("--max-shard-size", type=shard_size, default="2GB", help="safetensors shard size (KB, MB, GB, TB)")
     p.set_defaults(func=_merge)
 
     p = sub.add_parser("generate", help="generate from a prompt with a base model and optional adapters")

@@ -65,6 +65,8 @@ def merge_to_disk(base: str, adapter: str, out: str | os.PathLike, dtype: str = 
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+    if not Path(adapter).exists():
+        raise FileNotFoundError(f"--adapter {adapter!r}: no such folder (resolved to {str(Path(adapter).resolve())!r})")
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter} has no adapter_config.json: not an adapter folder")
     out = Path(out).resolve()

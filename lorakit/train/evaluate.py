@@ -31,17 +31,30 @@ def load_base_model(name_or_path: str, torch_dtype: str = "float32", quantizatio
 @contextlib.contextmanager
 def model_path_errors(name_or_path: str | os.PathLike, what: str = "model") -> Iterator[None]:
     """Turn the OSError transformers raises for a missing local folder / unreachable Hub id into a
-    FileNotFoundError that says where relative paths are taken from (errors inside a real folder pass)."""
+    FileNotFoundError that says where relative paths are taken from (errors inside a real folder pass).
+
+    A missing path that cannot be a Hub id (``./x``, ``/x``, ``~/x``, ``a/b/c``) fails at once, before
+    transformers spends its retries asking the Hub for it."""
+    where = f"relative paths are taken from the current directory, {os.getcwd()}"
+    if is_local_path(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
+        raise FileNotFoundError(f"{what} {str(name_or_path)!r} is not a folder ({where}); give the path of a "
+                                "local model folder")
     try:
         yield
     except OSError as err:
         if os.path.isdir(name_or_path) or isinstance(err, FileNotFoundError) and os.path.exists(name_or_path):
             raise
         raise FileNotFoundError(
-            f"{what} {str(name_or_path)!r} is not a folder (relative paths are taken from the current directory, "
-            f"{os.getcwd()}) and could not be read from the Hugging Face Hub ({type(err).__name__}). Give the "
-            "path of a local model folder, or a Hub id with network access or a filled cache."
+            f"{what} {str(name_or_path)!r} is not a folder ({where}) and could not be read from the Hugging Face "
+            f"Hub ({type(err).__name__}). Give the path of a local model folder, or a Hub id with network access "
+            "or a filled cache (without network, HF_HUB_OFFLINE=1 skips the Hub's retries)."
         ) from err
+
+
+def is_local_path(name_or_path: str | os.PathLike) -> bool:
+    """Whether `name_or_path` can only be a local path, not a Hub id (``namespace/name``)."""
+    text = str(name_or_path)
+    return text.startswith((".", "/", "~")) or text.count("/") > 1 or (os.sep != "/" and os.sep in text)
 
 
 def _load_base_model(AutoModelForCausalLM: Any, AutoTokenizer: Any, name_or_path: str, torch_dtype: str,  # noqa: N803

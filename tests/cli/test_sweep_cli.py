@@ -76,3 +76,45 @@ def test_estimate_defaults_and_applicable_flags(capsys):
     assert main([*args, "--method", "qlora", "--double-quant", "--r", "8", "--target", "attention"]) == 0
     assert "r=8 target=attention" in capsys.readouterr().out
     assert main([*args, "--method", "full"]) == 0
+
+
+def test_train_usage_names_only_the_config_as_required(capsys):
+    for verb in ("train", "preprocess"):
+        with pytest.raises(SystemExit):
+            main([verb])
+        assert capsys.readouterr().err.rstrip().endswith("the following arguments are required: config")
+
+
+def test_merge_checks_the_shard_size_before_loading(capsys):
+    """A bad --max-shard-size failed after the model was loaded and merged, with 'Unit 'XB' not supported'."""
+    with pytest.raises(SystemExit):
+        main(["merge", "--base", "b", "--adapter", "a", "--out", "o", "--max-shard-size", "10XB"])
+    assert "argument --max-shard-size: '10XB' is not a size like 500MB" in capsys.readouterr().err
+    from lorakit.cli.main import shard_size
+
+    assert [shard_size(s) for s in ("2GB", "500mb", "1.5GB", "100KB")] == ["2GB", "500mb", "1.5GB", "100KB"]
+
+
+def test_missing_adapter_folders_fail_before_any_loading(tmp_path, capsys, monkeypatch):
+    """generate asked the Hub (five retries, ~25 s) for a mistyped local adapter folder after loading the base."""
+    import lorakit.train.evaluate
+
+    def never(*args, **kwargs):
+        raise AssertionError("the base model was loaded")
+
+    monkeypatch.setattr(lorakit.train.evaluate, "load_base_model", never)
+    monkeypatch.chdir(tmp_path)
+    for spec in ("missingdir", "./runs/x", str(tmp_path / "gone")):
+        assert main(["generate", "--base", str(TINY), "--adapter", spec, "--prompt", "hi"]) == 2
+        assert f"--adapter {spec!r}: no such folder" in capsys.readouterr().err
+    assert main(["merge", "--base", str(TINY), "--adapter", "missingdir", "--out", "m"]) == 2
+    assert "--adapter 'missingdir': no such folder" in capsys.readouterr().err
+
+
+def test_a_missing_local_model_path_is_not_asked_of_the_hub():
+    from lorakit.train.evaluate import model_path_errors
+
+    for path in ("./models/llama", "/nowhere/llama", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match=f"model '{path}' is not a folder"):
+            with model_path_errors(path):
+                raise AssertionError("transformers would have been called")

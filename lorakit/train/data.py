@@ -64,7 +64,7 @@ class DataConfig:
     split: str = "train"
     """Split to read from a Hub dataset or dataset folder (local files always have one split, "train")."""
     validation_path: str | None = None
-    """Optional file or dataset for evaluation, in the same format; takes precedence over val_set_size."""
+    """Optional file or dataset for evaluation, in the same format (exclusive with val_set_size)."""
     validation_split: str = "train"
     """Split to read from validation_path."""
     val_set_size: float = 0
@@ -94,6 +94,9 @@ class DataConfig:
             raise ValueError(
                 f"data.val_set_size={v!r} must be 0, a fraction in (0, 1) or a whole count >= 1"
             )
+        if v and self.validation_path is not None:
+            raise ValueError(f"data.validation_path and data.val_set_size={v!r} are both set: the eval data comes "
+                             "from one of them; remove the other")
         if self.max_examples is not None and (
             isinstance(self.max_examples, bool)
             or not isinstance(self.max_examples, int)
@@ -382,6 +385,12 @@ def build_datasets(
     ``tokens``, ``trainable_tokens`` (labels that take loss after the shift), ``truncated``,
     ``dropped_no_labels``.
     """
+    for path_key, split_key in (("path", "split"), ("validation_path", "validation_split")):
+        path, split = getattr(cfg, path_key), getattr(cfg, split_key)
+        if path is not None and os.path.isfile(path) and split != "train":  # it would be ignored
+            raise ValueError(f"data.{split_key}={split!r} does not apply to data.{path_key}={path!r}: a local file "
+                             f"has one split, 'train'. Remove data.{split_key}, or give a dataset folder or Hub "
+                             "dataset with splits")
     ds = load_records(cfg)
     fmt = record_format(ds)
     eval_ds = None

@@ -131,7 +131,7 @@ def _eval_records(path: str, data_cfg: DataConfig, prompt_field: str, answer_fie
             f"{sorted(raw.column_names)}: give the columns evaluation.prompt_field={prompt_field!r} and "
             f"evaluation.answer_field={answer_field!r} (or set those two options to your column names), or "
             "records in the training data's format (not 'text', which has no prompt)")
-    return load_records(cfg, key="evaluation.path"), fmt
+    return load_records(cfg, split="train", key="evaluation.path"), fmt
 
 
 def check_eval_file(path: str, data_cfg: DataConfig, prompt_field: str, answer_field: str) -> None:

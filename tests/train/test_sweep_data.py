@@ -52,3 +52,17 @@ def test_a_missing_or_empty_file_names_its_option(tmp_path, key):
             else:
                 cfg = {"path": good, "validation_path": bad} if key == "data.validation_path" else {"path": bad}
                 build_datasets(DataConfig(**cfg), None, 64)
+
+
+def test_options_a_local_file_would_ignore_are_refused(tmp_path):
+    """data.split / data.validation_split on a local file, and val_set_size beside validation_path, used to be
+    dropped silently."""
+    from lorakit.train.data import build_datasets
+
+    good = _write(tmp_path / "good.jsonl", [json.dumps(GOOD)] * 4)
+    with pytest.raises(ValueError, match="data.split='test' does not apply to data.path="):
+        build_datasets(DataConfig(path=good, split="test"), None, 64)
+    with pytest.raises(ValueError, match="data.validation_split='validation' does not apply to data.validation_pa"):
+        build_datasets(DataConfig(path=good, validation_path=good, validation_split="validation"), None, 64)
+    with pytest.raises(ValueError, match="data.validation_path and data.val_set_size=0.1 are both set"):
+        DataConfig(path=good, validation_path=good, val_set_size=0.1)

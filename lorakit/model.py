@@ -229,6 +229,7 @@ class LoraModel(nn.Module):
         All or nothing: if one layer refuses (``safe_merge`` found non-finite weights), the layers merged by this
         call are unmerged again before the error propagates."""
         names = list(adapter_names if adapter_names is not None else self.active_adapters)
+        self._untie_merged_embeddings(names)
         done: list[tuple[nn.Module, int]] = []
         try:
             for module in self._wrappers():
@@ -269,22 +270,49 @@ class LoraModel(nn.Module):
         self._untie_config_if_diverged()
         return self.model
 
-    def _untie_config_if_diverged(self) -> None:
-        """PEFT's fix after merging: a trained copy (modules_to_save) of a tied input or output embedding leaves the
-        two weights apart; ``tie_word_embeddings=True`` would tie them again on save/load or ``tie_weights()``."""
-        config = getattr(self.model, "config", None)
-        if not getattr(config, "tie_word_embeddings", False) or not hasattr(self.model, "get_output_embeddings"):
-            return
+    def _embeddings(self) -> tuple[nn.Module, nn.Module] | None:
+        """The input and output embeddings of a transformers model whose config ties them, else None."""
+        if not getattr(getattr(self.model, "config", None), "tie_word_embeddings", False):
+            return None
         try:
             layers = (self.model.get_input_embeddings(), self.model.get_output_embeddings())
         except (NotImplementedError, AttributeError):
-            return
-        weights = [getattr(m, "weight", None) for m in layers]
-        if None not in weights and weights[0].data_ptr() != weights[1].data_ptr():
-            config.tie_word_embeddings = False
+            return None
+        return None if None in layers else layers
+
+    def _untie_config_if_diverged(self) -> None:
+        """PEFT's fix after merging: a trained copy (modules_to_save) of a tied input or output embedding leaves the
+        two weights apart; ``tie_word_embeddings=True`` would tie them again on save/load or ``tie_weights()``."""
+        layers = self._embeddings()
+        weights = [getattr(m, "weight", None) for m in layers or ()]
+        if layers and None not in weights and weights[0].data_ptr() != weights[1].data_ptr():
+            self.model.config.tie_word_embeddings = False
             warnings.warn(
                 "Input and output embeddings are no longer tied after merging. Setting `tie_word_embeddings=False` in "
                 "the model config.",
+                stacklevel=4,
+            )
+
+    def _untie_merged_embeddings(self, names: list[str]) -> None:
+        """Before merging LoRA into a tied input/output embedding, give each adapted one its own copy of the shared
+        weight: merging into the shared tensor would add the delta to the other layer too (PEFT does, and its merged
+        model then differs from the unmerged one). The config is untied, as the weights now are."""
+        layers = self._embeddings()
+        if layers is None:
+            return
+        bases = [m.base_layer if isinstance(m, LORA_WRAPPERS) else m for m in layers]
+        if getattr(bases[0], "weight", None) is None or bases[0].weight is not getattr(bases[1], "weight", None):
+            return
+        merging = [m for m in layers if isinstance(m, LORA_WRAPPERS) and any(n in m.adapters for n in names)]
+        for module in merging:
+            weight = module.base_layer.weight
+            module.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        if merging:
+            self.model.config.tie_word_embeddings = False
+            warnings.warn(
+                "Merging LoRA into a tied input/output embedding: the two layers now hold separate copies of the "
+                "weight (merging into the shared one would change the other layer too); setting "
+                "`tie_word_embeddings=False` in the model config.",
                 stacklevel=4,
             )
 

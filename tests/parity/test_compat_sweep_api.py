@@ -276,3 +276,25 @@ def test_merging_a_trained_copy_of_a_tied_embedding_unties_the_config_as_peft(he
         results[lib] = (merged.config.tie_word_embeddings,
                         any("no longer tied after merging" in str(w.message) for w in caught))
     assert results[lorakit] == results[peft] == (False, True)
+
+
+@pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
+def test_merging_lora_into_a_tied_embedding_keeps_the_outputs(tmp_path, target) -> None:
+    """PEFT 0.21.2 merges into the weight shared by embed_tokens and lm_head, so the other layer changes too and its
+    merged model differs from the unmerged one (by ~9 and ~500 here); lorakit unties first."""
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    pm = lorakit.get_peft_model(tf.LlamaForCausalLM(config).eval(),
+                                lorakit.LoraConfig(r=4, target_modules=["q_proj", target], init_lora_weights=False))
+    expected = pm(IDS).logits
+    with pytest.warns(UserWarning, match="tied input/output embedding"):
+        pm.merge_adapter()
+    torch.testing.assert_close(pm(IDS).logits, expected, atol=1e-5, rtol=0)
+    pm.unmerge_adapter()
+    torch.testing.assert_close(pm(IDS).logits, expected, atol=1e-5, rtol=0)
+    merged = pm.merge_and_unload()
+    assert merged.config.tie_word_embeddings is False
+    merged.save_pretrained(tmp_path)
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(IDS).logits, expected, atol=1e-5, rtol=0)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -324,7 +325,11 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
                   # the optimizer and the schedule come back from the checkpoint: changed values would not apply
                   "learning_rate": t.learning_rate, "lr_scheduler_type": t.lr_scheduler_type,
                   "warmup_steps_resolved": warmup, "optim": t.optim, "weight_decay": t.weight_decay,
-                  "adam_betas": [t.adam_beta1, t.adam_beta2], "adam_epsilon": t.adam_epsilon}
+                  "adam_betas": [t.adam_beta1, t.adam_beta2], "adam_epsilon": t.adam_epsilon,
+                  # the examples behind each step, and the weights the adapter was trained against
+                  "max_seq_length": t.max_seq_length, "packing": t.packing,
+                  "train_on_inputs": cfg.data.train_on_inputs, "quantization": cfg.quantization.method,
+                  "base_model": os.path.abspath(m.name_or_path) if os.path.exists(m.name_or_path) else m.name_or_path}
     if resume_from is not None:
         _check_resume_state(state, resume_from, data_order)
         finished = _finished_summary(out_dir, total_steps) if state["global_step"] == total_steps else None

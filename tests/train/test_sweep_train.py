@@ -59,3 +59,20 @@ def test_resume_of_a_finished_run_changes_nothing(config_writer, tmp_path, tiny_
     assert (out / "summary.json").read_text() == summary
     assert (out / "adapter_model.safetensors").stat().st_mtime_ns == adapter
     assert result.global_step == 2 and result.train_loss == json.loads(summary)["final_train_loss"]
+
+
+@pytest.mark.parametrize(("section", "change", "named"), [
+    ("training", {"max_seq_length": 128}, "max_seq_length=64, this run has 128"),
+    ("data", {"train_on_inputs": True}, "train_on_inputs=False, this run has True"),
+    ("quantization", {"method": "nf4"}, "quantization='none', this run has 'nf4'"),
+])
+def test_resume_refuses_other_examples_or_base_weights(config_writer, tmp_path, tiny_model_dir, section, change,
+                                                       named):
+    """These changed the examples behind each step (or the base the adapter trains against) and resumed silently."""
+    training = {"max_steps": 2, "save_steps": 1, "max_seq_length": 64}
+    _run(config_writer, tmp_path, tiny_model_dir, training=training)
+    (tmp_path / "run" / "summary.json").unlink()  # as if killed after its last checkpoint
+    sections = {"training": {**training, "resume": True}}
+    sections[section] = {**sections.get(section, {}), **change}
+    with pytest.raises(ValueError, match=f"cannot resume from .*checkpoint-2: it was written with {named}"):
+        _run(config_writer, tmp_path, tiny_model_dir, **sections)

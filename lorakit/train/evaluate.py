@@ -34,8 +34,19 @@ def model_path_errors(name_or_path: str | os.PathLike, what: str = "model") -> I
     FileNotFoundError that says where relative paths are taken from (errors inside a real folder pass).
 
     A missing path that cannot be a Hub id (``./x``, ``/x``, ``~/x``, ``a/b/c``) fails at once, before
-    transformers spends its retries asking the Hub for it."""
+    transformers spends its retries asking the Hub for it; so does an adapter folder given as a model (unless
+    `what` is "tokenizer")."""
     where = f"relative paths are taken from the current directory, {os.getcwd()}"
+    adapter_config = os.path.join(name_or_path, "adapter_config.json")
+    if what != "tokenizer" and os.path.isfile(adapter_config) and not os.path.isfile(
+            os.path.join(name_or_path, "config.json")):  # transformers would load its base and attach it (PEFT)
+        import json
+
+        with open(adapter_config) as f:
+            base = json.load(f).get("base_model_name_or_path")
+        raise ValueError(f"{what} {str(name_or_path)!r} is an adapter folder (adapter_config.json, no config.json), "
+                         f"not a model: give its base model ({base!r}) as the {what}, and this folder as the "
+                         "adapter (model.adapter_name_or_path in a config, --adapter for generate / chat / merge)")
     if is_local_path(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
         raise FileNotFoundError(f"{what} {str(name_or_path)!r} is not a folder ({where}); give the path of a "
                                 "local model folder")

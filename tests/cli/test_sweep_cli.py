@@ -118,3 +118,21 @@ def test_a_missing_local_model_path_is_not_asked_of_the_hub():
         with pytest.raises(FileNotFoundError, match=f"model '{path}' is not a folder"):
             with model_path_errors(path):
                 raise AssertionError("transformers would have been called")
+
+
+def test_an_adapter_folder_given_as_the_model_is_refused(tmp_path, capsys):
+    """transformers loads an adapter folder as a model by attaching it to its base through PEFT, so `train` put a
+    second, lorakit adapter on top of a PEFT one (twice the trainable parameters) and inspect spoke of a missing
+    model_type."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(TINY), "r": 4}))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {adapter}\ndata: {{path: {REPO}/examples/data/second_word_text_train.jsonl}}\n"
+                   f"training: {{output_dir: {tmp_path / 'out'}}}\n")
+    for argv in (["train", str(cfg)], ["inspect", str(adapter)], ["generate", "--base", str(adapter), "--prompt", "x"],
+                 ["merge", "--base", str(adapter), "--adapter", str(adapter), "--out", str(tmp_path / "m")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "is an adapter folder (adapter_config.json, no config.json), not a model" in err, argv
+        assert f"give its base model ({str(TINY)!r})" in err

@@ -38,8 +38,11 @@ def model_path_errors(name_or_path: str | os.PathLike, what: str = "model") -> I
     `what` is "tokenizer")."""
     where = f"relative paths are taken from the current directory, {os.getcwd()}"
     adapter_config = os.path.join(name_or_path, "adapter_config.json")
-    if what != "tokenizer" and os.path.isfile(adapter_config) and not os.path.isfile(
-            os.path.join(name_or_path, "config.json")):  # transformers would load its base and attach it (PEFT)
+    if what != "tokenizer" and os.path.isfile(adapter_config):  # transformers would attach it (through PEFT)
+        if os.path.isfile(os.path.join(name_or_path, "config.json")):
+            raise ValueError(f"{what} {str(name_or_path)!r} holds a model and an adapter (adapter_config.json): "
+                             "transformers would load the model with that adapter attached. Move the adapter files "
+                             "(adapter_config.json, adapter_model.*) to their own folder.")
         import json
 
         with open(adapter_config) as f:

@@ -244,6 +244,10 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     set_seed(t.seed)
     say = accelerator.print
     m = cfg.model
+    if os.path.isdir(m.name_or_path) and Path(m.name_or_path).resolve() == out_dir.resolve():
+        raise ValueError(f"training.output_dir={str(out_dir)!r} is the model folder (model.name_or_path): the adapter, "
+                         "tokenizer and logs would be written into it, and transformers would then load that model "
+                         "with the adapter attached. Pick another training.output_dir.")
     resume_from = _check_output_dir(out_dir, resume, t.overwrite_output_dir)
     user_lora = cfg.lora_config()
     adapter_cfg = None

@@ -76,3 +76,20 @@ def test_resume_refuses_other_examples_or_base_weights(config_writer, tmp_path, 
     sections[section] = {**sections.get(section, {}), **change}
     with pytest.raises(ValueError, match=f"cannot resume from .*checkpoint-2: it was written with {named}"):
         _run(config_writer, tmp_path, tiny_model_dir, **sections)
+
+
+def test_output_dir_that_is_the_model_folder_is_refused(config_writer, tmp_path, tiny_model_dir):
+    """Training into the model's own folder wrote adapter_config.json beside config.json; transformers then
+    loaded that 'model' with the adapter attached, and the next run stacked a second adapter on it."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    path = config_writer(tmp_path / "c.yaml", model, model, training={"max_steps": 1})
+    with pytest.raises(ValueError, match="is the model folder \\(model.name_or_path\\)"):
+        train(load_config(path))
+    assert not (model / "adapter_config.json").exists()
+    (model / "adapter_config.json").write_text("{}")  # a folder polluted before this check
+    path = config_writer(tmp_path / "d.yaml", model, tmp_path / "out", training={"max_steps": 1})
+    with pytest.raises(ValueError, match="holds a model and an adapter \\(adapter_config.json\\)"):
+        train(load_config(path))

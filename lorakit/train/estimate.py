@@ -44,9 +44,8 @@ def meta_model(name_or_path: str, trust_remote_code: bool = False) -> nn.Module:
 
     from lorakit.train.evaluate import model_path_errors
 
-    with model_path_errors(name_or_path):
+    with model_path_errors(name_or_path), torch.device("meta"):
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 

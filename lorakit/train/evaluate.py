@@ -55,6 +55,13 @@ def model_path_errors(name_or_path: str | os.PathLike, what: str = "model") -> I
                                 "local model folder")
     try:
         yield
+    except ValueError as err:  # transformers lists every causal-LM config class (a screen of names)
+        if not str(err).startswith("Unrecognized configuration class"):
+            raise
+        config = str(err).split("<class '", 1)[-1].split("'", 1)[0].rsplit(".", 1)[-1]
+        raise ValueError(f"{what} {str(name_or_path)!r} has a {config}, which has no causal-LM class in "
+                         "transformers (AutoModelForCausalLM): lorakit trains and inspects decoder (causal) language "
+                         "models") from None
     except OSError as err:
         if os.path.isdir(name_or_path) or isinstance(err, FileNotFoundError) and os.path.exists(name_or_path):
             raise

@@ -136,3 +136,16 @@ def test_an_adapter_folder_given_as_the_model_is_refused(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "is an adapter folder (adapter_config.json, no config.json), not a model" in err, argv
         assert f"give its base model ({str(TINY)!r})" in err
+
+
+def test_a_model_without_a_causal_lm_class_is_one_short_line(tmp_path, capsys):
+    """A T5 folder printed transformers' list of ~250 config classes."""
+    from transformers import T5Config
+
+    T5Config(d_model=16, num_layers=1, num_heads=2, d_ff=32, vocab_size=50).save_pretrained(tmp_path)
+    for argv in (["inspect", str(tmp_path)], ["estimate", str(tmp_path), "--method", "lora", "--seq-len", "8",
+                                              "--batch-size", "1"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "has a T5Config, which has no causal-LM class in transformers" in err
+        assert len(err) < 300 and "LlamaConfig" not in err

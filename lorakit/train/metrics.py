@@ -25,11 +25,12 @@ def peak_memory_bytes() -> int:
 
 
 def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
+    """`n` bytes in binary units, B up to PiB (so an estimate for a huge batch reads 3.2 PiB, not 3355443.2 GiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
-    return f"{n:.2f} GiB"
+    return f"{n:.2f} PiB"
 
 
 class MetricsLogger:

@@ -93,3 +93,11 @@ def test_output_dir_that_is_the_model_folder_is_refused(config_writer, tmp_path,
     path = config_writer(tmp_path / "d.yaml", model, tmp_path / "out", training={"max_steps": 1})
     with pytest.raises(ValueError, match="holds a model and an adapter \\(adapter_config.json\\)"):
         train(load_config(path))
+
+
+def test_format_bytes_goes_past_gib():
+    """`lorakit estimate` for a large batch printed '195503234.86 GiB'."""
+    from lorakit.train.metrics import format_bytes
+
+    assert [format_bytes(n) for n in (10, 2048, 3 * 2**30, 3 * 2**40, 186.5 * 2**50)] == [
+        "10 B", "2.00 KiB", "3.00 GiB", "3.00 TiB", "186.50 PiB"]

@@ -175,7 +175,12 @@ def _load_dataset(path: str, split: str, key: str = "data.path") -> Any:
                 raise ValueError(f"could not read {path!r}: {problem}; fix or remove it") from e
             raise ValueError(f"could not read {path!r} as {ext} data: {type(e).__name__}: {e}") from e
     if os.path.isdir(path):
-        return datasets.load_dataset(path, split=split)
+        try:
+            return datasets.load_dataset(path, split=split)
+        except (ValueError, FileNotFoundError, KeyError) as e:  # no data files, unknown split, ...
+            split_key = {"data.path": "data.split", "data.validation_path": "data.validation_split"}.get(key, "split")
+            raise ValueError(f"{key}={path!r}: could not load it as a dataset folder ({split_key}={split!r}): "
+                             f"{e}") from e
     if ext in _FILE_BUILDERS or path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise FileNotFoundError(f"{key}: data file not found: {path!r} (resolved to {os.path.abspath(path)!r})")
     try:  # a Hub dataset name, e.g. "tatsu-lab/alpaca"

@@ -66,3 +66,14 @@ def test_options_a_local_file_would_ignore_are_refused(tmp_path):
         build_datasets(DataConfig(path=good, validation_path=good, validation_split="validation"), None, 64)
     with pytest.raises(ValueError, match="data.validation_path and data.val_set_size=0.1 are both set"):
         DataConfig(path=good, validation_path=good, val_set_size=0.1)
+
+
+def test_dataset_folder_errors_name_the_option(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="^data.path=.*empty': could not load it as a dataset folder"):
+        load_records(DataConfig(path=str(tmp_path / "empty")))
+    (tmp_path / "ds").mkdir()
+    _write(tmp_path / "ds" / "train.jsonl", [json.dumps(GOOD)] * 2)
+    with pytest.raises(ValueError, match="dataset folder \\(data.split='test'\\).*Unknown split"):
+        load_records(DataConfig(path=str(tmp_path / "ds"), split="test"))
+    assert len(load_records(DataConfig(path=str(tmp_path / "ds")))) == 2

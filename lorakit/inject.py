@@ -153,14 +153,15 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | 
 
 def find_targets(model: nn.Module, config: LoraConfig, exclusions: bool = True) -> list[str]:
     """Full names of the modules of ``model`` that ``config`` adapts, in module order (linear time).
-    ``exclusions=False`` ignores ``exclude_modules`` and ``layers_to_transform``: for ``"all-linear"``, the names
-    PEFT saves as ``target_modules`` (it applies those two fields when matching, not when expanding)."""
+    ``exclusions=False`` ignores ``exclude_modules``, ``layers_to_transform`` and ``modules_to_save``: for
+    ``"all-linear"``, the names PEFT saves as ``target_modules`` (it applies those fields when matching, not when
+    expanding)."""
     target = resolve_target_modules(model, config)
     all_linear = isinstance(target, str) and target.lower() == "all-linear"
     target_set: set[str] | str = target if isinstance(target, str) else set(target)
     exclude = config.exclude_modules if exclusions else None
     exclude_set: set[str] | str | None = exclude if isinstance(exclude, str) or exclude is None else set(exclude)
-    to_save = set(config.modules_to_save or [])
+    to_save = set(config.modules_to_save or []) if exclusions else set()
     skip_output = _output_layer_names(model, config) if all_linear else set()
     layer_ids = config.layers_to_transform if exclusions else None
     # PEFT: an empty list selects no layer subset (all layers), like None

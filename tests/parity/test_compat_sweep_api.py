@@ -37,6 +37,12 @@ def _gpt2() -> tf.GPT2LMHeadModel:
     return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
 
 
+def _roberta_cls() -> tf.RobertaForSequenceClassification:
+    torch.manual_seed(0)
+    return tf.RobertaForSequenceClassification(tf.RobertaConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2,
+                                                                num_attention_heads=4, intermediate_size=64))
+
+
 def _recorded(lib, model, tmp_path, **kwargs) -> tuple[object, object]:
     """(target_modules in ``peft_config``, in the saved adapter_config.json), lists sorted (PEFT keeps a set)."""
     with warnings.catch_warnings():
@@ -60,6 +66,7 @@ def _recorded(lib, model, tmp_path, **kwargs) -> tuple[object, object]:
         (_t5, {"target_modules": [f"{s}.block.{i}.layer.0.SelfAttention.{p}" for s in ("encoder", "decoder")
                                   for i in range(2) for p in "qkvo"] + ["decoder.block.0.layer.1.EncDecAttention.q"]}),
         (_llama, {"target_modules": r".*\.q_proj"}),
+        (_roberta_cls, {"target_modules": "all-linear", "task_type": "SEQ_CLS"}),  # the head's layers listed too
     ],
 )
 def test_target_modules_recorded_as_peft(tmp_path, make, kwargs) -> None:
@@ -298,3 +305,18 @@ def test_merging_lora_into_a_tied_embedding_keeps_the_outputs(tmp_path, target) 
     merged.save_pretrained(tmp_path)
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(reloaded(IDS).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_all_linear_token_classification_folder_loads_in_peft(tmp_path) -> None:
+    """PEFT 0.21.2 cannot create this adapter (LoRA lands on the classifier, then modules_to_save refuses it);
+    lorakit keeps the head out of LoRA, records it among the linear layers as PEFT would, and PEFT loads the file."""
+    torch.manual_seed(0)
+    bert = dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    model = tf.BertForTokenClassification(tf.BertConfig(**bert)).eval()
+    ours = lorakit.get_peft_model(model, lorakit.LoraConfig(r=4, target_modules="all-linear", task_type="TOKEN_CLS",
+                                                            init_lora_weights=False))
+    assert "classifier" in ours.peft_config["default"].target_modules
+    ours.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    theirs = peft.PeftModel.from_pretrained(tf.BertForTokenClassification(tf.BertConfig(**bert)).eval(), tmp_path)
+    torch.testing.assert_close(theirs(IDS).logits, ours(IDS).logits, atol=1e-5, rtol=0)

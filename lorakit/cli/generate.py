@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -60,6 +62,19 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+@contextlib.contextmanager
+def damaged_file_errors(adapter: str) -> Iterator[None]:
+    """A truncated or corrupt adapter_model.safetensors as a ValueError naming the folder (safetensors raises
+    its own SafetensorError, which would print a traceback)."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as err:
+        raise ValueError(f"--adapter {adapter!r}: its safetensors file is damaged or incomplete ({err}); save or "
+                         "copy the adapter again") from err
+
+
 def load_with_adapters(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
     """(model, tokenizer, adapter names): the base, then every adapter; the first one active."""
     from lorakit.train.config import QuantizationConfig
@@ -75,9 +90,11 @@ def load_with_adapters(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
         from lorakit import PeftModel
 
         first_name, first_path = adapters[0]
-        model = PeftModel.from_pretrained(model, first_path, adapter_name=first_name)
+        with damaged_file_errors(first_path):
+            model = PeftModel.from_pretrained(model, first_path, adapter_name=first_name)
         for name, path in adapters[1:]:
-            model.load_adapter(path, adapter_name=name)
+            with damaged_file_errors(path):
+                model.load_adapter(path, adapter_name=name)
         model.set_adapter(first_name)
     model.eval()
     return model, tokenizer, [n for n, _ in adapters]
@@ -96,8 +113,6 @@ def _generation_kwargs(args: argparse.Namespace, tokenizer: Any) -> dict[str, An
 def _generate(model: Any, tokenizer: Any, input_ids: Any, args: argparse.Namespace, out: TextIO,
               adapter: str | None) -> str:
     """Generate (streaming to `out` unless --no-stream) with `adapter` active, or the bare base if None."""
-    import contextlib
-
     import torch
     from transformers import TextStreamer
 

@@ -61,6 +61,7 @@ def merge_to_disk(base: str, adapter: str, out: str | os.PathLike, dtype: str = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lorakit import PeftModel
+    from lorakit.cli.generate import damaged_file_errors
     from lorakit.train.evaluate import model_path_errors
 
     if dtype not in DTYPES:
@@ -73,7 +74,8 @@ def merge_to_disk(base: str, adapter: str, out: str | os.PathLike, dtype: str = 
     check_out_folder(out, {"base model": base, "adapter": adapter}, overwrite)
     with model_path_errors(base, "base model"):
         model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, DTYPES[dtype]))
-    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    with damaged_file_errors(adapter):
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     tok_source = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
     with model_path_errors(tok_source, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(tok_source)

@@ -149,3 +149,18 @@ def test_a_model_without_a_causal_lm_class_is_one_short_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "has a T5Config, which has no causal-LM class in transformers" in err
         assert len(err) < 300 and "LlamaConfig" not in err
+
+
+def test_a_damaged_adapter_file_is_one_line(tmp_path, capsys):
+    """A truncated adapter_model.safetensors printed safetensors' traceback (SafetensorError)."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+        "base_model_name_or_path": str(TINY)}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"__metadata")
+    for argv in (["generate", "--base", str(TINY), "--adapter", str(adapter), "--prompt", "x"],
+                 ["merge", "--base", str(TINY), "--adapter", str(adapter), "--out", str(tmp_path / "m")]):
+        assert main(argv) == 2, argv
+        assert f"--adapter {str(adapter)!r}: its safetensors file is damaged or incomplete" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

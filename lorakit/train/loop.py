@@ -249,6 +249,11 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
                          "tokenizer and logs would be written into it, and transformers would then load that model "
                          "with the adapter attached. Pick another training.output_dir.")
     resume_from = _check_output_dir(out_dir, resume, t.overwrite_output_dir)
+    if main:  # an unwritable output_dir fails now, not when the first file is written after the model loaded
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"training.output_dir={str(out_dir)!r} cannot be created: {err.strerror or err}") from err
     user_lora = cfg.lora_config()
     adapter_cfg = None
     if m.adapter_name_or_path:  # the adapter brings its own config: the lora section must agree with it

@@ -101,3 +101,19 @@ def test_format_bytes_goes_past_gib():
 
     assert [format_bytes(n) for n in (10, 2048, 3 * 2**30, 3 * 2**40, 186.5 * 2**50)] == [
         "10 B", "2.00 KiB", "3.00 GiB", "3.00 TiB", "186.50 PiB"]
+
+
+def test_an_output_dir_that_cannot_be_created_fails_before_loading(config_writer, tmp_path, tiny_model_dir,
+                                                                   monkeypatch):
+    """It failed after the model and data had loaded, with a bare '[Errno 20] Not a directory' (FileNotFoundError
+    for /proc paths) that did not name training.output_dir."""
+    import lorakit.train.loop
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(lorakit.train.loop, "load_base_model", never)
+    (tmp_path / "afile").write_text("x")
+    path = config_writer(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "afile" / "out")
+    with pytest.raises(ValueError, match="training.output_dir=.*afile/out' cannot be created: Not a directory"):
+        train(load_config(path))

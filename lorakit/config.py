@@ -411,13 +411,13 @@ class LoraConfig:
         cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any
     ) -> LoraConfig:
         """Read ``adapter_config.json`` from a local folder or a Hub repo id (PEFT's parameter names)."""
-        from lorakit.io.files import resolve_file
+        from lorakit.io.files import AdapterNotFoundError, resolve_file
 
         path = pretrained_model_name_or_path
         config_file = resolve_file(path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
         if config_file is None:
             where = os.path.join(str(path), subfolder or "")
-            raise FileNotFoundError(f"No {CONFIG_NAME} found in {where!r}: is this an adapter folder?")
+            raise AdapterNotFoundError(f"No {CONFIG_NAME} found in {where!r}: is this an adapter folder?")
         with open(config_file, encoding="utf-8") as f:
             try:
                 data = json.load(f)

@@ -217,7 +217,7 @@ def save_adapter_weights(state: dict[str, torch.Tensor], folder: str, safe_seria
 def load_adapter_weights(path: str, subfolder: str | None = None, **hub_kwargs: Any) -> dict[str, torch.Tensor]:
     """Read an adapter's tensors: safetensors, or a ``.bin`` with ``torch.load(weights_only=True)`` (a pickle
     that would run code is refused)."""
-    from lorakit.io.files import resolve_file
+    from lorakit.io.files import AdapterNotFoundError, resolve_file
 
     file = resolve_file(path, WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
     if file is not None:
@@ -234,7 +234,7 @@ def load_adapter_weights(path: str, subfolder: str | None = None, **hub_kwargs: 
                 f"lorakit never runs pickled code. ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
             ) from e
     where = os.path.join(str(path), subfolder or "")
-    raise FileNotFoundError(f"No {WEIGHTS_NAME} or {WEIGHTS_NAME_BIN} in {where!r}.")
+    raise AdapterNotFoundError(f"No {WEIGHTS_NAME} or {WEIGHTS_NAME_BIN} in {where!r}.")
 
 
 #: File-key endings that name a part of a LoRA layer rather than a module (``_module_of`` strips them).

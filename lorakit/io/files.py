@@ -10,6 +10,11 @@ from collections.abc import Iterator
 from typing import Any
 
 
+class AdapterNotFoundError(FileNotFoundError, ValueError):
+    """An adapter folder, file or Hub repo that is not there. A ``ValueError`` too, as PEFT raises for a missing
+    adapter, so PEFT code that catches ``ValueError`` (e.g. to create the adapter when none was saved) still runs."""
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``, so a reader
     never sees a half-written file."""
@@ -85,7 +90,7 @@ def resolve_file(
         return None
     except (HFValidationError, LocalEntryNotFoundError, OSError) as e:
         # RepositoryNotFoundError and network errors are OSErrors too.
-        raise FileNotFoundError(
+        raise AdapterNotFoundError(
             f"{str(path_or_repo)!r} is not a local folder, and no Hub repository of that name could be read "
             f"({type(e).__name__}). Check the path, or the repo id and your network/cache."
         ) from e

@@ -320,3 +320,16 @@ def test_all_linear_token_classification_folder_loads_in_peft(tmp_path) -> None:
     torch.manual_seed(0)
     theirs = peft.PeftModel.from_pretrained(tf.BertForTokenClassification(tf.BertConfig(**bert)).eval(), tmp_path)
     torch.testing.assert_close(theirs(IDS).logits, ours(IDS).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("lib", [lorakit, peft])
+def test_a_missing_adapter_raises_a_value_error_as_peft(tmp_path, lib) -> None:
+    """PEFT code often catches ValueError to create an adapter when none was saved; lorakit's error is a
+    FileNotFoundError too."""
+    with pytest.raises(ValueError):
+        lib.PeftModel.from_pretrained(_llama(), str(tmp_path / "nothing-here"))
+    with pytest.raises(ValueError):
+        lib.PeftModel.from_pretrained(_llama(), str(tmp_path))  # a folder without adapter_config.json
+    pm = lib.get_peft_model(_llama(), lib.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError):
+        pm.load_adapter(str(tmp_path), adapter_name="other")

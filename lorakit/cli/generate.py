@@ -28,6 +28,41 @@ def _top_p(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    """argparse type: a float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}
+"""Values of the sampling flags when not given; they apply with --do-sample only."""
+
+
+def check_sampling_flags(args: argparse.Namespace) -> None:
+    """Greedy decoding ignores --temperature / --top-p / --top-k: refuse them without --do-sample."""
+    given = [f"--{name.replace('_', '-')}" for name in SAMPLING_DEFAULTS if getattr(args, name) is not None]
+    if given and not args.do_sample:
+        verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
+        raise ValueError(f"{' and '.join(given)} only {verb} when sampling, and decoding is greedy without "
+                         f"--do-sample: add --do-sample, or drop {them}")
+
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="base model (Hub id or folder)")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
@@ -36,10 +71,10 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--do-sample", action="store_true", help="sample (default: greedy)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=_top_p, default=1.0)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--temperature", type=_positive_float, default=None, help="with --do-sample (default 1.0)")
+    p.add_argument("--top-p", type=_top_p, default=None, help="with --do-sample (default 1.0)")
+    p.add_argument("--top-k", type=_non_negative_int, default=None, help="with --do-sample (default 50; 0: off)")
+    p.add_argument("--repetition-penalty", type=_positive_float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
 
@@ -106,7 +141,8 @@ def _generation_kwargs(args: argparse.Namespace, tokenizer: Any) -> dict[str, An
                               "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                               else tokenizer.eos_token_id}  # a pad id of 0 is a pad id
     if args.do_sample:
-        kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+        kwargs.update({name: default if getattr(args, name, None) is None else getattr(args, name)
+                       for name, default in SAMPLING_DEFAULTS.items()})
     return kwargs
 
 
@@ -143,6 +179,7 @@ def _encode(tokenizer: Any, messages: list[dict[str, str]] | None, prompt: str |
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    check_sampling_flags(args)
     model, tokenizer, names = load_with_adapters(args)
     use_chat = not args.raw and getattr(tokenizer, "chat_template", None)
     for prompt in args.prompt:
@@ -164,6 +201,7 @@ CHAT_HELP = """commands:
 def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
     """Read user turns from stdin; the conversation is rendered with the tokenizer's chat template."""
     stdin = stdin or sys.stdin
+    check_sampling_flags(args)
     model, tokenizer, names = load_with_adapters(args)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"{args.base} has no chat template; use `lorakit generate --raw` instead")

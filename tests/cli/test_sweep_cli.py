@@ -164,3 +164,44 @@ def test_a_damaged_adapter_file_is_one_line(tmp_path, capsys):
         assert main(argv) == 2, argv
         assert f"--adapter {str(adapter)!r}: its safetensors file is damaged or incomplete" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("verb", ["generate", "chat"])
+def test_sampling_flags_without_do_sample_are_refused(verb, capsys, monkeypatch):
+    """--temperature / --top-p / --top-k were ignored silently: decoding is greedy without --do-sample."""
+    import lorakit.train.evaluate
+
+    def never(*args, **kwargs):
+        raise AssertionError("the base model was loaded")
+
+    monkeypatch.setattr(lorakit.train.evaluate, "load_base_model", never)
+    prompt = ["--prompt", "hi"] if verb == "generate" else []
+    assert main([verb, "--base", str(TINY), *prompt, "--temperature", "0.5"]) == 2
+    assert "--temperature only applies when sampling" in capsys.readouterr().err
+    assert main([verb, "--base", str(TINY), *prompt, "--top-p", "0.5", "--top-k", "3"]) == 2
+    assert "--top-p and --top-k only apply when sampling" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--temperature", "0", "argument --temperature: must be > 0, got 0"),
+    ("--repetition-penalty", "-1", "argument --repetition-penalty: must be > 0, got -1"),
+    ("--top-k", "-5", "argument --top-k: must be >= 0, got -5"),
+])
+def test_generation_numbers_are_checked_before_loading(flag, value, message, capsys):
+    """transformers refused these after loading, naming `penalty` or `top_k` rather than the flag."""
+    with pytest.raises(SystemExit):
+        main(["generate", "--base", "b", "--prompt", "hi", "--do-sample", f"{flag}={value}"])
+    assert message in capsys.readouterr().err
+
+
+def test_sampling_defaults_and_given_values():
+    import argparse
+    from types import SimpleNamespace
+
+    from lorakit.cli.generate import _generation_kwargs
+
+    tok = SimpleNamespace(pad_token_id=0, eos_token_id=2)
+    args = argparse.Namespace(max_new_tokens=4, do_sample=True, repetition_penalty=1.0, temperature=None, top_p=0.9,
+                              top_k=None)
+    kwargs = _generation_kwargs(args, tok)
+    assert (kwargs["temperature"], kwargs["top_p"], kwargs["top_k"]) == (1.0, 0.9, 50)

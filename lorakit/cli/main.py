@@ -42,7 +42,7 @@ def _preprocess(args: argparse.Namespace) -> int:
 
     from lorakit.train.config import load_config
     from lorakit.train.data import build_datasets, format_debug, pack_examples
-    from lorakit.train.evaluate import model_path_errors
+    from lorakit.train.evaluate import generation_examples, model_path_errors
 
     cfg = load_config(args.config, args.overrides)
     with model_path_errors(cfg.model.name_or_path):
@@ -54,6 +54,13 @@ def _preprocess(args: argparse.Namespace) -> int:
     if cfg.training.packing:
         packed = pack_examples(train_ex, cfg.training.max_seq_length)
         print(f"{'train_packed_rows':<28} {len(packed)}  (packing into {cfg.training.max_seq_length} tokens)")
+    ev = cfg.evaluation
+    if ev.path:  # the exact-match file fails here as it would in `train`, not after training started
+        prompts, skipped = generation_examples(ev.path, cfg.data, tokenizer, ev.max_examples,
+                                               cfg.training.max_seq_length, stats["format"], ev.prompt_field,
+                                               ev.answer_field)
+        print(f"{'exact_match_prompts':<28} {len(prompts)}" + (f"  ({skipped} skipped: answer cut off by "
+                                                                f"max_seq_length)" if skipped else ""))
     if args.debug:
         for i, ex in enumerate(train_ex[: args.num_examples]):
             print(f"\n=== train example {i} ===")

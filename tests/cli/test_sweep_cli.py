@@ -205,3 +205,14 @@ def test_sampling_defaults_and_given_values():
                               top_k=None)
     kwargs = _generation_kwargs(args, tok)
     assert (kwargs["temperature"], kwargs["top_p"], kwargs["top_k"]) == (1.0, 0.9, 50)
+
+
+def test_preprocess_checks_the_evaluation_file(tmp_path, capsys, tiny_model_dir, config_writer):
+    """preprocess ignored the evaluation section; an unusable evaluation.path surfaced only in `train`."""
+    data = REPO / "examples" / "data"
+    cfg = config_writer(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "out", fmt="messages",
+                        evaluation={"path": str(data / "second_word_messages_eval.jsonl"), "max_examples": 5})
+    assert main(["preprocess", str(cfg)]) == 0
+    assert "exact_match_prompts          5" in capsys.readouterr().out
+    assert main(["preprocess", str(cfg), f"evaluation.path={data / 'second_word_alpaca_eval.jsonl'}"]) == 2
+    assert "holds 'alpaca' records, the training data 'messages' ones" in capsys.readouterr().err

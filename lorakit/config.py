@@ -239,7 +239,8 @@ class LoraConfig:
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias={self.bias!r} is invalid; allowed: {', '.join(map(repr, BIAS_MODES))}.")
         self.target_modules = self._check_names("target_modules", self.target_modules)
-        self.exclude_modules = self._check_names("exclude_modules", self.exclude_modules)
+        # PEFT treats an empty exclude_modules as none (and saves it as []); an empty target_modules fails there too
+        self.exclude_modules = self._check_names("exclude_modules", self.exclude_modules or None)
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
                 raise ValueError(
@@ -296,6 +297,8 @@ class LoraConfig:
             raise ValueError(f"init_lora_weights={init!r} is invalid; allowed: {_INIT_ALLOWED}.")
         self._check_init_configs()
         for name in ("fan_in_fan_out", "use_rslora", "lora_bias", "inference_mode", "use_dora"):
+            if getattr(self, name) is None:  # PEFT reads these by truth value; its files may hold null
+                setattr(self, name, False)
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: it must be true or false.")
         if self.use_dora and self.lora_bias:  # PEFT refuses the pair too, so no adapter file holds it

@@ -333,3 +333,14 @@ def test_a_missing_adapter_raises_a_value_error_as_peft(tmp_path, lib) -> None:
     pm = lib.get_peft_model(_llama(), lib.LoraConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(ValueError):
         pm.load_adapter(str(tmp_path), adapter_name="other")
+
+
+@pytest.mark.parametrize("field, value", [("exclude_modules", []), ("use_rslora", None), ("lora_bias", None)])
+def test_peft_folder_with_empty_or_null_fields_loads(tmp_path, field, value) -> None:
+    """PEFT takes exclude_modules=[] as none and reads these flags by truth value, and saves them as given."""
+    theirs = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False,
+                                                           **{field: value}))
+    theirs.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())[field] == value
+    ours = lorakit.PeftModel.from_pretrained(_llama(), tmp_path)
+    torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, atol=1e-5, rtol=0)

@@ -256,7 +256,7 @@ class LoraConfig:
             self.layers_to_transform = list(self.layers_to_transform)
         elif self.layers_to_transform is not None and not isinstance(self.layers_to_transform, int):
             raise ValueError(f"layers_to_transform={self.layers_to_transform!r} must be an int, a list or None.")
-        if self.layers_pattern is not None and self.layers_to_transform is None:
+        if self.layers_pattern and self.layers_to_transform is None:  # PEFT: an empty pattern ("" or []) is none
             raise ValueError("layers_pattern is only used with layers_to_transform; set layers_to_transform too.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError(

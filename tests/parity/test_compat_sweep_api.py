@@ -335,9 +335,12 @@ def test_a_missing_adapter_raises_a_value_error_as_peft(tmp_path, lib) -> None:
         pm.load_adapter(str(tmp_path), adapter_name="other")
 
 
-@pytest.mark.parametrize("field, value", [("exclude_modules", []), ("use_rslora", None), ("lora_bias", None)])
+@pytest.mark.parametrize(
+    "field, value", [("exclude_modules", []), ("use_rslora", None), ("lora_bias", None), ("layers_pattern", "")]
+)
 def test_peft_folder_with_empty_or_null_fields_loads(tmp_path, field, value) -> None:
-    """PEFT takes exclude_modules=[] as none and reads these flags by truth value, and saves them as given."""
+    """PEFT takes exclude_modules=[] and layers_pattern="" as none and reads these flags by truth value, and saves
+    them as given."""
     theirs = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False,
                                                            **{field: value}))
     theirs.save_pretrained(tmp_path)

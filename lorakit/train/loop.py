@@ -325,7 +325,9 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     micro_per_epoch = len(train_ex) // global_micro
     if micro_per_epoch == 0:
         raise ValueError(f"{len(train_ex)} training rows are fewer than one global batch "
-                         f"(per_device_train_batch_size={bs} x {world} processes)")
+                         f"(training.per_device_train_batch_size={bs} x {world} processes): lower "
+                         f"training.per_device_train_batch_size to at most {len(train_ex) // world} (and raise "
+                         "gradient_accumulation_steps to keep the global batch), or give more data")
     steps_per_epoch = math.ceil(micro_per_epoch / accum)
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
     warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * total_steps)

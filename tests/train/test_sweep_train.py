@@ -117,3 +117,10 @@ def test_an_output_dir_that_cannot_be_created_fails_before_loading(config_writer
     path = config_writer(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "afile" / "out")
     with pytest.raises(ValueError, match="training.output_dir=.*afile/out' cannot be created: Not a directory"):
         train(load_config(path))
+
+
+def test_too_few_rows_for_a_batch_says_what_to_lower(config_writer, tmp_path, tiny_model_dir):
+    with pytest.raises(ValueError, match="8 training rows are fewer than one global batch .*lower "
+                                         "training.per_device_train_batch_size to at most 8"):
+        _run(config_writer, tmp_path, tiny_model_dir, data={"max_examples": 8},
+             training={"per_device_train_batch_size": 16})

@@ -20,6 +20,12 @@ def _positive_int(text: str) -> int:
     return positive_int(text)
 
 
+def _non_negative_int(text: str) -> int:
+    from lorakit.cli.main import int_at_least  # (main imports this module: a lazy import)
+
+    return int_at_least(0)(text)
+
+
 def _top_p(text: str) -> float:
     """argparse type: a probability mass in (0, 1]."""
     value = float(text)
@@ -39,15 +45,6 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}

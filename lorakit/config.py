@@ -285,7 +285,11 @@ class LoraConfig:
                 self.init_lora_weights = method
             elif method.startswith("pissa_niter_"):
                 if not method.removeprefix("pissa_niter_").isdigit():
-                    raise ValueError(f"init_lora_weights={init!r}: write 'pissa_niter_<K>' with K an integer.")
+                    raise ValueError(
+                        f"init_lora_weights={init!r}: write 'pissa_niter_<K>' with K the number of subspace "
+                        "iterations of the randomized SVD, a whole number >= 0 (e.g. 'pissa_niter_4'), or 'pissa' "
+                        "for the exact SVD."
+                    )
                 self.init_lora_weights = method
             elif method in INIT_METHODS_PLANNED:
                 raise NotImplementedError(
@@ -303,6 +307,12 @@ class LoraConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: it must be true or false.")
         if self.use_dora and self.lora_bias:  # PEFT refuses the pair too, so no adapter file holds it
             raise ValueError("lora_bias=True is not supported with use_dora=True: set one of them to False.")
+        if self.lora_bias and not isinstance(self.init_lora_weights, bool):
+            # PEFT refuses these too, so an adapter folder saved with them would not load in PEFT
+            raise ValueError(
+                f"lora_bias=True is only supported with init_lora_weights=True or False (as in PEFT), got "
+                f"init_lora_weights={self.init_lora_weights!r}: set lora_bias=False or use the default init."
+            )
 
     def _check_init_configs(self) -> None:
         """PEFT's rules for ``loftq_config`` / ``eva_config`` / ``corda_config``: dicts become dataclasses (LoftQ

@@ -80,12 +80,25 @@ def test_missing_folder() -> None:
         ({"rank_pattern": {"q": 0}}, "rank_pattern"),
         ({"layers_pattern": "layers"}, "layers_pattern"),
         ({"use_dora": True, "lora_bias": True}, "lora_bias=True is not supported with use_dora=True"),
+        ({"init_lora_weights": "pissa_niter_-1"}, "a whole number >= 0"),
+        ({"init_lora_weights": "pissa_niter_x"}, "a whole number >= 0"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, field) -> None:
     with pytest.raises(ValueError) as err:
         LoraConfig(**kwargs)
     assert field in str(err.value)
+
+
+@pytest.mark.parametrize("init", ["gaussian", "pissa", "pissa_niter_4", "olora", "eva", "corda"])
+def test_lora_bias_with_a_non_default_init_is_refused_as_peft_does(init) -> None:
+    """PEFT refuses the pair, so a folder saved with it would not load there."""
+    with pytest.raises(ValueError, match="only supported with init_lora_weights=True or False"):
+        peft.LoraConfig(init_lora_weights=init, lora_bias=True)
+    with pytest.raises(ValueError, match="lora_bias=True is only supported with init_lora_weights=True or False"):
+        LoraConfig(init_lora_weights=init, lora_bias=True)
+    for default in (True, False):
+        assert LoraConfig(init_lora_weights=default, lora_bias=True).lora_bias
 
 
 def test_rslora_scaling() -> None:

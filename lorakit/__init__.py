@@ -6,7 +6,8 @@ Code written for PEFT's LoRA runs after changing ``from peft import X`` to ``fro
 from lorakit.config import CordaConfig, EvaConfig, LoftQConfig, LoraConfig, PeftType, TaskType
 from lorakit.hotswap import hotswap_adapter
 from lorakit.io.adapter import get_peft_model_state_dict, set_peft_model_state_dict
-from lorakit.model import LoraModel, PeftModel
+from lorakit.lora_model import LoraModel
+from lorakit.model import PeftModel
 from lorakit.quant.config import BitsAndBytesConfig
 from lorakit.quant.load import load_model, quantize_model
 from lorakit.quant.prepare import prepare_model_for_kbit_training

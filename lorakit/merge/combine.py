@@ -36,7 +36,7 @@ import torch
 from lorakit.layers import LORA_WRAPPERS, LoraEmbeddingAdapter, ModulesToSaveWrapper
 
 if TYPE_CHECKING:
-    from lorakit.model import LoraModel
+    from lorakit.lora_model import LoraModel
 
 COMBINATION_TYPES = (
     "svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd",

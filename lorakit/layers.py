@@ -83,6 +83,9 @@ class LoraAdapter(nn.Module):
 
     #: True for variants (DoRA) that transform the base output instead of adding to it.
     wraps_base_output = False
+    #: The fused autograd (``lorakit.kernels.lora_fused``) computes this class's forward. Read from the class's own
+    #: namespace: a subclass is fused only if it sets this itself.
+    fusable = True
 
     def __init__(
         self,
@@ -395,8 +398,6 @@ class LoraLinear(_LoraWrapper):
 
     def dora_weight(self) -> tuple[torch.Tensor, bool]:
         """The base weight as stored (dequantized for 4-bit/8-bit) and whether it is (in, out)."""
-
-
         if quant.is_quantized_linear(self.base_layer):
             return quant.dequantize_weight(self.base_layer), False
         return self.base_layer.weight, self.fan_in_fan_out
@@ -452,7 +453,9 @@ class LoraLinear(_LoraWrapper):
         )
 
     def _can_fuse(self, adapters: list[nn.Module], x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
-        if self.use_fused is False or args or kwargs or len(adapters) != 1 or type(adapters[0]) is not LoraAdapter:
+        if self.use_fused is False or args or kwargs or len(adapters) != 1:
+            return False
+        if not vars(type(adapters[0])).get("fusable", False):  # set per class: a subclass must opt in itself
             return False
         if self.use_fused is None and not self._fuses_by_default(x, adapters[0]):
             return False
@@ -468,11 +471,17 @@ class LoraLinear(_LoraWrapper):
         if self.row_adapters is None and (self.use_fused or (self.use_fused is None and torch.is_grad_enabled())):
             adapters = self._adapters_to_run()
             if self._can_fuse(adapters, x, args, kwargs):
-                from lorakit.kernels.lora_fused import lora_linear
+                from lorakit.kernels.lora_fused import dora_linear, lora_linear
 
                 a = adapters[0]
                 p = a.dropout.p if isinstance(a.dropout, nn.Dropout) else 0.0
                 bias = self.base_layer.bias
+                if a.wraps_base_output:  # DoRA: y = g * (x W^T + s B A d(x)) + b, g = m / ||W + s B A||_c
+                    g = a.lora_magnitude_vector / a.row_norm(self)  # (out,); the norm is a constant (detached)
+                    return dora_linear(
+                        x, self._fused_weight(x), bias, a.lora_A.weight, a.lora_B.weight, a.scaling, g, p,
+                        self.training, a.lora_B.bias,
+                    )
                 return lora_linear(
                     x, self._fused_weight(x), bias, a.lora_A.weight, a.lora_B.weight, a.scaling, p, self.training,
                     a.lora_B.bias,

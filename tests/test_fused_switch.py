@@ -205,3 +205,43 @@ def test_fused_dropout_draws_what_nn_dropout_draws(input_ids) -> None:
     out_f.loss.backward()
     out_p.loss.backward()
     _assert_same_grads(fused, plain)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dora_takes_the_fused_path_by_default_and_equals_plain(arch: str, dropout: float, input_ids) -> None:
+    """DoRA linears (Linear and GPT-2 Conv1D) train on the fused DoRA autograd by default: equal logits and
+    gradients (A, B, magnitude) to the plain path, from the same RNG state when dropout is on."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lorakit.kernels import lora_fused
+
+    if arch == "llama":
+        base, n_layers = make_tiny_llama(hidden=64), 14
+    else:
+        torch.manual_seed(0)
+        base, n_layers = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4)), 8
+    cfg = LoraConfig(r=4, target_modules="all-linear", use_dora=True, lora_dropout=dropout, init_lora_weights=False)
+    default = get_peft_model(base, cfg).train()
+    with torch.no_grad():
+        for n, p in default.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.3 * torch.rand_like(p))  # m != ||W + s B A||: the rescaling is visible
+    plain = copy.deepcopy(default)
+    plain.enable_fused_lora(False)
+    calls = []
+    original = lora_fused._DoraLinear.apply
+    lora_fused._DoraLinear.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        torch.manual_seed(5)
+        out_d = default(input_ids=input_ids, labels=input_ids)
+    finally:
+        lora_fused._DoraLinear.apply = original
+    assert len(calls) == n_layers
+    torch.manual_seed(5)
+    out_p = plain(input_ids=input_ids, labels=input_ids)
+    torch.testing.assert_close(out_d.logits, out_p.logits, atol=1e-5, rtol=0)
+    out_d.loss.backward()
+    out_p.loss.backward()
+    _assert_same_grads(default, plain)
+    assert any(p.grad.abs().max() > 0 for n, p in default.named_parameters() if "lora_magnitude_vector" in n)

@@ -146,6 +146,7 @@ class DoraLinearAdapter(LoraAdapter):
     """A LoRA adapter with DoRA's magnitude ``lora_magnitude_vector`` (out,); see the module docstring."""
 
     wraps_base_output = True
+    fusable = True  # lorakit.kernels.lora_fused.dora_linear
 
     def __init__(self, in_features: int, out_features: int, *args, **kwargs) -> None:
         super().__init__(in_features, out_features, *args, **kwargs)

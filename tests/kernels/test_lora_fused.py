@@ -1,4 +1,5 @@
-"""Fused LoRA linear / MLP against the plain autograd formulas: values, gradients, dropout, saved memory."""
+"""Fused LoRA linear / DoRA linear / MLP against the plain autograd formulas: values, gradients, dropout, saved
+memory."""
 
 import pytest
 import torch
@@ -6,6 +7,8 @@ import torch.nn.functional as F
 
 from lorakit.kernels.lora_fused import (
     LoraProjection,
+    dora_linear,
+    dora_linear_reference,
     lora_linear,
     lora_linear_reference,
     lora_mlp,
@@ -74,6 +77,40 @@ def test_lora_linear_dropout_uses_one_mask_for_forward_and_backward(biases):
         lora_linear_reference(x, w, None, a, b, 2.0),
         **TOL,
     )
+
+
+@pytest.mark.parametrize("biases", [False, True])
+@pytest.mark.parametrize("callable_weight", [False, True])
+def test_dora_linear_matches_reference(biases, callable_weight):
+    """Values and the gradients of x, A, B, b_B and g = m / ||W + s B A|| (the norm a constant)."""
+    x = torch.randn(2, 5, 24, dtype=DT, requires_grad=True)
+    w = torch.randn(16, 24, dtype=DT)
+    bias = torch.randn(16, dtype=DT) if biases else None
+    a, b, bb = _adapter(24, 16, bias=biases)
+    g = (1 + torch.rand(16, dtype=DT)).requires_grad_()
+    weight = (lambda: w) if callable_weight else w
+    out = dora_linear(x, weight, bias, a, b, 0.5, g, lora_B_bias=bb)
+    ref = dora_linear_reference(x, w, bias, a, b, 0.5, g, lora_B_bias=bb)
+    torch.testing.assert_close(out, ref, **TOL)
+    _check_grads(out, ref, [x, a, b, bb, g])
+
+
+def test_dora_linear_dropout_drops_the_adapter_input_only():
+    """y = g * (x W^T + s B A d(x)) + b: the base term sees x, the adapter d(x), one mask for both passes."""
+    x = torch.randn(6, 24, dtype=DT, requires_grad=True)
+    w, bias = torch.randn(16, 24, dtype=DT), torch.randn(16, dtype=DT)
+    a, b, _ = _adapter(24, 16)
+    g = (1 + torch.rand(16, dtype=DT)).requires_grad_()
+    p = 0.3
+    torch.manual_seed(7)
+    out = dora_linear(x, w, bias, a, b, 2.0, g, dropout_p=p, training=True)
+    torch.manual_seed(7)
+    mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+    ref = g * (F.linear(x, w) + F.linear((x * mask / (1 - p)) @ a.t(), b) * 2.0) + bias
+    torch.testing.assert_close(out, ref, **TOL)
+    _check_grads(out, ref, [x, a, b, g])
+    with pytest.raises(ValueError, match="base bias requires grad"):
+        dora_linear(x, w, bias.clone().requires_grad_(), a, b, 2.0, g)
 
 
 def test_lora_linear_without_input_grad_and_frozen_checks():

@@ -208,16 +208,19 @@ def test_fused_dropout_draws_what_nn_dropout_draws(input_ids) -> None:
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "llama-4bit", "gpt2"])
 def test_dora_takes_the_fused_path_by_default_and_equals_plain(arch: str, dropout: float, input_ids) -> None:
-    """DoRA linears (Linear and GPT-2 Conv1D) train on the fused DoRA autograd by default: equal logits and
-    gradients (A, B, magnitude) to the plain path, from the same RNG state when dropout is on."""
+    """DoRA linears (Linear, NF4 with fp32 compute, GPT-2 Conv1D) train on the fused DoRA autograd by default:
+    equal logits and gradients (A, B, magnitude) to the plain path, from the same RNG state when dropout is on."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from lorakit.kernels import lora_fused
 
-    if arch == "llama":
+    if arch.startswith("llama"):
         base, n_layers = make_tiny_llama(hidden=64), 14
+        if arch == "llama-4bit":
+            bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_type="nf4")
+            base = quantize_model(base, bnb)
     else:
         torch.manual_seed(0)
         base, n_layers = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4)), 8

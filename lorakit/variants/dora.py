@@ -30,6 +30,11 @@ Embedding (PEFT's orientation): the weight ``(vocab, dim)`` is the transpose of 
 delta is ``s (B A)^T`` with ``A = lora_embedding_A`` (r, vocab), ``B = lora_embedding_B`` (dim, r), so the
 same row-norm formula applies with the weight read transposed; ``m`` is (dim,). Embeddings have no dropout.
 
+Training. Where the fused LoRA autograd runs (``LoraLinear.use_fused``: one active adapter over a frozen base, by
+default in fp32/fp64), a DoRA linear runs ``lorakit.kernels.lora_fused.dora_linear``: the same formula with the
+base GEMM accumulating into the adapter's output and, in backward, into the adapter's dX (no separate (M, out)
+adapter output or (M, in) dX to add), the rank-r products on ``rank_matmul``.
+
 The magnitude is saved under PEFT's file key ``<path>.lora_magnitude_vector`` (an ``nn.Parameter`` of that name
 on the adapter module).
 """

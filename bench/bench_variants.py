@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import resource
 import statistics
 import time
 
@@ -31,24 +32,23 @@ def _base():
     return tf.LlamaForCausalLM(cfg)
 
 
-def _rounds(fns: list, reps: int) -> list[list[float]]:
+def _rounds(fns: list, reps: int, faults: list[list[int]] | None = None) -> list[list[float]]:
     """Times of each callable over ``reps`` rounds, taking turns (ours, theirs, ...) so that both sides of a ratio
-    see the same machine load; two warm-up rounds first."""
+    see the same machine load; two warm-up rounds first. With ``faults`` (one list per callable), each call's
+    minor page faults are appended (see bench_core's docstring: glibc's refaults of freed blocks)."""
     for _ in range(2):
         for fn in fns:
             fn()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        for fn, ts in zip(fns, times, strict=True):
+        for i, (fn, ts) in enumerate(zip(fns, times, strict=True)):
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t)
+            if faults is not None:
+                faults[i].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     return times
-
-
-def _medians(fns: list, reps: int) -> list[float]:
-    """Median time of each callable over ``reps`` interleaved rounds (``_rounds``)."""
-    return [statistics.median(ts) for ts in _rounds(fns, reps)]
 
 
 def _ratio(num: list[float], den: list[float]) -> float:
@@ -69,17 +69,23 @@ def bench_dora(reps: int, core: bool = False) -> None:
     base = bench_core._model(quick=False) if core else _base()
     ids = torch.randint(0, base.config.vocab_size, (4, 256 if core else 128))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    print("| dropout | lorakit LoRA | lorakit DoRA | PEFT DoRA | ours/PEFT DoRA | DoRA/LoRA (ours) |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| dropout | lorakit LoRA | lorakit DoRA | PEFT DoRA | ours/PEFT DoRA | DoRA/LoRA (ours) "
+        "| page faults per step: LoRA / DoRA / PEFT DoRA |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for p in (0.0, 0.05):
         kw = dict(r=16, lora_alpha=32, target_modules=targets, lora_dropout=p)
         lora = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(**kw)).train()
         dora = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(use_dora=True, **kw)).train()
         ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(use_dora=True, **kw)).train()
-        t_lora, t_dora, t_ref = _medians([_step(m, ids) for m in (lora, dora, ref)], reps)
+        faults: list[list[int]] = [[], [], []]
+        times = _rounds([_step(m, ids) for m in (lora, dora, ref)], reps, faults)
+        t_lora, t_dora, t_ref = (statistics.median(t) for t in times)
+        f_lora, f_dora, f_ref = (int(statistics.median(f)) for f in faults)
         print(
             f"| {p} | {t_lora * 1e3:.1f} ms | {t_dora * 1e3:.1f} ms | {t_ref * 1e3:.1f} ms | "
-            f"{t_dora / t_ref:.2f}x | {t_dora / t_lora:.2f}x |"
+            f"{t_dora / t_ref:.2f}x | {t_dora / t_lora:.2f}x | {f_lora} / {f_dora} / {f_ref} |"
         )
 
 

@@ -3,7 +3,16 @@
 Code written for PEFT's LoRA runs after changing ``from peft import X`` to ``from lorakit import X``.
 """
 
-from lorakit.config import CordaConfig, EvaConfig, LoftQConfig, LoraConfig, PeftType, TaskType
+from lorakit.auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
+from lorakit.config import CordaConfig, EvaConfig, LoftQConfig, LoraConfig, PeftConfig, PeftType, TaskType
 from lorakit.hotswap import hotswap_adapter
 from lorakit.io.adapter import get_peft_model_state_dict, set_peft_model_state_dict
 from lorakit.lora_model import LoraModel
@@ -11,6 +20,7 @@ from lorakit.model import PeftModel
 from lorakit.quant.config import BitsAndBytesConfig
 from lorakit.quant.load import load_model, quantize_model
 from lorakit.quant.prepare import prepare_model_for_kbit_training
+from lorakit.status import get_layer_status, get_model_status
 from lorakit.tasks import (
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -27,12 +37,20 @@ from lorakit.variants.loftq_replace import replace_lora_weights_loftq
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "BitsAndBytesConfig",
     "CordaConfig",
     "EvaConfig",
     "LoftQConfig",
     "LoraConfig",
     "LoraModel",
+    "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
@@ -43,6 +61,8 @@ __all__ = [
     "PeftType",
     "TaskType",
     "get_eva_state_dict",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_model",
     "get_peft_model_state_dict",
     "hotswap_adapter",

@@ -138,8 +138,87 @@ def _is_off(value: Any, off: Any) -> bool:
 
 
 @dataclass
-class LoraConfig:
-    """Configuration of one LoRA adapter; field names and defaults are PEFT's ``LoraConfig``."""
+class PeftConfig:
+    """PEFT's base adapter config: the fields every ``adapter_config.json`` has, in PEFT's order. ``LoraConfig`` is
+    one (``isinstance(lora_config, PeftConfig)``, as in PEFT); ``PeftConfig.from_pretrained(folder)`` reads a
+    folder's config as its ``LoraConfig``. lorakit implements LoRA only: another ``peft_type`` is refused."""
+
+    task_type: TaskType | str | None = None
+    """The model's task (``TaskType``); picks the ``PeftModelFor...`` / ``AutoPeftModelFor...`` class."""
+    peft_type: PeftType | str | None = None
+    """The adapter method: ``"LORA"`` (or None, in a bare ``PeftConfig``)."""
+    auto_mapping: Any = _passive(None)
+    """PEFT's ``{"base_model_class": ..., "parent_library": ...}`` for ``AutoPeftModel`` without a task type."""
+    peft_version: Any = _passive(PEFT_FORMAT_VERSION)
+    """The PEFT version whose format the file has (PEFT reads it for display only); lorakit writes 0.21.2's."""
+    base_model_name_or_path: str | None = None
+    """Name or path of the base model, recorded on save (what ``AutoPeftModelFor...`` loads)."""
+    revision: str | None = None
+    """Revision of the base model on the Hub."""
+    inference_mode: bool = False
+    """Frozen adapter (set when loading without ``is_trainable``; saved as True, like PEFT)."""
+
+    def __post_init__(self) -> None:
+        if self.peft_type is not None:
+            if self.peft_type not in ("LORA", PeftType.LORA):
+                raise ValueError(
+                    f"peft_type={self.peft_type!r} is not supported: lorakit implements 'LORA' (LoRA) only."
+                )
+            self.peft_type = PeftType.LORA
+        if self.task_type is not None and not isinstance(self.task_type, TaskType):
+            try:
+                self.task_type = TaskType(self.task_type)
+            except ValueError:
+                allowed = ", ".join(t.value for t in TaskType)
+                raise ValueError(f"task_type={self.task_type!r} is not known; allowed: {allowed} or None.") from None
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        """PEFT's flag (read by transformers and TRL): LoRA is not prompt learning."""
+        return False
+
+    @property
+    def is_adaption_prompt(self) -> bool:
+        """PEFT's flag: LoRA is not an adaption prompt."""
+        return False
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
+    ) -> LoraConfig:
+        """Read ``adapter_config.json`` from a local folder or a Hub repo id (PEFT's parameter names) as a
+        ``LoraConfig``. ``kwargs``: ``huggingface_hub.hf_hub_download``'s arguments (``revision``, ``token``, ...),
+        and, as in PEFT, config fields used where the file lacks them; others are ignored."""
+        from lorakit.io.files import AdapterNotFoundError, resolve_file
+        from lorakit.io.load import hub_kwarg_names
+
+        path = pretrained_model_name_or_path
+        config_file = resolve_file(path, CONFIG_NAME, subfolder=subfolder, **kwargs)
+        if config_file is None:
+            where = os.path.join(str(path), subfolder or "")
+            raise AdapterNotFoundError(f"No {CONFIG_NAME} found in {where!r}: is this an adapter folder?")
+        with open(config_file, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{config_file} is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{config_file} does not hold a JSON object of config fields.")
+        peft_type = data.get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise ValueError(
+                f"{config_file} is a {peft_type!r} adapter (peft_type={peft_type!r}); lorakit supports LoRA only "
+                "(peft_type 'LORA'). Load it with PEFT, or train a LoRA adapter instead."
+            )
+        own = {f.name for f in fields(LoraConfig)}
+        defaults = {k: v for k, v in kwargs.items() if k in own and k not in hub_kwarg_names()}
+        return LoraConfig.from_dict({**defaults, **data})  # the file's values win, as in PEFT
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """Configuration of one LoRA adapter; field names and defaults are PEFT's ``LoraConfig`` (which comes first:
+    ``PeftConfig``'s fields, then these)."""
 
     r: int = 8
     """Rank of the update ``B @ A``."""
@@ -180,14 +259,6 @@ class LoraConfig:
     """Settings of ``init_lora_weights="eva"`` (default ``EvaConfig()``)."""
     corda_config: CordaConfig | None = None
     """Settings of ``init_lora_weights="corda"`` (default ``CordaConfig()``)."""
-    task_type: TaskType | str | None = None
-    """The model's task (``TaskType``); picks the ``PeftModelFor...`` class."""
-    inference_mode: bool = False
-    """Frozen adapter (set when loading without ``is_trainable``; saved as True, like PEFT)."""
-    base_model_name_or_path: str | None = None
-    """Name or path of the base model, recorded on save."""
-    revision: str | None = None
-    """Revision of the base model on the Hub."""
     peft_type: PeftType | str = PeftType.LORA
     """Always ``"LORA"``."""
 
@@ -208,9 +279,7 @@ class LoraConfig:
     use_qalora: Any = _unsupported(False)
     velora_config: Any = _unsupported(None)
     # PEFT fields that carry no behaviour here; kept and written back with PEFT's values so PEFT reads our files.
-    auto_mapping: Any = _passive(None)
     megatron_core: Any = _passive("megatron.core")
-    peft_version: Any = _passive(PEFT_FORMAT_VERSION)
     qalora_group_size: Any = _passive(16)
 
     def __post_init__(self) -> None:
@@ -221,15 +290,8 @@ class LoraConfig:
                     f"{off!r}."
                 )
             setattr(self, name, off)  # None / {} / [] / False all mean "off"; written back as PEFT's default
-        self.peft_type = PeftType(self.peft_type) if self.peft_type in ("LORA", PeftType.LORA) else self.peft_type
-        if self.peft_type != PeftType.LORA:
-            raise ValueError(f"peft_type={self.peft_type!r} is not supported: lorakit implements 'LORA' only.")
-        if isinstance(self.task_type, str) and not isinstance(self.task_type, TaskType):
-            try:
-                self.task_type = TaskType(self.task_type)
-            except ValueError:
-                allowed = ", ".join(t.value for t in TaskType)
-                raise ValueError(f"task_type={self.task_type!r} is not known; allowed: {allowed} or None.") from None
+        super().__post_init__()  # peft_type and task_type
+        self.peft_type = PeftType.LORA
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r={self.r!r} is invalid: the rank must be a positive integer (e.g. 8, 16, 64).")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, int | float):
@@ -362,11 +424,6 @@ class LoraConfig:
             return items
         raise ValueError(f"{name}={value!r} is invalid: it must be a list of names, a regex string or None.")
 
-    @property
-    def is_prompt_learning(self) -> bool:
-        """PEFT's flag (read by transformers and TRL): LoRA is not prompt learning."""
-        return False
-
     def scaling_for(self, r: int, alpha: float) -> float:
         """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
         return lora_scaling(r, alpha, self.use_rslora)
@@ -418,25 +475,6 @@ class LoraConfig:
                 stacklevel=2,
             )
         return cls(**kwargs)
-
-    @classmethod
-    def from_pretrained(
-        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any
-    ) -> LoraConfig:
-        """Read ``adapter_config.json`` from a local folder or a Hub repo id (PEFT's parameter names)."""
-        from lorakit.io.files import AdapterNotFoundError, resolve_file
-
-        path = pretrained_model_name_or_path
-        config_file = resolve_file(path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
-        if config_file is None:
-            where = os.path.join(str(path), subfolder or "")
-            raise AdapterNotFoundError(f"No {CONFIG_NAME} found in {where!r}: is this an adapter folder?")
-        with open(config_file, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{config_file} is not valid JSON: {e}") from e
-        return cls.from_dict(data)
 
 
 #: PEFT's LoRA fields lorakit does not implement, with their "off" value (the fields' defaults).

@@ -10,7 +10,7 @@ import contextlib
 import copy
 import os
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from lorakit.io.files import atomic_directory, atomic_write_text
 from lorakit.io.load import check_reload_compatible, remap_keys, split_load_kwargs
 from lorakit.layers import LORA_WRAPPERS
 from lorakit.lora_model import LoraModel
+
+if TYPE_CHECKING:
+    from lorakit.status import TunerLayerStatus, TunerModelStatus
 
 __all__ = ["LoraModel", "PeftModel"]  # LoraModel lives in lorakit.lora_model; importable from here as before
 
@@ -178,6 +181,18 @@ class PeftModel(nn.Module):
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """Explicitly (un)freeze the named adapters' parameters (nothing else flips them)."""
         self.base_model.set_requires_grad(adapter_names, requires_grad)
+
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """PEFT's: the status of each adapted layer (``lorakit.status.get_layer_status``)."""
+        from lorakit.status import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """PEFT's: the status of the model's adapters (``lorakit.status.get_model_status``)."""
+        from lorakit.status import get_model_status
+
+        return get_model_status(self)
 
     # ---- adapters -----------------------------------------------------------------------------------------
     def add_adapter(

@@ -1,13 +1,14 @@
-"""LoraConfig: PEFT's defaults and keys, JSON round trip, forward compatibility, validation errors."""
+"""LoraConfig and PeftConfig: PEFT's defaults and keys, JSON round trip, forward compatibility, validation errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import peft
 import pytest
 
-from lorakit import LoraConfig, TaskType
+from lorakit import LoraConfig, PeftConfig, TaskType
 from lorakit.config import CONFIG_NAME
 
 
@@ -118,3 +119,50 @@ def test_peft_only_fields_as_constructor_kwargs(tmp_path) -> None:
     with pytest.raises(NotImplementedError, match="trainable_token_indices"):
         LoraConfig.from_dict({**data, "trainable_token_indices": [1, 2]})
     assert set(LoraConfig(**data).to_dict()) == set(data)
+
+
+# ---- PeftConfig ---------------------------------------------------------------------------------------------------
+def test_lora_config_is_a_peft_config_with_peft_field_order() -> None:
+    assert isinstance(LoraConfig(), PeftConfig) and isinstance(peft.LoraConfig(), peft.PeftConfig)
+    base = [f.name for f in dataclasses.fields(peft.PeftConfig)]
+    assert [f.name for f in dataclasses.fields(PeftConfig)] == base
+    assert [f.name for f in dataclasses.fields(LoraConfig)][: len(base)] == base  # LoraConfig's come after, as PEFT's
+
+
+def test_positional_lora_config_is_refused_as_peft_does() -> None:
+    """PEFT's first field is task_type, so ``LoraConfig(16)`` is an unknown task type there, not a rank."""
+    with pytest.raises(ValueError):
+        peft.LoraConfig(16)
+    with pytest.raises(ValueError, match="task_type=16"):
+        LoraConfig(16)
+
+
+def test_peft_config_from_pretrained_reads_a_lora_folder_as_peft_does(tmp_path) -> None:
+    peft.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM", base_model_name_or_path="org/base",
+                    revision="v1").save_pretrained(str(tmp_path))
+    ours, theirs = PeftConfig.from_pretrained(tmp_path), peft.PeftConfig.from_pretrained(str(tmp_path))
+    assert type(ours) is LoraConfig and type(theirs) is peft.LoraConfig
+    for name in ("base_model_name_or_path", "revision", "task_type", "peft_type", "inference_mode", "r"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+
+
+def test_peft_config_kwargs_fill_fields_the_file_lacks_as_peft_does(tmp_path) -> None:
+    LoraConfig(target_modules=["q_proj"]).save_pretrained(tmp_path)
+    data = json.loads((tmp_path / CONFIG_NAME).read_text())
+    del data["base_model_name_or_path"]
+    data["r"] = 4
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(data))
+    kwargs = {"base_model_name_or_path": "given", "r": 16}  # the file's r wins, in both
+    ours = PeftConfig.from_pretrained(tmp_path, **kwargs)
+    theirs = peft.PeftConfig.from_pretrained(str(tmp_path), **kwargs)
+    assert (ours.base_model_name_or_path, ours.r) == (theirs.base_model_name_or_path, theirs.r) == ("given", 4)
+
+
+def test_peft_config_of_another_method_names_it_and_says_lora_only(tmp_path) -> None:
+    peft.IA3Config(target_modules=["q_proj"], feedforward_modules=[]).save_pretrained(str(tmp_path))
+    assert type(peft.PeftConfig.from_pretrained(str(tmp_path))) is peft.IA3Config
+    for reader in (PeftConfig, LoraConfig):
+        with pytest.raises(ValueError, match=r"'IA3' adapter .*lorakit supports LoRA only"):
+            reader.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="lorakit implements 'LORA'"):
+        PeftConfig(peft_type="IA3")

@@ -162,6 +162,16 @@ def _projection_backward(
     return dx, d_a, d_b, d_b_bias
 
 
+def _rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` (..., d) as (M, d) in ``dtype`` (a view when it is 2-D or contiguous and already in ``dtype``)."""
+    return _cast(t if t.dim() == 2 else t.reshape(-1, t.shape[-1]), dtype)
+
+
+def _unrows(t2: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(M, d) ``t2`` back to ``like``'s leading dims: (..., d)."""
+    return t2 if like.dim() == 2 else t2.view(*like.shape[:-1], t2.shape[-1])
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -174,25 +184,23 @@ class _LoraLinear(torch.autograd.Function):
         training: bool,
     ) -> torch.Tensor:
         dtype = _compute_dtype(x)
-        lead = x.shape[:-1]
         with _autocast_off(x.device.type):
-            x2 = _cast(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), dtype)  # (M, in)
+            x2 = _rows(x, dtype)  # (M, in)
             y, mask, h = _projection_forward(x2, proj, training, dtype)
         ctx.save_for_backward(x2, mask, h)
         ctx.proj, ctx.dtype, ctx.x_dtype = proj, dtype, x.dtype
-        return y if x.dim() == 2 else y.view(*lead, y.shape[-1])  # (..., out)
+        return _unrows(y, x)  # (..., out)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x2, mask, h = ctx.saved_tensors
-        lead = dy.shape[:-1]
         with _autocast_off(dy.device.type):
-            dy2 = _cast(dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1]), ctx.dtype)  # (M, out)
+            dy2 = _rows(dy, ctx.dtype)  # (M, out)
             dx, d_a, d_b, d_b_bias = _projection_backward(
                 dy2, x2, mask, h, ctx.proj, ctx.needs_input_grad[0], ctx.dtype
             )
         if dx is not None:
-            dx = _cast(dx if dy.dim() == 2 else dx.view(*lead, dx.shape[-1]), ctx.x_dtype)
+            dx = _cast(_unrows(dx, dy), ctx.x_dtype)
         return dx, d_a, d_b, d_b_bias, None, None
 
 
@@ -253,22 +261,20 @@ class _DoraLinear(torch.autograd.Function):
         training: bool,
     ) -> torch.Tensor:
         dtype = _compute_dtype(x)
-        lead = x.shape[:-1]
         with _autocast_off(x.device.type):
-            x2 = _cast(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), dtype)  # (M, in)
+            x2 = _rows(x, dtype)  # (M, in)
             t, mask, h = _projection_forward(x2, proj, training, dtype)  # (M, out): x W^T + s (B A d(x) + b_B)
             g2 = _cast(g.detach(), dtype)
             y = t * g2 if bias is None else torch.addcmul(_cast(bias, dtype), t, g2)  # (M, out)
         ctx.save_for_backward(x2, mask, h, t, g2)
         ctx.proj, ctx.dtype, ctx.x_dtype, ctx.g_dtype = proj, dtype, x.dtype, g.dtype
-        return y if x.dim() == 2 else y.view(*lead, y.shape[-1])  # (..., out)
+        return _unrows(y, x)  # (..., out)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x2, mask, h, t, g2 = ctx.saved_tensors
-        lead = dy.shape[:-1]
         with _autocast_off(dy.device.type):
-            dy2 = _cast(dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1]), ctx.dtype)  # (M, out)
+            dy2 = _rows(dy, ctx.dtype)  # (M, out)
             d_g = None
             if ctx.needs_input_grad[4]:
                 d_g = (dy2 * t).sum(0).to(ctx.g_dtype)  # (out,) (vecdot measured 1.3x slower on CPU)
@@ -278,7 +284,7 @@ class _DoraLinear(torch.autograd.Function):
                 dt, x2, mask, h, ctx.proj, ctx.needs_input_grad[0], ctx.dtype
             )
         if dx is not None:
-            dx = _cast(dx if dy.dim() == 2 else dx.view(*lead, dx.shape[-1]), ctx.x_dtype)
+            dx = _cast(_unrows(dx, dy), ctx.x_dtype)
         return dx, d_a, d_b, d_b_bias, d_g, None, None, None
 
 

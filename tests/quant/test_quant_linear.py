@@ -183,7 +183,9 @@ def test_dequantize_weight_after_bitsandbytes_cpu_repack():
     expected = dequantize_weight(theirs)
     theirs.eval()
     with torch.no_grad():
-        theirs(torch.randn(2, 64))
+        theirs(torch.randn(2, 256))  # (2, in)
+    if not getattr(theirs.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("bitsandbytes repacks only for its AVX512-BF16 CPU kernel, which this CPU lacks")
     torch.testing.assert_close(dequantize_weight(theirs), expected, atol=0.01, rtol=0)  # bf16 absmax: 2^-8 rel
 
 

@@ -49,10 +49,27 @@ def check_adapter_name(name: str) -> None:
     """Reject adapter names that would collide with module attributes or file-key markers."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"adapter_name={name!r} is invalid: it must be a non-empty string.")
-    if "." in name or "/" in name or name in RESERVED_ADAPTER_NAMES or name.startswith("lora_"):
+    if "." in name or "/" in name or name in RESERVED_ADAPTER_NAMES:
         raise ValueError(
             f"adapter_name={name!r} collides with lorakit's internal names: choose a name without '.' or '/', "
-            f"not starting with 'lora_' and not one of {sorted(RESERVED_ADAPTER_NAMES)}."
+            f"not one of {sorted(RESERVED_ADAPTER_NAMES)}."
+        )
+
+
+#: PEFT's key prefix of LoRA parameters (``PEFT_TYPE_TO_PREFIX_MAPPING["LORA"]``).
+LORA_PREFIX = "lora_"
+
+
+def warn_if_in_prefix(name: str) -> None:
+    """PEFT's warning for an adapter name contained in ``"lora_"`` (``"lora"``, ``"a"``, ...: PEFT's loading matches
+    keys by substring and may take such a name for the prefix). Names that merely start with ``"lora_"``
+    (``"lora_x"``) pass, as in PEFT. Called where PEFT warns: ``get_peft_model``, ``add_adapter``,
+    ``load_adapter`` of a new adapter."""
+    if name in LORA_PREFIX:
+        warnings.warn(
+            f"Adapter name '{name}' should not be contained in the prefix '{LORA_PREFIX}'. "
+            "This may lead to reinitialization of the adapter weights during loading.",
+            stacklevel=3,
         )
 
 

@@ -29,7 +29,7 @@ from lorakit.io.adapter import (
 )
 from lorakit.io.files import atomic_directory, atomic_write_text
 from lorakit.io.load import check_reload_compatible, remap_keys, split_load_kwargs
-from lorakit.layers import LORA_WRAPPERS
+from lorakit.layers import LORA_WRAPPERS, warn_if_in_prefix
 from lorakit.lora_model import LoraModel
 
 if TYPE_CHECKING:
@@ -203,6 +203,8 @@ class PeftModel(nn.Module):
         autocast_adapter_dtype: bool = True,
     ) -> None:
         """Add a new adapter (trainable unless ``peft_config.inference_mode``); the active adapter is unchanged."""
+        if adapter_name not in self.peft_config:  # PEFT: a taken name raises (in inject) without the warning
+            warn_if_in_prefix(adapter_name)
         self.base_model.inject(peft_config, adapter_name)
         if not autocast_adapter_dtype:
             self._keep_base_dtype(adapter_name)
@@ -320,6 +322,7 @@ class PeftModel(nn.Module):
             result = self._reload_adapter(adapter_name, config, tensors, is_trainable)
         else:
             config.inference_mode = not is_trainable
+            warn_if_in_prefix(adapter_name)
             self.base_model.inject(config, adapter_name, initialize=False)
             try:
                 if not autocast_adapter_dtype:

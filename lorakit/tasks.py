@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from lorakit.config import LoraConfig, TaskType
+from lorakit.layers import warn_if_in_prefix
 from lorakit.model import PeftModel
 
 
@@ -125,6 +126,7 @@ def get_peft_model(
     if revision is not None:
         peft_config = copy.deepcopy(peft_config)
         peft_config.revision = revision
+    warn_if_in_prefix(adapter_name)
     klass = MODEL_TYPE_TO_PEFT_MODEL[peft_config.task_type]
     return klass(model, peft_config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 
+import peft
 import pytest
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+import lorakit
 from lorakit import LoraConfig, get_peft_model
 from lorakit.layers import LoraEmbedding, LoraLinear, check_adapter_name
 
@@ -146,10 +149,54 @@ def test_disabled_and_inactive_return_base() -> None:
     torch.testing.assert_close(w(x), w.base_layer(x))
 
 
-@pytest.mark.parametrize("name", ["", "a.b", "lora_x", "base_layer", "adapters", "__base__", "weight"])
+@pytest.mark.parametrize("name", ["", "a.b", "lora_A", "base_layer", "adapters", "__base__", "weight"])
 def test_reserved_adapter_names_rejected(name: str) -> None:
+    """The LoRA part names stay refused although PEFT takes them: PEFT 0.21.2 then writes broken files (a first
+    adapter with bias='lora_only' beside one named 'lora_A' is saved without its lora_A weights)."""
     with pytest.raises(ValueError, match="adapter_name"):
         check_adapter_name(name)
+
+
+def _prefix_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "should not be contained in the prefix" in str(w.message)]
+
+
+@pytest.mark.parametrize("name", ["lora_x", "lora_adapter", "lora"])
+def test_names_with_lora_warn_only_where_peft_does_and_round_trip(tmp_path, name) -> None:
+    """PEFT 0.21.2 takes any name; it warns (get_peft_model, add_adapter, load_adapter of a new adapter) only for one
+    contained in its key prefix 'lora_' (``adapter_name in prefix``): 'lora' warns, 'lora_x' does not."""
+    cfg = dict(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
+    seen, models = {}, {}
+    for lib in (lorakit, peft):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            model = lib.get_peft_model(make_tiny_llama(), lib.LoraConfig(**cfg), adapter_name=name)
+            on_create = _prefix_warnings(record)
+            other = lib.get_peft_model(make_tiny_llama(), lib.LoraConfig(**cfg))
+            other.add_adapter(name, lib.LoraConfig(**cfg))
+            on_add = _prefix_warnings(record)[len(on_create):]
+            model.save_pretrained(tmp_path / lib.__name__)
+            folder = tmp_path / lib.__name__ / name
+            before = len(_prefix_warnings(record))
+            lib.PeftModel.from_pretrained(make_tiny_llama(), folder, adapter_name=name)  # PEFT: no warning here
+            loaded = lib.PeftModel.from_pretrained(make_tiny_llama(), folder, adapter_name="default")
+            loaded.load_adapter(folder, adapter_name=name)
+            loaded.set_adapter(name)
+            on_load = _prefix_warnings(record)[before:]
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+        seen[lib.__name__] = (on_create, on_add, on_load)
+        models[lib.__name__] = model
+    assert seen["lorakit"] == seen["peft"]
+    assert seen["lorakit"][0] == ([] if name.startswith("lora_") else [
+        f"Adapter name '{name}' should not be contained in the prefix 'lora_'. This may lead to reinitialization of "
+        "the adapter weights during loading."
+    ])
+    for lib, other in (("lorakit", peft), ("peft", lorakit)):  # each library's folder loads in the other
+        reloaded = other.PeftModel.from_pretrained(make_tiny_llama(), tmp_path / lib / name, adapter_name=name)
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(input_ids=ids).logits, models[lib](input_ids=ids).logits)
 
 
 def test_delete_adapter_frees_what_mixed_batches_kept(input_ids) -> None:

@@ -13,7 +13,7 @@ from lorakit.auto import (
     AutoPeftModelForTokenClassification,
 )
 from lorakit.config import CordaConfig, EvaConfig, LoftQConfig, LoraConfig, PeftConfig, PeftType, TaskType
-from lorakit.hotswap import hotswap_adapter
+from lorakit.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from lorakit.io.adapter import get_peft_model_state_dict, set_peft_model_state_dict
 from lorakit.lora_model import LoraModel
 from lorakit.model import PeftModel
@@ -68,6 +68,7 @@ __all__ = [
     "hotswap_adapter",
     "initialize_lora_eva_weights",
     "load_model",
+    "prepare_model_for_compiled_hotswap",
     "prepare_model_for_kbit_training",
     "preprocess_corda",
     "quantize_model",

@@ -101,7 +101,7 @@ def test_hotswap_larger_rank_on_an_uncompiled_model_as_peft(tmp_path, use_rslora
 def test_prepare_model_for_compiled_hotswap_then_a_larger_rank_does_not_recompile(tmp_path):
     from torch._dynamo.utils import counters
 
-    from lorakit.hotswap import prepare_model_for_compiled_hotswap
+    from lorakit import prepare_model_for_compiled_hotswap
 
     base = _base().eval()
     x = torch.randn(4, 16)
@@ -130,7 +130,7 @@ def test_prepare_model_for_compiled_hotswap_then_a_larger_rank_does_not_recompil
 
 
 def test_prepare_model_for_compiled_hotswap_errors(tmp_path):
-    from lorakit.hotswap import prepare_model_for_compiled_hotswap
+    from lorakit import prepare_model_for_compiled_hotswap
 
     base = _base()
     model = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(r=4, target_modules=["0", "2"]))

@@ -160,6 +160,17 @@ class LoraAdapter(nn.Module):
         h = self.lora_B(self.lora_A(self.dropout(x)))  # (..., out)
         return torch.add(result, h.to(result.dtype), alpha=self.scaling)
 
+    def fused_forward(self, x: torch.Tensor, wrapper: nn.Module, weight: Any, training: bool) -> torch.Tensor:
+        """``wrapper``'s output through the fused autograd (``lorakit.kernels.lora_fused.lora_linear``);
+        ``weight``: the frozen base weight (out, in) or a callable dequantizing it (``LoraLinear._fused_weight``)."""
+        from lorakit.kernels.lora_fused import lora_linear
+
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+        return lora_linear(
+            x, weight, wrapper.base_layer.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, p, training,
+            self.lora_B.bias,
+        )
+
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` (out, in), in fp32 (the one place the full delta is built: merging)."""
         a = self.lora_A.weight.float()  # (r, in)
@@ -488,21 +499,7 @@ class LoraLinear(_LoraWrapper):
         if self.row_adapters is None and (self.use_fused or (self.use_fused is None and torch.is_grad_enabled())):
             adapters = self._adapters_to_run()
             if self._can_fuse(adapters, x, args, kwargs):
-                from lorakit.kernels.lora_fused import dora_linear, lora_linear
-
-                a = adapters[0]
-                p = a.dropout.p if isinstance(a.dropout, nn.Dropout) else 0.0
-                bias = self.base_layer.bias
-                if a.wraps_base_output:  # DoRA: y = g * (x W^T + s B A d(x)) + b, g = m / ||W + s B A||_c
-                    g = a.lora_magnitude_vector / a.row_norm(self)  # (out,); the norm is a constant (detached)
-                    return dora_linear(
-                        x, self._fused_weight(x), bias, a.lora_A.weight, a.lora_B.weight, a.scaling, g, p,
-                        self.training, a.lora_B.bias,
-                    )
-                return lora_linear(
-                    x, self._fused_weight(x), bias, a.lora_A.weight, a.lora_B.weight, a.scaling, p, self.training,
-                    a.lora_B.bias,
-                )
+                return adapters[0].fused_forward(x, self, self._fused_weight(x), self.training)
         if self.row_adapters is not None and not self.disabled:
             from lorakit.variants.mixed import mixed_linear_forward
 

@@ -41,6 +41,8 @@ on the adapter module).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -178,6 +180,21 @@ class DoraLinearAdapter(LoraAdapter):
         with torch.no_grad():
             self.lora_magnitude_vector.copy_(self.row_norm(wrapper))
 
+    def magnitude_scale(self, wrapper: nn.Module) -> torch.Tensor:
+        """``g = m / ||W + s B A||_c`` (out,): differentiable in ``m``, the norm a constant (detached)."""
+        return self.lora_magnitude_vector / self.row_norm(wrapper)
+
+    def fused_forward(self, x: torch.Tensor, wrapper: nn.Module, weight: Any, training: bool) -> torch.Tensor:
+        """``g * (x W^T + s B A d(x)) + b`` through ``lorakit.kernels.lora_fused.dora_linear`` (see
+        ``LoraAdapter.fused_forward``)."""
+        from lorakit.kernels.lora_fused import dora_linear
+
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+        return dora_linear(
+            x, weight, wrapper.base_layer.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
+            self.magnitude_scale(wrapper), p, training, self.lora_B.bias,
+        )
+
     def forward_with_base(self, x: torch.Tensor, result: torch.Tensor, wrapper: nn.Module) -> torch.Tensor:
         """``g * (result - b + s B A d(x)) + b`` with ``result = W x + b`` (..., out) from the base layer.
 
@@ -188,7 +205,7 @@ class DoraLinearAdapter(LoraAdapter):
 
         which has the same value and the same gradients for A, B and ``m`` as the formula above.
         """
-        g = self.lora_magnitude_vector / self.row_norm(wrapper)  # (out,); the norm is a constant (detached)
+        g = self.magnitude_scale(wrapper)  # (out,)
         if not torch.is_autocast_enabled(x.device.type) and x.dtype != self.lora_A.weight.dtype:
             x = x.to(self.lora_A.weight.dtype)
         b_scaled = self.lora_B.weight * (self.scaling * g).unsqueeze(1)  # (out, r)

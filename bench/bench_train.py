@@ -88,7 +88,7 @@ def estimate_check(ckpt: bool) -> None:
 
     from lorakit import LoraConfig, get_peft_model
     from lorakit.train.estimate import estimate_memory
-    from lorakit.train.loop import CausalLMLoss
+    from lorakit.train.sft import CausalLMLoss
 
     seq, batch = 256, 8
     config = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,

@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
 STATE_FILE = "trainer_state.json"
+TRAINABLE_FILE = "trainable.safetensors"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 
 
@@ -94,6 +96,53 @@ def clean_temporaries(output_dir: str | os.PathLike) -> None:
         for child in root.iterdir():
             if child.name.startswith(TMP_PREFIX) and child.is_dir():
                 shutil.rmtree(child, ignore_errors=True)
+
+
+def save(output_dir: Path, step: int, model: nn.Module, trainable: dict[str, torch.Tensor], optimizer: Any,
+         scheduler: Any, state: dict[str, Any], rank: int, main: bool, barrier: Any,
+         save_total_limit: int | None = None) -> None:
+    """Write ``checkpoint-<step>`` of a run (every process calls it; `barrier` synchronizes them).
+
+    Each process writes its RNG state; the main process the PEFT adapter of `model`, every `trainable` tensor
+    as in memory, the optimizer and scheduler states and `state` (trainer_state.json, last), then renames the
+    folder into place and deletes the checkpoints past `save_total_limit`.
+    """
+    from safetensors.torch import save_file
+
+    tmp = temp_dir(output_dir, step)
+    if main:
+        begin(output_dir, step)
+    barrier()
+    save_rng(tmp, rank)
+    if main:
+        model.save_pretrained(tmp)
+        save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()}, tmp / TRAINABLE_FILE)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        commit(tmp, {"global_step": step, **state})
+        rotate(output_dir, save_total_limit)
+    barrier()
+
+
+def restore(path: Path, trainable: dict[str, torch.Tensor], optimizer: Any, scheduler: Any, rank: int) -> None:
+    """Load checkpoint `path` into the `trainable` tensors, the optimizer, the scheduler and this process's RNGs;
+    refuses a checkpoint whose trainable tensors differ in names or shapes."""
+    from safetensors.torch import load_file
+
+    saved = load_file(path / TRAINABLE_FILE)
+    if set(saved) != set(trainable):
+        raise ValueError(f"{path} does not match this config's adapter: trainable tensors "
+                         f"differ (e.g. {sorted(set(saved) ^ set(trainable))[:3]})")
+    shapes = [n for n in saved if saved[n].shape != trainable[n].shape]
+    if shapes:
+        raise ValueError(f"{path} does not match this config's adapter: {shapes[0]} has shape "
+                         f"{tuple(saved[shapes[0]].shape)} there, {tuple(trainable[shapes[0]].shape)} here")
+    with torch.no_grad():
+        for name, value in saved.items():
+            trainable[name].copy_(value)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    load_rng(path, rank)
 
 
 def read_state(path: Path) -> dict[str, Any]:

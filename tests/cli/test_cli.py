@@ -120,12 +120,12 @@ def test_generation_keeps_a_pad_id_of_zero():
 
 
 def test_oom_advice_is_one_clean_line(tmp_path, capsys, monkeypatch, tiny_model_dir, config_writer):
-    import lorakit.train.loop
+    import lorakit.train.sft
 
     def boom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(lorakit.train.loop.CausalLMLoss, "forward", boom)
+    monkeypatch.setattr(lorakit.train.sft.CausalLMLoss, "forward", boom)
     cfg = config_writer(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "out")
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err.splitlines()[-1]

@@ -1,0 +1,73 @@
+"""A training method: what the loop of `lorakit.train.loop` asks of a loss (SFT today; preference losses next).
+
+The loop owns everything a method shares: accelerator, base model and adapter, data order (a pure function of
+(seed, step)), token/pair-normalized accumulation over micro-batches and processes, clipping, optimizer and
+schedule, checkpoints, logging, evaluation. A method supplies the rows, how they batch, and a loss that is a
+*sum* over ``units`` (label tokens for SFT; pairs for DPO-style losses), so the loop can normalize it by the
+units of the whole optimizer step::
+
+    loss = (1 / N) * sum_{p, m} method.loss_module(model)(**batch_{p,m}),   N = sum_{p, m} method.units(batch_{p,m})
+
+A new method is one module implementing `TrainingMethod` and one row of `METHODS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+Row = dict[str, Any]
+"""One training row as the method's data step produces it (SFT: ``{"input_ids", "labels", ...}``)."""
+
+
+class TrainingMethod(Protocol):
+    """What the training loop asks of a method (see the module docstring)."""
+
+    name: str
+    reports_perplexity: bool
+    """Whether ``exp(eval_loss)`` means something (per-token cross-entropy); logged as eval_perplexity."""
+
+    def build_data(self, say: Callable[[str], None]) -> tuple[list[Row], list[Row], dict[str, Any]]:
+        """(train rows, eval rows, stats logged as ``data_<key>`` at step 0); prints its report with `say`."""
+        ...
+
+    def collate(self, rows: list[Row]) -> dict[str, torch.Tensor]:
+        """Rows -> the keyword arguments of the loss module (CPU tensors)."""
+        ...
+
+    def loss_module(self, model: nn.Module) -> nn.Module:
+        """A module whose ``forward(**batch)`` returns the loss *summed* over the batch's units (a scalar)."""
+        ...
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many units the summed loss of `batch` covers (the normalizer of the step)."""
+        ...
+
+    def tokens(self, rows: list[Row]) -> int:
+        """Input tokens of `rows` (throughput and ``tokens_seen``)."""
+        ...
+
+    def summary(self) -> dict[str, Any]:
+        """Method-specific entries of summary.json."""
+        ...
+
+
+def build_method(cfg: Any, tokenizer: Any, mask_dtype: torch.dtype) -> TrainingMethod:
+    """The method of `cfg` (``method:`` in the YAML once there are several; SFT until then)."""
+    name = getattr(cfg, "method", "sft")
+    if name not in METHODS:
+        raise NotImplementedError(f"method: {name!r} is not implemented; available: {', '.join(METHODS)}")
+    return METHODS[name](cfg, tokenizer, mask_dtype)
+
+
+def _sft(cfg: Any, tokenizer: Any, mask_dtype: torch.dtype) -> TrainingMethod:
+    from lorakit.train.sft import SFT
+
+    return SFT(cfg, tokenizer, mask_dtype)
+
+
+METHODS: dict[str, Callable[[Any, Any, torch.dtype], TrainingMethod]] = {"sft": _sft}
+"""Method name -> constructor ``(TrainConfig, tokenizer, attention-mask dtype)``."""

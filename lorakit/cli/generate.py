@@ -6,24 +6,10 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
-
-
-def _positive_int(text: str) -> int:
-    from lorakit.cli.main import positive_int
-
-    return positive_int(text)
-
-
-def _non_negative_int(text: str) -> int:
-    from lorakit.cli.main import int_at_least  # (main imports this module: a lazy import)
-
-    return int_at_least(0)(text)
+from lorakit.cli.common import DTYPES, damaged_file_errors, non_negative_int, positive_float, positive_int
 
 
 def _top_p(text: str) -> float:
@@ -32,19 +18,6 @@ def _top_p(text: str) -> float:
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"--top-p must be in (0, 1], got {text}")
     return value
-
-
-def _positive_float(text: str) -> float:
-    """argparse type: a float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 
 
 SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}
@@ -66,12 +39,12 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="adapter folder; repeat for several (the first is active; name defaults to the folder)")
     p.add_argument("--quantization", default="none", choices=["none", "nf4", "fp4", "int8"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--do-sample", action="store_true", help="sample (default: greedy)")
-    p.add_argument("--temperature", type=_positive_float, default=None, help="with --do-sample (default 1.0)")
+    p.add_argument("--temperature", type=positive_float, default=None, help="with --do-sample (default 1.0)")
     p.add_argument("--top-p", type=_top_p, default=None, help="with --do-sample (default 1.0)")
-    p.add_argument("--top-k", type=_non_negative_int, default=None, help="with --do-sample (default 50; 0: off)")
-    p.add_argument("--repetition-penalty", type=_positive_float, default=1.0)
+    p.add_argument("--top-k", type=non_negative_int, default=None, help="with --do-sample (default 50; 0: off)")
+    p.add_argument("--repetition-penalty", type=positive_float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
 
@@ -92,19 +65,6 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
             raise ValueError(f"two adapters named {name!r}: name them with NAME=PATH")
         out.append((name, path))
     return out
-
-
-@contextlib.contextmanager
-def damaged_file_errors(adapter: str) -> Iterator[None]:
-    """A truncated or corrupt adapter_model.safetensors as a ValueError naming the folder (safetensors raises
-    its own SafetensorError, which would print a traceback)."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except SafetensorError as err:
-        raise ValueError(f"--adapter {adapter!r}: its safetensors file is damaged or incomplete ({err}); save or "
-                         "copy the adapter again") from err
 
 
 def load_with_adapters(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import sys
 from collections.abc import Sequence
 
+from lorakit.cli.common import positive_int, shard_size
 from lorakit.cli.generate import add_generate_arguments, run_chat, run_generate
 
 
@@ -100,31 +100,6 @@ def _estimate(args: argparse.Namespace) -> int:
                           args.target or "all-linear", args.dtype, chunked_loss=not args.no_chunked_loss,
                           double_quant=args.double_quant))
     return 0
-
-
-def int_at_least(low: int):
-    """An argparse type: an integer >= ``low``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-
-    return parse
-
-
-positive_int = int_at_least(1)
-
-
-def shard_size(text: str) -> str:
-    """argparse type: a safetensors shard size as save_pretrained takes it (a number and KB, MB, GB or TB)."""
-    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", text, flags=re.IGNORECASE):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 500MB or 2GB (units: KB, MB, GB, TB)")
-    return text
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,9 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
-
+from lorakit.cli.common import DTYPES, damaged_file_errors
 
 MARKER_FILE = "lorakit_merge.json"
 """Written into every merged folder: marks it as a `lorakit merge` output that a later merge may replace."""
@@ -61,7 +59,6 @@ def merge_to_disk(base: str, adapter: str, out: str | os.PathLike, dtype: str = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lorakit import PeftModel
-    from lorakit.cli.generate import damaged_file_errors
     from lorakit.train.evaluate import model_path_errors
 
     if dtype not in DTYPES:

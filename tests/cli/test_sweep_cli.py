@@ -90,7 +90,7 @@ def test_merge_checks_the_shard_size_before_loading(capsys):
     with pytest.raises(SystemExit):
         main(["merge", "--base", "b", "--adapter", "a", "--out", "o", "--max-shard-size", "10XB"])
     assert "argument --max-shard-size: '10XB' is not a size like 500MB" in capsys.readouterr().err
-    from lorakit.cli.main import shard_size
+    from lorakit.cli.common import shard_size
 
     assert [shard_size(s) for s in ("2GB", "500mb", "1.5GB", "100KB")] == ["2GB", "500mb", "1.5GB", "100KB"]
 

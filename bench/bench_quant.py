@@ -50,7 +50,7 @@ def bench_dequant(rows: int, cols: int, repeats: int, tokens: int) -> None:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbF
 
-    from lorakit.quant import Linear4bit, nf4
+    from lorakit.quant import Linear4bit, nf4_cpu
     from lorakit.quant.nf4 import dequantize_4bit, quantize_4bit
 
     torch.manual_seed(0)
@@ -60,12 +60,12 @@ def bench_dequant(rows: int, cols: int, repeats: int, tokens: int) -> None:
 
     def one_thread() -> torch.Tensor:
         """The calling thread only, in steps of _STEP (the path before worker threads, 2026-11-24)."""
-        saved = nf4._PARALLEL_MIN, nf4._WORKER_STEP
-        nf4._PARALLEL_MIN, nf4._WORKER_STEP = 2**62, nf4._STEP
+        saved = nf4_cpu._PARALLEL_MIN, nf4_cpu._WORKER_STEP
+        nf4_cpu._PARALLEL_MIN, nf4_cpu._WORKER_STEP = 2**62, nf4_cpu._STEP
         try:
             return dequantize_4bit(packed, state)
         finally:
-            nf4._PARALLEL_MIN, nf4._WORKER_STEP = saved
+            nf4_cpu._PARALLEL_MIN, nf4_cpu._WORKER_STEP = saved
 
     print(f"load before: {_load()}")
     cpu: dict[str, list[float]] = {}

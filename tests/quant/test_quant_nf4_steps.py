@@ -1,11 +1,11 @@
-"""The CPU paths of lorakit.quant.nf4 that work in steps equal the one-step path and the formula, bit for bit.
+"""The CPU paths of lorakit.quant.nf4 and its backend nf4_cpu that work in steps equal the one-step path and the
+formula, bit for bit.
 
 quantize_4bit goes in steps of ``_QUANT_STEP`` elements, dequantize_blockwise_8bit in steps of about ``_STEP``,
-dequantize_4bit in steps of ``_STEP`` or ``_WORKER_STEP`` on the calling thread or on worker threads; the steps
-are shrunk here so that small tensors cross many step boundaries, with a shorter last step, a partial last block
-and an odd element count. The one-step path (``_simple_path``, used
-off the CPU and under torch.compile) is the comparison. No tolerances: everything is compared with
-torch.equal on the raw bits.
+dequantize_4bit (lorakit.quant.nf4_cpu) in steps of ``_STEP`` or ``_WORKER_STEP`` on the calling thread or on
+worker threads; the steps are shrunk here so that small tensors cross many step boundaries, with a shorter last
+step, a partial last block and an odd element count. The one-step path (``_simple_path``, used off the CPU and
+under torch.compile) is the comparison. No tolerances: everything is compared with torch.equal on the raw bits.
 """
 
 import os
@@ -14,7 +14,7 @@ import threading
 import pytest
 import torch
 
-from lorakit.quant import nf4
+from lorakit.quant import nf4, nf4_cpu
 from lorakit.quant.nf4 import ALLOWED_BLOCKSIZES, dequantize_4bit, dequantize_absmax, quantize_4bit
 
 SHAPES = [(37, 320), (5, 1001), (4096,), (3, 7)]  # many steps; partial blocks + odd n; one step; < one block
@@ -47,6 +47,7 @@ def test_steps_equal_one_step(monkeypatch, shape, quant_type, compress_statistic
     torch.manual_seed(0)
     A = (torch.randn(shape) * torch.rand(shape[-1]) * 3).to(torch.bfloat16)
     monkeypatch.setattr(nf4, "_STEP", 256)
+    monkeypatch.setattr(nf4_cpu, "_STEP", 256)
     monkeypatch.setattr(nf4, "_QUANT_STEP", 4096)  # a multiple of every blocksize, as the real one
     for blocksize in (32, 64, 256):
         packed, state = quantize_4bit(A, blocksize, quant_type, compress_statistics)
@@ -119,7 +120,7 @@ def test_every_cpu_path_equals_the_formula(monkeypatch, threads, path, shape, qu
         expected = {dtype: _formula(packed, state, dtype) for dtype in nf4.FLOAT_DTYPES}
         with monkeypatch.context() as m:
             for name, value in patches.items():
-                m.setattr(nf4, name, value)
+                m.setattr(nf4_cpu, name, value)
             threads(count)
             for dtype in nf4.FLOAT_DTYPES:
                 assert torch.equal(_bits(dequantize_4bit(packed, state, dtype)), _bits(expected[dtype]))
@@ -129,15 +130,15 @@ def test_every_cpu_path_equals_the_formula(monkeypatch, threads, path, shape, qu
 def test_workers_run_ops_inline_and_under_inference_mode(monkeypatch, threads):
     """Worker threads keep one intra-op thread; the caller's count is untouched; an inference-tensor output works."""
     threads(2)
-    monkeypatch.setattr(nf4, "_PARALLEL_MIN", 1)
-    monkeypatch.setattr(nf4, "_WORKER_STEP", 4096)
-    monkeypatch.setattr(nf4, "_cpu_workers", lambda threads: 2)
+    monkeypatch.setattr(nf4_cpu, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(nf4_cpu, "_WORKER_STEP", 4096)
+    monkeypatch.setattr(nf4_cpu, "_cpu_workers", lambda threads: 2)
     packed, state = quantize_4bit(torch.randn(64, 1024))
     expected = _formula(packed, state, torch.float32)
     with torch.inference_mode():
         assert torch.equal(dequantize_4bit(packed, state), expected)
     assert torch.equal(dequantize_4bit(packed, state), expected)
-    pool = nf4._POOL[1]
+    pool = nf4_cpu._POOL[1]
     assert [f.result() for f in [pool.submit(torch.get_num_threads) for _ in range(8)]] == [1] * 8
     assert torch.get_num_threads() == 2
 
@@ -145,24 +146,24 @@ def test_workers_run_ops_inline_and_under_inference_mode(monkeypatch, threads):
 def test_no_workers_without_openmp(monkeypatch, threads):
     """Another parallel backend shares one thread count: the calling thread does the work, in steps of _STEP."""
     threads(2)
-    nf4._openmp.cache_clear()
+    nf4_cpu._openmp.cache_clear()
     monkeypatch.setattr(torch.__config__, "parallel_info", lambda: "ATen parallel backend: native thread pool")
-    assert nf4._cpu_workers(2) == 0
-    monkeypatch.setattr(nf4, "_PARALLEL_MIN", 1)
-    monkeypatch.setattr(nf4, "_in_workers", None)  # not called
+    assert nf4_cpu._cpu_workers(2) == 0
+    monkeypatch.setattr(nf4_cpu, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(nf4_cpu, "_in_workers", None)  # not called
     packed, state = quantize_4bit(torch.randn(8, 1024))
     assert torch.equal(dequantize_4bit(packed, state), _formula(packed, state, torch.float32))
     monkeypatch.undo()
-    nf4._openmp.cache_clear()
+    nf4_cpu._openmp.cache_clear()
 
 
 def test_worker_exceptions_reach_the_caller(monkeypatch, threads):
     """A worker's exception is raised to the caller, and the process-wide default the workers' one intra-op
     thread changed is set back to the caller's count: a thread started afterwards sees it, on every call."""
     threads(2)
-    monkeypatch.setattr(nf4, "_PARALLEL_MIN", 1)
-    monkeypatch.setattr(nf4, "_cpu_workers", lambda threads: 2)
-    monkeypatch.setattr(nf4, "_POOL", None)  # fresh workers, whose first step sets them to one thread
+    monkeypatch.setattr(nf4_cpu, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(nf4_cpu, "_cpu_workers", lambda threads: 2)
+    monkeypatch.setattr(nf4_cpu, "_POOL", None)  # fresh workers, whose first step sets them to one thread
 
     def fail(*args):
         raise RuntimeError("step failed")
@@ -174,7 +175,7 @@ def test_worker_exceptions_reach_the_caller(monkeypatch, threads):
         thread.join()
         return seen[0]
 
-    monkeypatch.setattr(nf4, "_dequantize_steps", fail)
+    monkeypatch.setattr(nf4_cpu, "_dequantize_steps", fail)
     packed, state = quantize_4bit(torch.randn(8, 1024))
     try:
         for _ in range(2):  # the second call finds its workers already at one thread
@@ -183,21 +184,21 @@ def test_worker_exceptions_reach_the_caller(monkeypatch, threads):
             assert torch.get_num_threads() == 2
             assert fresh_thread_count() == 2
     finally:
-        nf4._POOL[-1].shutdown()
+        nf4_cpu._POOL[-1].shutdown()
 
 
 def test_a_replaced_pool_is_shut_down(monkeypatch, threads):
     """A call wanting more workers than the pool has gets a new pool; the old one is shut down, not leaked."""
     threads(3)
-    monkeypatch.setattr(nf4, "_PARALLEL_MIN", 1)
-    monkeypatch.setattr(nf4, "_POOL", None)
+    monkeypatch.setattr(nf4_cpu, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(nf4_cpu, "_POOL", None)
     packed, state = quantize_4bit(torch.randn(8, 1024))
     expected = _formula(packed, state, torch.float32)
     pools = []
     for workers in (2, 3):
-        monkeypatch.setattr(nf4, "_cpu_workers", lambda threads, workers=workers: workers)
+        monkeypatch.setattr(nf4_cpu, "_cpu_workers", lambda threads, workers=workers: workers)
         assert torch.equal(dequantize_4bit(packed, state), expected)
-        pools.append(nf4._POOL[-1])
+        pools.append(nf4_cpu._POOL[-1])
     assert pools[0] is not pools[1]
     assert pools[0]._shutdown and not pools[1]._shutdown
     pools[1].shutdown()
@@ -206,9 +207,9 @@ def test_a_replaced_pool_is_shut_down(monkeypatch, threads):
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
 def test_a_forked_child_gets_a_free_lock_and_no_pool():
     """A fork while another thread holds the pool lock: the child's lock is free and it has no pool."""
-    with nf4._POOL_LOCK:
+    with nf4_cpu._POOL_LOCK:
         pid = os.fork()
         if pid == 0:  # the child: report through the exit status only
-            os._exit(0 if nf4._POOL is None and nf4._POOL_LOCK.acquire(timeout=5) else 1)
+            os._exit(0 if nf4_cpu._POOL is None and nf4_cpu._POOL_LOCK.acquire(timeout=5) else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0

@@ -80,14 +80,23 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
     """["name=path" | "path", ...] -> [(name, path)]; a bare path is named after its folder.
 
     A spec that is an existing path is a path (`out/lr=1e-3`); otherwise it is split on its first `=` when
-    the part before it has no path separator (`name=out/lr=1e-3`).
+    the part before it has no path separator (`name=out/lr=1e-3`). A folder name holding '.' (`work/adapter-v1.5`)
+    gives the name with '_' for '.' (`adapter-v1_5`); a NAME given with '.' is refused, naming the NAME=PATH form.
     """
+    from lorakit.layers import RESERVED_ADAPTER_NAMES
+
     out = []
     for spec in specs:
         name, sep, path = spec.partition("=")
         if Path(spec).exists() or not sep or "/" in name or os.sep in name:
             name, path = "", spec
-        name = name or Path(path.rstrip("/")).name or "default"
+        elif "." in name or name in RESERVED_ADAPTER_NAMES:
+            raise ValueError(f"--adapter {spec!r}: the adapter name {name!r} (NAME in NAME=PATH) must not contain '.' "
+                             f"or be one of {sorted(RESERVED_ADAPTER_NAMES)}; e.g. --adapter v1_5=PATH")
+        if not name:
+            name = Path(path.rstrip("/")).name.replace(".", "_") or "default"
+            if name in RESERVED_ADAPTER_NAMES:
+                name = f"{name}_adapter"
         if name in {n for n, _ in out}:
             raise ValueError(f"two adapters named {name!r}: name them with NAME=PATH")
         out.append((name, path))
@@ -96,15 +105,19 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
 
 @contextlib.contextmanager
 def damaged_file_errors(adapter: str) -> Iterator[None]:
-    """A truncated or corrupt adapter_model.safetensors as a ValueError naming the folder (safetensors raises
-    its own SafetensorError, which would print a traceback)."""
+    """A truncated, corrupt or non-finite adapter file as a ValueError naming the --adapter it came from."""
     from safetensors import SafetensorError
+
+    from lorakit.io.files import DamagedFileError
 
     try:
         yield
-    except SafetensorError as err:
-        raise ValueError(f"--adapter {adapter!r}: its safetensors file is damaged or incomplete ({err}); save or "
-                         "copy the adapter again") from err
+    except (SafetensorError, DamagedFileError) as err:
+        cause = err.__cause__ if isinstance(err.__cause__, SafetensorError) else err
+        if isinstance(cause, SafetensorError):
+            raise ValueError(f"--adapter {adapter!r}: its safetensors file is damaged or incomplete ({cause}); save "
+                             "or copy the adapter again") from err
+        raise ValueError(f"--adapter {adapter!r}: {err}") from err
 
 
 def load_with_adapters(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:

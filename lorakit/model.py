@@ -275,7 +275,8 @@ class PeftModel(nn.Module):
             embeddings = saved_embedding_keys(self, config, save_embedding_layers)
             state = get_adapter_state_dict(self, name, config.bias, embeddings, full_state)
             if not allow_non_finite:
-                check_finite(state, f"adapter {name!r}")
+                check_finite(state, f"adapter {name!r}", "Lower the learning rate (or lora_alpha) and train again, "
+                             "or pass save_pretrained(..., allow_non_finite=True) to save it anyway.")
             if initial is not None:  # a plain rank-2r LoRA for the original base (pissa/olora/...)
                 from lorakit.variants.init import convert_to_plain_lora, converted_config
 

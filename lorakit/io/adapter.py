@@ -201,9 +201,9 @@ def get_adapter_state_dict(
     return {fk: state[mk].detach().to("cpu").contiguous().clone() for fk, mk in mapping.items()}
 
 
-def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
-    """Raise ``DamagedFileError`` (a ``ValueError``) naming the first tensor of ``state`` holding NaN or inf, and how
-    many do: such an adapter (a diverged run, or damaged bytes) only ever produces NaN outputs."""
+def check_finite(state: dict[str, torch.Tensor], what: str, fix: str) -> None:
+    """Raise ``DamagedFileError`` (a ``ValueError``) naming the first tensor of ``state`` holding NaN or inf, how
+    many do, and ``fix``: such an adapter (a diverged run, or damaged bytes) only ever produces NaN outputs."""
     from lorakit.io.files import DamagedFileError
 
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -211,8 +211,11 @@ def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
         more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
         raise DamagedFileError(
             f"{what} has non-finite weights (NaN or inf) in {bad[0]!r}{more}: it was trained with a learning rate or "
-            "lora_alpha that diverged, or its file is damaged."
+            f"lora_alpha that diverged, or its file is damaged. {fix}"
         )
+
+
+_LOAD_FIX = "Load an earlier checkpoint of the run, or save or copy the adapter again."
 
 
 def save_adapter_weights(state: dict[str, torch.Tensor], folder: str, safe_serialization: bool = True) -> str:
@@ -246,7 +249,7 @@ def load_adapter_weights(path: str, subfolder: str | None = None, **hub_kwargs: 
                 f"{file} is damaged or incomplete ({e}): it is not a readable safetensors file. Save or copy the "
                 "adapter again."
             ) from e
-        check_finite(tensors, file)
+        check_finite(tensors, file, _LOAD_FIX)
         return tensors
     file = resolve_file(path, WEIGHTS_NAME_BIN, subfolder=subfolder, **hub_kwargs)
     if file is not None:
@@ -259,7 +262,7 @@ def load_adapter_weights(path: str, subfolder: str | None = None, **hub_kwargs: 
             ) from e
         if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
             raise DamagedFileError(f"{file} does not hold a dict of tensors; it is not an adapter weights file.")
-        check_finite(tensors, file)
+        check_finite(tensors, file, _LOAD_FIX)
         return tensors
     where = os.path.join(str(path), subfolder or "")
     raise AdapterNotFoundError(

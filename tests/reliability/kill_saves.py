@@ -116,7 +116,7 @@ def main(folder: str) -> None:
             result["mixed"].append(n)
         assert in_child(None) == 0  # the next save of the same target
         if tree(folder) != new or temporaries(folder):
-            result["after_next_save"].append([n, temporaries(folder)])
+            result["after_next_save"].append(n)
         restore()
     shutil.rmtree(pristine)
     print(json.dumps(result))

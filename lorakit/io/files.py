@@ -285,9 +285,7 @@ def resolve_file(
         kwargs["local_files_only"] = True  # no network call, no retries: the cache answers or nothing does
     try:
         return hf_hub_download(name, filename, subfolder=subfolder or None, **kwargs)
-    except EntryNotFoundError:
-        return None
-    except LocalEntryNotFoundError as e:
+    except LocalEntryNotFoundError as e:  # (a subclass of EntryNotFoundError: caught first)
         if _hub_offline() or kwargs.get("local_files_only"):
             raise AdapterNotFoundError(
                 f"{name!r} is not a local folder (it does not exist here), and the Hub is offline (HF_HUB_OFFLINE"
@@ -299,6 +297,8 @@ def resolve_file(
             f"{name!r} is not a local folder (it does not exist here), and the Hub could not be reached to read it "
             f"({type(e).__name__}). Check the path, or your network (set HF_HUB_OFFLINE=1 to use the cache only)."
         ) from e
+    except EntryNotFoundError:
+        return None
     except (HFValidationError, OSError) as e:  # RepositoryNotFoundError and network errors are OSErrors too
         raise AdapterNotFoundError(
             f"{name!r} is not a local folder (it does not exist here), and no Hub repository of that name could "

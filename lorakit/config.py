@@ -18,6 +18,9 @@ from typing import Any
 
 CONFIG_NAME = "adapter_config.json"
 
+#: Keys an ``adapter_config.json`` must hold: what its weights compute depends on them (PEFT defaults them).
+REQUIRED_KEYS = ("r", "lora_alpha", "target_modules")
+
 #: Version of PEFT whose on-disk format we write (``peft_version`` key); PEFT only reads it for display.
 PEFT_FORMAT_VERSION = "0.21.2"
 
@@ -196,7 +199,7 @@ class PeftConfig:
         config_file = resolve_file(path, CONFIG_NAME, subfolder=subfolder, **kwargs)
         if config_file is None:
             where = os.path.join(str(path), subfolder or "")
-            raise AdapterNotFoundError(f"No {CONFIG_NAME} found in {where!r}: is this an adapter folder?")
+            raise AdapterNotFoundError(f"{where!r} is not an adapter folder: it has no {CONFIG_NAME}.")
         with open(config_file, encoding="utf-8") as f:
             try:
                 data = json.load(f)
@@ -212,6 +215,13 @@ class PeftConfig:
             )
         own = {f.name for f in fields(LoraConfig)}
         defaults = {k: v for k, v in kwargs.items() if k in own and k not in hub_kwarg_names()}
+        missing = [k for k in REQUIRED_KEYS if k not in data and k not in defaults]
+        if missing:  # PEFT would fill in its defaults: weights trained with another r or alpha compute garbage
+            raise ValueError(
+                f"{config_file} lacks {', '.join(map(repr, missing))}: every adapter_config.json PEFT or lorakit "
+                "writes has them, and a default would silently change what the weights compute. Add the values the "
+                "adapter was trained with."
+            )
         return LoraConfig.from_dict({**defaults, **data})  # the file's values win, as in PEFT
 
 
@@ -296,6 +306,13 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"r={self.r!r} is invalid: the rank must be a positive integer (e.g. 8, 16, 64).")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, int | float):
             raise ValueError(f"lora_alpha={self.lora_alpha!r} is invalid: it must be a number.")
+        if not math.isfinite(self.lora_alpha):
+            raise ValueError(f"lora_alpha={self.lora_alpha!r} is invalid: it must be a finite number (e.g. 2 * r).")
+        if self.lora_alpha == 0:
+            warnings.warn(
+                "lora_alpha=0 makes scaling = 0: the adapter changes nothing and does not train. Use e.g. 2 * r.",
+                stacklevel=3,
+            )
         if not isinstance(self.lora_dropout, int | float) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={self.lora_dropout!r} is invalid: it must be in [0, 1).")
         if self.bias not in BIAS_MODES:
@@ -334,6 +351,10 @@ class LoraConfig(PeftConfig):
                     raise ValueError(f"{name} key {key!r} is not a valid regular expression.")
                 if name == "rank_pattern" and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                     raise ValueError(f"rank_pattern[{key!r}]={value!r} is invalid: ranks must be positive integers.")
+                if name == "alpha_pattern" and (
+                    isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+                ):
+                    raise ValueError(f"alpha_pattern[{key!r}]={value!r} is invalid: it must be a finite number.")
         if self.use_rslora and (self.rank_pattern or self.alpha_pattern):
             warnings.warn(
                 "use_rslora with rank_pattern/alpha_pattern: scaling is alpha / sqrt(r) with each module's own "

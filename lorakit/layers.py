@@ -251,6 +251,8 @@ class _LoraWrapper(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        #: The exact quantized base weight while adapters are merged into a 4/8-bit base (``quant.snapshot_weight``).
+        self.exact_quantized_base: dict[str, Any] | None = None
         self.disabled = False
         #: Per-row adapter names of a mixed batch (``"__base__"``: none), set for one call by
         #: ``lorakit.variants.mixed.mixed_batch``; None runs the active adapters on every row.
@@ -325,14 +327,24 @@ class _LoraWrapper(nn.Module):
         else:
             delta = self._base_weight_delta_layout(adapter.delta_weight()) * sign
         if quant.is_quantized_linear(base):
+            # Merging requantizes W + delta, which rounds; unmerging the last merged adapter puts back the exact
+            # quantized base kept at the first merge (one more copy of the quantized weight while merged), so
+            # disable_adapter() / unmerge_adapter() give the base's exact outputs however often they run (PEFT
+            # requantizes W - delta instead, and the base drifts each round).
+            if sign < 0 and not self.merged_adapters and self.exact_quantized_base is not None:
+                quant.restore_weight_(base, self.exact_quantized_base)  # the bias too
+                self.exact_quantized_base = None
+                return
             weight = quant.dequantize_weight(base) + delta.to(torch.float32)
             if safe_merge and not torch.isfinite(weight).all():
                 raise ValueError(f"merging adapter {name!r} would produce non-finite weights; merge aborted.")
+            if self.exact_quantized_base is None:
+                self.exact_quantized_base = quant.snapshot_weight(base)
             quant.requantize_weight_(base, weight)
             warnings.warn(
-                "Merging LoRA into a quantized base requantizes the weight, which drifts from the unmerged model. "
-                "For exact results merge onto the full-precision base: load it separately and call "
-                "PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().",
+                "Merging LoRA into a quantized base requantizes the weight, which drifts from the unmerged model "
+                "(unmerging restores the exact base). For exact merged results merge onto the full-precision base: "
+                "load it separately and call PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().",
                 stacklevel=4,
             )
         else:

@@ -22,12 +22,13 @@ from lorakit.io.adapter import (
     WEIGHTS_NAME,
     WEIGHTS_NAME_BIN,
     check_and_copy,
+    check_finite,
     get_adapter_state_dict,
     load_adapter_weights,
     save_adapter_weights,
     saved_embedding_keys,
 )
-from lorakit.io.files import atomic_directory, atomic_write_text
+from lorakit.io.files import atomic_directory
 from lorakit.io.load import check_reload_compatible, remap_keys, split_load_kwargs
 from lorakit.layers import LORA_WRAPPERS, warn_if_in_prefix
 from lorakit.lora_model import LoraModel
@@ -242,14 +243,18 @@ class PeftModel(nn.Module):
         save_embedding_layers: bool | str = "auto",
         is_main_process: bool = True,
         path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
+        allow_non_finite: bool = False,
         **kwargs: Any,
     ) -> None:
-        """Write PEFT's layout: ``default`` at the root, other adapters in subfolders; each folder written
-        atomically (an interrupted save never leaves a folder that loads as complete).
+        """Write PEFT's layout: ``default`` at the root, other adapters in subfolders. The whole folder is replaced
+        atomically (``lorakit.io.files.atomic_directory``): a save killed at any point leaves the old folder or the
+        new one, never a mix; files in it that the save does not write (other adapters, notes) are kept.
 
         ``save_embedding_layers`` (PEFT's): also save the input/output embeddings' base weights; ``"auto"`` does when
         ``target_modules`` names ``embed_tokens``/``lm_head`` or the vocabulary was resized. ``state_dict`` (a
-        keyword, as transformers' Trainer passes it) replaces the model's own tensors."""
+        keyword, as transformers' Trainer passes it) replaces the model's own tensors. Weights holding NaN or inf
+        (a diverged training run) are refused with a ``ValueError`` unless ``allow_non_finite=True`` (lorakit's;
+        PEFT saves them without a word)."""
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory={save_directory!r} is a file; give a folder path.")
@@ -263,33 +268,40 @@ class PeftModel(nn.Module):
         if kwargs:  # PEFT takes and ignores them too; say so rather than drop them silently
             warnings.warn(f"save_pretrained(): keyword arguments {sorted(kwargs)} have no effect.", stacklevel=2)
         initial = path_initial_model_for_weight_conversion
+        files = []  # (subfolder, config, tensors, auto_mapping) of each adapter, all built before anything is written
         for name in names:
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
             embeddings = saved_embedding_keys(self, config, save_embedding_layers)
             state = get_adapter_state_dict(self, name, config.bias, embeddings, full_state)
+            if not allow_non_finite:
+                check_finite(state, f"adapter {name!r}", "Lower the learning rate (or lora_alpha) and train again, "
+                             "or pass save_pretrained(..., allow_non_finite=True) to save it anyway.")
             if initial is not None:  # a plain rank-2r LoRA for the original base (pissa/olora/...)
                 from lorakit.variants.init import convert_to_plain_lora, converted_config
 
                 sub = None if name == "default" else name
                 state = convert_to_plain_lora(state, load_adapter_weights(os.fspath(initial), subfolder=sub))
                 config = converted_config(config)
-            folder = save_directory if name == "default" else os.path.join(save_directory, name)
             base_class = type(self.get_base_model())  # PEFT's auto_mapping, for AutoPeftModel without a task type
             auto_mapping = (
                 {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
                 if config.task_type is None
                 else None
             )
-            with atomic_directory(folder, stale=(WEIGHTS_NAME, WEIGHTS_NAME_BIN)) as tmp:
-                save_adapter_weights(state, tmp, safe_serialization)
-                config.save_pretrained(tmp, auto_mapping_dict=auto_mapping)
-        os.makedirs(save_directory, exist_ok=True)
-        card = os.path.join(save_directory, "README.md")
-        if not os.path.exists(card):
-            base = self.peft_config[names[0]].base_model_name_or_path if names else None
-            header = "---\nlibrary_name: peft\n" + (f"base_model: {base}\n" if base else "")
-            atomic_write_text(card, header + "tags:\n- lora\n- lorakit\n---\n\nLoRA adapter saved by lorakit.\n")
+            files.append(("" if name == "default" else name, config, state, auto_mapping))
+        stale = tuple(os.path.join(sub, w) for sub, *_ in files for w in (WEIGHTS_NAME, WEIGHTS_NAME_BIN))
+        has_card = os.path.exists(os.path.join(save_directory, "README.md"))
+        with atomic_directory(save_directory, stale=stale) as tmp:
+            for sub, config, state, auto_mapping in files:
+                os.makedirs(os.path.join(tmp, sub), exist_ok=True)
+                save_adapter_weights(state, os.path.join(tmp, sub), safe_serialization)
+                config.save_pretrained(os.path.join(tmp, sub), auto_mapping_dict=auto_mapping)
+            if not has_card:
+                base = self.peft_config[names[0]].base_model_name_or_path if names else None
+                header = "---\nlibrary_name: peft\n" + (f"base_model: {base}\n" if base else "")
+                with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+                    f.write(header + "tags:\n- lora\n- lorakit\n---\n\nLoRA adapter saved by lorakit.\n")
 
     def load_adapter(
         self,

@@ -61,7 +61,7 @@ def test_unsupported_peft_feature_switched_on_raises() -> None:
 
 
 def test_missing_folder() -> None:
-    with pytest.raises(FileNotFoundError, match="not a local folder"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         LoraConfig.from_pretrained("/nonexistent/dir/for/sure")
 
 

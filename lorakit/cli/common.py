@@ -51,12 +51,17 @@ def shard_size(text: str) -> str:
 
 @contextlib.contextmanager
 def damaged_file_errors(adapter: str) -> Iterator[None]:
-    """A truncated or corrupt adapter_model.safetensors as a ValueError naming the folder (safetensors raises
-    its own SafetensorError, which would print a traceback)."""
+    """A truncated, corrupt or non-finite adapter file as a ValueError naming the --adapter it came from
+    (safetensors raises its own SafetensorError, which would print a traceback)."""
     from safetensors import SafetensorError
+
+    from lorakit.io.files import DamagedFileError
 
     try:
         yield
-    except SafetensorError as err:
-        raise ValueError(f"--adapter {adapter!r}: its safetensors file is damaged or incomplete ({err}); save or "
-                         "copy the adapter again") from err
+    except (SafetensorError, DamagedFileError) as err:
+        cause = err.__cause__ if isinstance(err.__cause__, SafetensorError) else err
+        if isinstance(cause, SafetensorError):
+            raise ValueError(f"--adapter {adapter!r}: its safetensors file is damaged or incomplete ({cause}); save "
+                             "or copy the adapter again") from err
+        raise ValueError(f"--adapter {adapter!r}: {err}") from err

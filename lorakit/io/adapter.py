@@ -201,6 +201,23 @@ def get_adapter_state_dict(
     return {fk: state[mk].detach().to("cpu").contiguous().clone() for fk, mk in mapping.items()}
 
 
+def check_finite(state: dict[str, torch.Tensor], what: str, fix: str) -> None:
+    """Raise ``DamagedFileError`` (a ``ValueError``) naming the first tensor of ``state`` holding NaN or inf, how
+    many do, and ``fix``: such an adapter (a diverged run, or damaged bytes) only ever produces NaN outputs."""
+    from lorakit.io.files import DamagedFileError
+
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
+        raise DamagedFileError(
+            f"{what} has non-finite weights (NaN or inf) in {bad[0]!r}{more}: it was trained with a learning rate or "
+            f"lora_alpha that diverged, or its file is damaged. {fix}"
+        )
+
+
+_LOAD_FIX = "Load an earlier checkpoint of the run, or save or copy the adapter again."
+
+
 def save_adapter_weights(state: dict[str, torch.Tensor], folder: str, safe_serialization: bool = True) -> str:
     """Write the tensors as ``adapter_model.safetensors`` (metadata ``{"format": "pt"}``) or ``.bin``."""
     if safe_serialization:
@@ -216,25 +233,41 @@ def save_adapter_weights(state: dict[str, torch.Tensor], folder: str, safe_seria
 
 def load_adapter_weights(path: str, subfolder: str | None = None, **hub_kwargs: Any) -> dict[str, torch.Tensor]:
     """Read an adapter's tensors: safetensors, or a ``.bin`` with ``torch.load(weights_only=True)`` (a pickle
-    that would run code is refused)."""
-    from lorakit.io.files import AdapterNotFoundError, resolve_file
+    that would run code is refused). A damaged file (truncated, garbage) or one holding NaN / inf raises
+    ``DamagedFileError`` (a ``ValueError``) naming the file."""
+    from lorakit.io.files import AdapterNotFoundError, DamagedFileError, resolve_file
 
     file = resolve_file(path, WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
     if file is not None:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(file, device="cpu")
+        try:
+            tensors = load_file(file, device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise DamagedFileError(
+                f"{file} is damaged or incomplete ({e}): it is not a readable safetensors file. Save or copy the "
+                "adapter again."
+            ) from e
+        check_finite(tensors, file, _LOAD_FIX)
+        return tensors
     file = resolve_file(path, WEIGHTS_NAME_BIN, subfolder=subfolder, **hub_kwargs)
     if file is not None:
         try:
-            return torch.load(file, map_location="cpu", weights_only=True)
+            tensors = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle.UnpicklingError and friends
-            raise ValueError(
-                f"{file} could not be loaded with torch.load(weights_only=True): it holds more than tensors, and "
-                f"lorakit never runs pickled code. ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            raise DamagedFileError(
+                f"{file} could not be loaded with torch.load(weights_only=True): it is damaged, or holds more than "
+                f"tensors, and lorakit never runs pickled code. ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
             ) from e
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise DamagedFileError(f"{file} does not hold a dict of tensors; it is not an adapter weights file.")
+        check_finite(tensors, file, _LOAD_FIX)
+        return tensors
     where = os.path.join(str(path), subfolder or "")
-    raise AdapterNotFoundError(f"No {WEIGHTS_NAME} or {WEIGHTS_NAME_BIN} in {where!r}.")
+    raise AdapterNotFoundError(
+        f"{where!r} is not an adapter folder: it has no {WEIGHTS_NAME} or {WEIGHTS_NAME_BIN}."
+    )
 
 
 #: File-key endings that name a part of a LoRA layer rather than a module (``_module_of`` strips them).

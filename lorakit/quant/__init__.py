@@ -7,6 +7,8 @@ alike, by duck typing (bitsandbytes is never imported): a 4-bit layer is one who
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -30,6 +32,8 @@ __all__ = [
     "is_quantized_linear",
     "quantize_4bit",
     "requantize_weight_",
+    "restore_weight_",
+    "snapshot_weight",
 ]
 
 
@@ -80,6 +84,46 @@ def requantize_weight_(module: nn.Module, weight: torch.Tensor) -> None:
             holder.CB = cb
         if getattr(holder, "SCB", None) is not None:
             holder.SCB = scb
+
+
+def snapshot_weight(module: nn.Module) -> dict[str, Any]:
+    """A copy of the layer's exact quantized weight (packed bytes and quant state, or int8 and row scales) and bias,
+    for :func:`restore_weight_`. Costs one more copy of the quantized weight while it is kept."""
+    kind = _kind(module)
+    if kind is None:
+        raise TypeError(f"{type(module).__name__} is not a quantized linear layer (see is_quantized_linear)")
+    bias = getattr(module, "bias", None)
+    snap: dict[str, Any] = {"kind": kind, "bias": None if bias is None else bias.detach().clone()}
+    if kind == "4bit":
+        state = _bnb_cpu_layout_restored(module)
+        snap["data"] = module.weight.data.clone()
+        snap["quant_state"] = type(state).from_dict(state.as_dict(packed=True), device=module.weight.device)
+    else:
+        snap["data"], snap["scb"] = module.weight.data.clone(), _scb(module).clone()
+    return snap
+
+
+def restore_weight_(module: nn.Module, snap: dict[str, Any]) -> None:
+    """Put back the exact weight and bias of :func:`snapshot_weight` (no requantization: bit for bit)."""
+    if snap["kind"] == "4bit":
+        if isinstance(module, Linear4bit):
+            module.weight = Params4bit(snap["data"], False, snap["quant_state"], snap["data"].dtype)
+        else:  # bitsandbytes' Linear4bit
+            module.weight.data = snap["data"]
+            module.weight.quant_state = snap["quant_state"]
+    elif isinstance(module, Linear8bitLt):
+        module.weight = Int8Params(snap["data"])
+        module.SCB = snap["scb"]
+    else:  # bitsandbytes' Linear8bitLt
+        module.weight.data = snap["data"]
+        for holder in (module.weight, getattr(module, "state", None)):
+            if getattr(holder, "CB", None) is not None:
+                holder.CB = snap["data"]
+            if getattr(holder, "SCB", None) is not None:
+                holder.SCB = snap["scb"]
+    if snap["bias"] is not None:
+        with torch.no_grad():
+            module.bias.copy_(snap["bias"])
 
 
 def _kind(module: nn.Module) -> str | None:

@@ -18,8 +18,8 @@ from typing import Any
 
 # llama.cpp convert_hf_to_gguf.py, get_vocab_base_pre: the text whose token ids identify the pre-tokenizer.
 CHECK_TEXT = (
-    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 "
-    "333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
+    "✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
     "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you "
     "sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
 )
@@ -92,7 +92,8 @@ def tokenizer_metadata(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
         if token_id is not None:
             kv[f"tokenizer.ggml.{key}_token_id"] = int(token_id)
     ids = tokenizer("a")["input_ids"]
-    kv["tokenizer.ggml.add_bos_token"] = bool(tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id])
+    bos = tokenizer.bos_token_id
+    kv["tokenizer.ggml.add_bos_token"] = bool(bos is not None and ids[:1] == [bos])
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str) and template:
         kv["tokenizer.chat_template"] = template

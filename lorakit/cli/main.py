@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from lorakit.cli.common import positive_int, shard_size
+from lorakit.cli.export import add_export_parser
 from lorakit.cli.generate import add_generate_arguments, run_chat, run_generate
 
 
@@ -160,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chunked-loss", action="store_true", help="count the full (B*T, V) logits")
     p.add_argument("--double-quant", action="store_true", help="qlora: double-quantized absmax")
     p.set_defaults(func=_estimate)
+
+    add_export_parser(sub)
     return parser
 
 

@@ -50,7 +50,9 @@ def load_model(
     """Load ``AutoModelForCausalLM`` weights from a local folder or a Hub id (huggingface_hub's cache).
 
     Args:
-        name_or_path: folder with config.json and ``*.safetensors`` (sharded or not), or a Hub repo id.
+        name_or_path: folder with config.json and ``*.safetensors`` (sharded or not), a Hub repo id, or a
+            ``.gguf`` file / a folder holding one (dequantized by ``lorakit.quant.gguf_in``, then quantized
+            with ``quantization_config`` when given).
         quantization_config: quantize linear layers while loading (not the output embeddings / lm_head, nor
             ``llm_int8_skip_modules``). A folder already quantized by transformers + bitsandbytes (or by us)
             is loaded as stored and its own ``quantization_config`` wins.
@@ -67,6 +69,11 @@ def load_model(
     """
     from transformers import AutoConfig
 
+    from lorakit.quant.gguf_in import find_gguf, load_gguf
+
+    if (gguf_file := find_gguf(name_or_path)) is not None:
+        model, tokenizer = load_gguf(gguf_file, _resolve_dtype(torch_dtype, None), device, attn_implementation)
+        return (model if quantization_config is None else quantize_model(model, quantization_config)), tokenizer
     path = _resolve(name_or_path, revision)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     stored = getattr(config, "quantization_config", None)

@@ -81,6 +81,7 @@ def is_local_path(name_or_path: str | os.PathLike) -> bool:
 def _load_base_model(AutoModelForCausalLM: Any, AutoTokenizer: Any, name_or_path: str, torch_dtype: str,  # noqa: N803
                      quantization: Any, attn_implementation: str | None, revision: str | None,
                      trust_remote_code: bool, device: str | torch.device) -> tuple[nn.Module, Any]:
+    from lorakit.quant.gguf_in import find_gguf, load_gguf
 
     if quantization is not None and quantization.method != "none":
         from lorakit.quant.config import BitsAndBytesConfig
@@ -101,6 +102,9 @@ def _load_base_model(AutoModelForCausalLM: Any, AutoTokenizer: Any, name_or_path
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision,
                                                       trust_remote_code=trust_remote_code)
+    elif (gguf_file := find_gguf(name_or_path)) is not None:
+        model, tokenizer = load_gguf(gguf_file, None if torch_dtype == "auto" else DTYPES[torch_dtype], device,
+                                     attn_implementation)
     else:
         kwargs: dict[str, Any] = {"dtype": DTYPES[torch_dtype], "revision": revision,
                                   "trust_remote_code": trust_remote_code}

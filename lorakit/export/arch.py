@@ -1,0 +1,139 @@
+"""Which transformers models export to GGUF, their hyperparameter keys and tensor names (llama.cpp's layout).
+
+The layout is llama.cpp's ``convert_hf_to_gguf.py``: ``LlamaForCausalLM`` and ``MistralForCausalLM`` (and
+SmolLM, which is a Llama) become ``general.architecture = "llama"``; ``Qwen2ForCausalLM`` becomes ``"qwen2"``.
+Tensor names come from the gguf package's map (``model.layers.3.self_attn.q_proj.weight`` ->
+``blk.3.attn_q.weight``). For the ``llama`` architecture the rows of ``q_proj`` / ``k_proj`` are permuted from
+transformers' rotate-half RoPE order to llama.cpp's interleaved order (``permute_qk``); Qwen2 uses NeoX RoPE
+in llama.cpp and is written as is.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one transformers ``model_type`` is written."""
+
+    gguf_arch: str
+    """``general.architecture`` and the prefix of the hyperparameter keys."""
+    permute_qk: bool
+    """Permute q/k rows to llama.cpp's interleaved RoPE order (``llama``), or not (NeoX RoPE: ``qwen2``)."""
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "llama": ArchSpec("llama", permute_qk=True),  # Llama 1-3, SmolLM / SmolLM2, TinyLlama
+    "mistral": ArchSpec("llama", permute_qk=True),  # llama.cpp converts MistralForCausalLM as "llama"
+    "qwen2": ArchSpec("qwen2", permute_qk=False),
+}
+
+
+def arch_spec(config: Any) -> ArchSpec:
+    """The spec for ``config.model_type``; a clear error listing the supported ones otherwise."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHS:
+        raise NotImplementedError(f"GGUF export of model_type {model_type!r} is not implemented; supported: "
+                                  f"{', '.join(sorted(ARCHS))} (Llama, SmolLM, Mistral, Qwen2)")
+    return ARCHS[model_type]
+
+
+def head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def hparams(config: Any) -> dict[str, int | float]:
+    """``{key: value}`` of the architecture's hyperparameters (ints are written as uint32, floats as float32)."""
+    spec = arch_spec(config)
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        raise NotImplementedError(f"GGUF export with RoPE scaling rope_type={rope_type!r} is not implemented "
+                                  "(only rope_type='default')")
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window < config.max_position_embeddings and getattr(config, "use_sliding_window", True):
+        warnings.warn(f"{config.model_type}: sliding_window={window} is not written to the GGUF (llama.cpp's "
+                      f"{spec.gguf_arch} architecture attends to the whole context)", stacklevel=3)
+    a = spec.gguf_arch
+    hd = head_dim(config)
+    kv = {
+        f"{a}.vocab_size": config.vocab_size,
+        f"{a}.context_length": config.max_position_embeddings,
+        f"{a}.embedding_length": config.hidden_size,
+        f"{a}.block_count": config.num_hidden_layers,
+        f"{a}.feed_forward_length": config.intermediate_size,
+        f"{a}.attention.head_count": config.num_attention_heads,
+        f"{a}.attention.head_count_kv": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        f"{a}.attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
+        f"{a}.rope.freq_base": float(theta),
+        f"{a}.rope.dimension_count": hd,
+    }
+    if hd != config.hidden_size // config.num_attention_heads:
+        kv[f"{a}.attention.key_length"] = hd
+        kv[f"{a}.attention.value_length"] = hd
+    return kv
+
+
+class TensorNames:
+    """transformers parameter name <-> GGUF tensor name for one config."""
+
+    def __init__(self, config: Any) -> None:
+        import gguf
+
+        self.spec = arch_spec(config)
+        arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == self.spec.gguf_arch)
+        self._map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+        self.n_head = config.num_attention_heads
+        self.n_head_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+
+    def gguf_name(self, hf_name: str) -> str | None:
+        """``blk.0.attn_q.weight`` for ``model.layers.0.self_attn.q_proj.weight``; None for tensors GGUF does not
+        store (rotary ``inv_freq`` buffers, a ``lm_head`` tied to the embeddings)."""
+        if hf_name.endswith("rotary_emb.inv_freq") or (self.tied and hf_name == "lm_head.weight"):
+            return None
+        base, _, suffix = hf_name.rpartition(".")
+        name = self._map.get_name(base)
+        if name is None:
+            raise NotImplementedError(f"tensor {hf_name!r} has no GGUF name in the {self.spec.gguf_arch} layout")
+        return f"{name}.{suffix}"
+
+    def to_gguf_layout(self, gguf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """transformers layout -> llama.cpp layout (q/k rows permuted for ``llama``)."""
+        if self.spec.permute_qk and ".attn_q." in gguf_name:
+            return permute_rows(tensor, self.n_head, self.n_head)
+        if self.spec.permute_qk and ".attn_k." in gguf_name:
+            return permute_rows(tensor, self.n_head, self.n_head_kv)
+        return tensor
+
+    def from_gguf_layout(self, gguf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`to_gguf_layout`."""
+        if self.spec.permute_qk and ".attn_q." in gguf_name:
+            return unpermute_rows(tensor, self.n_head)
+        if self.spec.permute_qk and ".attn_k." in gguf_name:
+            return unpermute_rows(tensor, self.n_head_kv)
+        return tensor
+
+
+def permute_rows(w: torch.Tensor, n_head: int, n_head_kv: int) -> torch.Tensor:
+    """llama.cpp's ``LlamaModel.permute``: per head, rows ``[x0..x(d/2-1), y0..]`` -> ``[x0, y0, x1, y1, ...]``.
+
+    transformers rotates pairs ``(i, i + d/2)`` of each head (rotate-half); llama.cpp's ``llama`` RoPE rotates
+    adjacent pairs ``(2i, 2i + 1)``. Shapes: ``w`` (n_head * d, in) or a bias (n_head * d,).
+    """
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    shape = w.shape
+    return w.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Inverse of :func:`permute_rows` (transformers' ``_reverse_permute_weights``)."""
+    shape = w.shape
+    return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)

@@ -1,4 +1,4 @@
-"""The `lorakit` command: train, preprocess, merge, generate, chat, inspect, estimate.
+"""The `lorakit` command: train, preprocess, merge, generate, chat, inspect, estimate, serve.
 
 Each verb is a small function taking the parsed arguments; the heavy imports (torch, transformers) happen
 inside them so `lorakit --help` is instant.
@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from lorakit.cli.generate import add_generate_arguments, run_chat, run_generate
+from lorakit.cli.serve import add_parser as add_serve_parser
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -185,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chunked-loss", action="store_true", help="count the full (B*T, V) logits")
     p.add_argument("--double-quant", action="store_true", help="qlora: double-quantized absmax")
     p.set_defaults(func=_estimate)
+    add_serve_parser(sub)
     return parser
 
 

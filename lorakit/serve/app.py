@@ -29,11 +29,10 @@ from lorakit.serve.protocol import (
     CompletionRequest,
     LoadAdapterRequest,
     UnloadAdapterRequest,
-    chat_body,
     chunk,
-    completion_body,
     parse,
     refuse_unsupported,
+    response_body,
 )
 
 log = logging.getLogger("lorakit.serve")
@@ -246,8 +245,9 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             raise ApiError(429, str(err)) from None
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(stream(rid, req.model, chat, events, usage), media_type="text/event-stream")
-        text = []
+            return StreamingResponse(stream(rid, req.model, chat, events, usage, req.return_token_ids),
+                                     media_type="text/event-stream")
+        text, tokens = [], []
         while True:
             try:
                 event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
@@ -257,31 +257,31 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                     return Response(status_code=499)
                 continue
             text.append(event.text)
+            tokens += event.token_ids
             if event.finish_reason is not None:
                 break
         if event.finish_reason == "abort":
             raise ApiError(500, f"request {rid} was aborted by the engine (see the server log)")
-        build = chat_body if chat else completion_body
-        return JSONResponse(build(rid, req.model, "".join(text), event.finish_reason, event.prompt_tokens,
-                                  event.completion_tokens))
+        return JSONResponse(response_body(rid, req.model, chat, "".join(text), event.finish_reason, ids,
+                                          event.completion_tokens, tokens if req.return_token_ids else None))
 
-    async def stream(rid: str, model: str, chat: bool, events: asyncio.Queue, include_usage: bool) -> Any:
+    async def stream(rid: str, model: str, chat: bool, events: asyncio.Queue, include_usage: bool,
+                     token_ids: bool) -> Any:
         """Server-sent events until the request finishes; a client that goes away cancels this generator (Starlette
         listens for the disconnect), and the request leaves the engine's batch at its next step."""
         done = False
         try:
-            first = True
-            if chat:
+            if chat:  # OpenAI's first chat chunk: the role, empty content
                 yield chunk(rid, model, True, None, None, first=True)
-                first = False
             while True:
                 event = await events.get()
                 if event.finish_reason == "abort":
                     done = True
                     yield f"data: {ApiError(500, f'request {rid} was aborted by the engine').body()}\n\n"
                     break
-                if event.text or event.finish_reason:
-                    yield chunk(rid, model, chat, event.text, event.finish_reason, first=first)
+                if event.text or event.finish_reason or token_ids:
+                    yield chunk(rid, model, chat, event.text, event.finish_reason,
+                                token_ids=event.token_ids if token_ids else None)
                 if event.finish_reason is not None:
                     done = True
                     if include_usage:

@@ -74,6 +74,8 @@ class Event(NamedTuple):
 
     text: str
     """New text since the last event (stop strings and incomplete UTF-8 held back until they resolve)."""
+    token_ids: list[int]
+    """New token ids since the last event (the EOS token included)."""
     finish_reason: str | None
     """None while running; "stop" (EOS or a stop string), "length" (max_tokens) or "abort" at the end."""
     prompt_tokens: int
@@ -165,10 +167,16 @@ class Engine:
             self._wake.notify()
 
     def cancel(self, request_id: str) -> None:
-        """Drop a request (client gone): it leaves the batch at the next step and frees its slot."""
+        """Drop a request (client gone): a waiting one at once, a running one at the next step, freeing its slot."""
         with self._wake:
-            self._cancelled.add(request_id)
-            self._wake.notify()
+            waiting = next((r for r in self._waiting if r.id == request_id), None)
+            if waiting is None:
+                self._cancelled.add(request_id)
+                self._wake.notify()
+                return
+            self._waiting.remove(waiting)
+        self._count(waiting.model, "abort")
+        waiting.emit(Event("", [], "abort", len(waiting.prompt_ids), 0))
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run ``fn`` on the engine thread between two steps (adapter loads, unloads); its result or error in the
@@ -221,14 +229,6 @@ class Engine:
         with self._wake:
             tasks, self._tasks = list(self._tasks), deque()
             cancelled, self._cancelled = self._cancelled, set()
-            room = self.max_batch_size - len(self._rows)
-            joining = []
-            while self._waiting and len(joining) < room:
-                req = self._waiting.popleft()
-                if req.id in cancelled:
-                    self._count(req.model, "abort")
-                else:
-                    joining.append(req)
         for fn, fut in tasks:
             try:
                 fut.set_result(fn())
@@ -238,9 +238,13 @@ class Engine:
             if row.req.id in cancelled:
                 self._finish(row, "abort")
         with torch.inference_mode():
+            self._leave()
+            with self._wake:
+                room = self.max_batch_size - len(self._rows)
+                joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
             if joining:
                 self._join(joining)
-            self._leave()
+                self._leave()
             if self._rows:
                 self._decode()
                 self._leave()
@@ -373,16 +377,17 @@ class Engine:
             delta = text[r.sent:ready] if ready > r.sent else ""
             r.sent = max(r.sent, ready)
             if finish:
-                self._finish(r, finish, delta)
-            elif delta:
-                r.req.emit(Event(delta, None, len(r.req.prompt_ids), len(r.tokens)))
+                self._finish(r, finish, delta, [tok])
+            else:
+                r.req.emit(Event(delta, [tok], None, len(r.req.prompt_ids), len(r.tokens)))
 
-    def _finish(self, row: _Row, reason: str, text: str = "", error: Exception | None = None) -> None:
+    def _finish(self, row: _Row, reason: str, text: str = "", tokens: list[int] | None = None,
+                error: Exception | None = None) -> None:
         row.finish = reason
         req = row.req
         self._count(req.model, reason)
         try:
-            req.emit(Event(text, reason, len(req.prompt_ids), len(row.tokens)))
+            req.emit(Event(text, tokens or [], reason, len(req.prompt_ids), len(row.tokens)))
         finally:
             now = time.perf_counter()
             ttft = f"{row.first_token_at - req.arrived:.3f}s" if row.tokens else "-"

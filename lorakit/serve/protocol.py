@@ -55,6 +55,8 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     """vLLM's extension: decode past the end-of-sequence token, up to max_tokens."""
+    return_token_ids: bool = False
+    """vLLM's extension: the prompt's and the output's token ids in the response (and in each stream chunk)."""
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
@@ -150,23 +152,27 @@ def usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def completion_body(rid: str, model: str, text: str, finish: str, prompt: int, completion: int) -> dict[str, Any]:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-            "usage": usage(prompt, completion)}
-
-
-def chat_body(rid: str, model: str, text: str, finish: str, prompt: int, completion: int) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": finish}],
-            "usage": usage(prompt, completion)}
+def response_body(rid: str, model: str, chat: bool, text: str, finish: str, prompt_ids: list[int],
+                  completion: int, token_ids: list[int] | None) -> dict[str, Any]:
+    """A whole response; ``token_ids`` (``return_token_ids``) adds vLLM's ``token_ids`` to the choice and
+    ``prompt_token_ids`` (in the choice for completions, at the top for chat)."""
+    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": [choice], "usage": usage(len(prompt_ids), completion)}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+        (body if chat else choice)["prompt_token_ids"] = prompt_ids
+    return body
 
 
 def chunk(rid: str, model: str, chat: bool, text: str | None, finish: str | None, first: bool = False,
-          counts: tuple[int, int] | None = None) -> str:
+          counts: tuple[int, int] | None = None, token_ids: list[int] | None = None) -> str:
     """One server-sent event: ``data: {json}`` and a blank line. ``counts`` (prompt, completion): the usage chunk
-    (``stream_options.include_usage``), with no choices."""
+    (``stream_options.include_usage``), with no choices; ``token_ids``: the chunk's new ids (``return_token_ids``)."""
     if counts is not None:
         choices: list[dict[str, Any]] = []
     elif chat:
@@ -176,6 +182,8 @@ def chunk(rid: str, model: str, chat: bool, text: str | None, finish: str | None
         choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
     else:
         choices = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]
+    if token_ids is not None and choices:
+        choices[0]["token_ids"] = token_ids
     body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                             "created": int(time.time()), "model": model, "choices": choices}
     if counts is not None:

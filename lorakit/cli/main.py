@@ -1,4 +1,4 @@
-"""The `lorakit` command: train, preprocess, merge, generate, chat, inspect, estimate.
+"""The `lorakit` command: train, preprocess, merge, generate, chat, inspect, estimate, serve.
 
 Each verb is a small function taking the parsed arguments; the heavy imports (torch, transformers) happen
 inside them so `lorakit --help` is instant.
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from lorakit.cli.common import positive_int, shard_size
 from lorakit.cli.export import add_export_parser
 from lorakit.cli.generate import add_generate_arguments, run_chat, run_generate
+from lorakit.cli.serve import add_parser as add_serve_parser
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_estimate)
 
     add_export_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

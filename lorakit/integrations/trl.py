@@ -117,9 +117,20 @@ class _LorakitTRLMixin(LorakitTrainerMixin):
         if peft_model is not None:
             arguments["model"] = peft_model.get_base_model()
             self._prepare_reference(arguments, peft_model, built)
-        parent(*bound.args, **bound.kwargs)
-        if peft_model is not None:
-            self.model = self.model_wrapped = self.callback_handler.model = peft_model
+        if peft_model is None:
+            parent(*bound.args, **bound.kwargs)
+            return
+        base = peft_model.get_base_model()
+        # transformers refuses a quantized model unless `_hf_peft_config_loaded` says adapters are attached (set
+        # on the PeftModel class; the transformers model gets it only while TRL's __init__ validates it)
+        flagged = "_hf_peft_config_loaded" in vars(base)
+        base._hf_peft_config_loaded = True
+        try:
+            parent(*bound.args, **bound.kwargs)
+        finally:
+            if not flagged:
+                del base._hf_peft_config_loaded
+        self.model = self.model_wrapped = self.callback_handler.model = peft_model
 
     @staticmethod
     def _lorakit_policy(arguments: dict[str, Any]) -> PeftModel | None:

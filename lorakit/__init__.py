@@ -13,6 +13,7 @@ from lorakit.auto import (
     AutoPeftModelForTokenClassification,
 )
 from lorakit.config import CordaConfig, EvaConfig, LoftQConfig, LoraConfig, PeftConfig, PeftType, TaskType
+from lorakit.fast import FastLanguageModel
 from lorakit.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from lorakit.io.adapter import get_peft_model_state_dict, set_peft_model_state_dict
 from lorakit.lora_model import LoraModel
@@ -47,6 +48,7 @@ __all__ = [
     "BitsAndBytesConfig",
     "CordaConfig",
     "EvaConfig",
+    "FastLanguageModel",
     "LoftQConfig",
     "LoraConfig",
     "LoraModel",

@@ -140,6 +140,17 @@ class PeftModel(nn.Module):
         if hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs: Any
+                                        ) -> None:
+        """transformers >= 5's name, called by its Trainer: checkpointing on the base model (``kwargs`` such as
+        ``every_n_layers`` / ``offload`` passed on) and the (frozen) embeddings' output requiring grad."""
+        base = self.get_base_model()
+        if not hasattr(base, "activation_checkpointing_enable"):  # transformers 4.x
+            return self.gradient_checkpointing_enable(activation_checkpointing_kwargs)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+        if hasattr(base, "enable_input_require_grads"):
+            base.enable_input_require_grads()
+
     def enable_fused_lora(self, enabled: bool = True, mlp: bool = True) -> None:
         """Use the fused LoRA autograd (``lorakit.fused``) everywhere it applies: linear layers with one plain
         active adapter over a frozen base save only x, the dropout mask and x A^T for the backward and dequantize
@@ -302,6 +313,33 @@ class PeftModel(nn.Module):
                 header = "---\nlibrary_name: peft\n" + (f"base_model: {base}\n" if base else "")
                 with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
                     f.write(header + "tags:\n- lora\n- lorakit\n---\n\nLoRA adapter saved by lorakit.\n")
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = None,
+        tags: list[str] | None = None,
+        safe_serialization: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """PEFT's: upload the adapter folder ``save_pretrained`` writes (config, weights, model card; other adapters
+        in subfolders) to the Hub repo ``repo_id`` in one commit (``lorakit.io.hub``); ``kwargs`` go to
+        ``save_pretrained``. After ``merge_and_unload()`` the result is a transformers model: its own
+        ``push_to_hub`` publishes the merged model. Offline, raises ``HubUnavailableError`` naming HF_HUB_OFFLINE."""
+        from lorakit.io.hub import push_adapter_to_hub
+
+        return push_adapter_to_hub(
+            self, repo_id, commit_message=commit_message, commit_description=commit_description, private=private,
+            token=token, revision=revision, create_pr=create_pr, max_shard_size=max_shard_size, tags=tags,
+            safe_serialization=safe_serialization, **kwargs,
+        )
 
     def load_adapter(
         self,

@@ -11,7 +11,8 @@ from typing import Any
 from torch import nn
 
 from lorakit.config import LoraConfig, TaskType
-from lorakit.layers import warn_if_in_prefix
+from lorakit.inject import eject_adapter
+from lorakit.layers import LORA_WRAPPERS, warn_if_in_prefix
 from lorakit.model import PeftModel
 
 
@@ -117,12 +118,14 @@ def get_peft_model(
     """
     if mixed:
         raise NotImplementedError("get_peft_model(mixed=True) (PeftMixedModel) is not implemented in lorakit.")
-    if isinstance(model, PeftModel):  # PEFT's warning: the new PeftModel wraps the old one, adapters and all
-        warnings.warn(
+    if isinstance(model, PeftModel) or any(isinstance(m, LORA_WRAPPERS) for m in model.modules()):
+        warnings.warn(  # PEFT's warning, for a PeftModel or a base model that already has adapters
             "You are trying to modify a model with PEFT for a second time. If you want to reload the model with a "
             "different config, make sure to call `.unload()` before.",
             stacklevel=2,
         )
+        if not isinstance(model, PeftModel):  # as PEFT: the new config replaces an adapter of the same name
+            eject_adapter(model, adapter_name)
     if revision is not None:
         peft_config = copy.deepcopy(peft_config)
         peft_config.revision = revision

@@ -90,6 +90,17 @@ class Progress:
         return {"tokens_seen": self.tokens_seen, "log_window": self.window.tolist(),
                 "last_train_loss": self.last_train_loss}
 
+    def add(self, loss_sum: torch.Tensor, units: float) -> None:
+        self.window += torch.stack([loss_sum, torch.tensor(float(units), dtype=torch.float64)])
+
+    def close_window(self) -> float | None:
+        """The mean loss per unit since the last log line (None: no update since), and an empty window."""
+        if self.window[1] <= 0:
+            return None
+        self.last_train_loss = (self.window[0] / self.window[1]).item()
+        self.window.zero_()
+        return self.last_train_loss
+
 
 def step_rows(rows: list[Row], sched: Schedule, seed: int, step: int, rank: int) -> list[list[Row]]:
     """This process's micro-batches (lists of rows) of optimizer step `step`: a function of (seed, step).
@@ -219,7 +230,8 @@ def _run(plan: RunPlan, accelerator: Any) -> TrainResult:
     if main:
         cfg.save(out_dir)
     logger = MetricsLogger(out_dir, main, tensorboard=t.report_to != "none",
-                           resume_step=start_step if resumed_from else None)
+                           resume_step=start_step if resumed_from else None,
+                           resume_records=plan.state.get("metrics_records"))
     if main and not resumed_from:
         logger.log(0, {f"data_{k}": v for k, v in data_stats.items()})
 
@@ -241,7 +253,8 @@ def _run(plan: RunPlan, accelerator: Any) -> TrainResult:
 
     def save_checkpoint(step: int) -> Path:
         _check_finite(trainable, f"checkpoint-{step}")
-        state = {"epoch": step / sched.steps_per_epoch, "world_size": world, **sched.data_order, **progress.state()}
+        state = {"epoch": step / sched.steps_per_epoch, "world_size": world, **sched.data_order, **progress.state(),
+                 "metrics_records": len(logger.records)}
         ckpt.save(out_dir, step, accelerator.unwrap_model(loss_module).model, trainable, optimizer, scheduler,
                   state, rank, main, accelerator.wait_for_everyone, t.save_total_limit)
         return ckpt.checkpoint_path(out_dir, step)
@@ -265,7 +278,7 @@ def _run(plan: RunPlan, accelerator: Any) -> TrainResult:
                 if bad is None:
                     optimizer.step()
                     bad_steps = 0
-                    progress.window += torch.stack([step_loss, torch.tensor(float(n_units), dtype=torch.float64)])
+                    progress.add(step_loss, n_units)
                 else:  # the update is skipped; past the patience the run stops, saving nothing from this step
                     bad_steps += 1
                     logger.log(done, {"train_loss": (step_loss / max(n_units, 1)).item(), "nonfinite": bad[0]})
@@ -279,16 +292,14 @@ def _run(plan: RunPlan, accelerator: Any) -> TrainResult:
                 progress.tokens_seen += n_tokens
                 run_tokens += n_tokens
                 tok_s = run_tokens / max(time.perf_counter() - t_start, 1e-9)
-                if (done % t.logging_steps == 0 or done == sched.total_steps) and progress.window[1] > 0:
-                    progress.last_train_loss = (progress.window[0] / progress.window[1]).item()
-                    progress.window.zero_()
-                    record = {"train_loss": progress.last_train_loss, "learning_rate": scheduler.get_last_lr()[0],
-                              "epoch": done / sched.steps_per_epoch, "tokens_per_s": tok_s}
-                    if grad_norm is not None:
-                        record["grad_norm"] = float(grad_norm)
-                    logger.log(done, record)
-                    bar.set_postfix(loss=f"{progress.last_train_loss:.4f}", lr=f"{record['learning_rate']:.2e}",
-                                    tok_s=f"{tok_s:.0f}", mem=format_bytes(peak_memory_bytes()), refresh=False)
+                if (done % t.logging_steps == 0 or done == sched.total_steps) and (
+                        (loss := progress.close_window()) is not None):
+                    lr = scheduler.get_last_lr()[0]
+                    logger.log(done, {"train_loss": loss, "learning_rate": lr, "epoch": done / sched.steps_per_epoch,
+                                      "tokens_per_s": tok_s, **({} if grad_norm is None else
+                                                               {"grad_norm": float(grad_norm)})})
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}",
+                                    mem=format_bytes(peak_memory_bytes()), refresh=False)
                 if eval_rows and t.eval_steps and done % t.eval_steps == 0 and done != sched.total_steps:
                     eval_loss = evaluate(done)
                     say(f"\n[lorakit] step {done}: eval_loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}")

@@ -52,11 +52,12 @@ class MetricsLogger:
     """Append-only metric records on the main process; a no-op on the others.
 
     Each record is one JSON line ``{"step": ..., "<name>": value, ...}``. On resume the file is cut back to
-    the checkpoint's step, so the log of a resumed run equals the log of an uninterrupted one.
+    the records written before the checkpoint (`resume_records`; a checkpoint without the count: its step), so
+    the log of a resumed run equals the log of an uninterrupted one.
     """
 
     def __init__(self, output_dir: str | os.PathLike, enabled: bool, tensorboard: bool,
-                 resume_step: int | None = None) -> None:
+                 resume_step: int | None = None, resume_records: int | None = None) -> None:
         self.enabled = enabled
         self.path = Path(output_dir) / METRICS_FILE
         self.records: list[dict[str, Any]] = []
@@ -65,8 +66,10 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.is_file():
-            self.records = [r for r in map(_record, self.path.read_text().splitlines())
-                            if r is not None and r["step"] <= resume_step]
+            records = [r for r in map(_record, self.path.read_text().splitlines()) if r is not None]
+            # the records the checkpoint had seen (a final eval logged after it is not kept); else by step
+            self.records = (records[:resume_records] if resume_records is not None
+                            else [r for r in records if r["step"] <= resume_step])
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         if tensorboard:
             try:

@@ -2,12 +2,12 @@
 
 Runs on `accelerate.Accelerator`, so the same code runs on one CPU/GPU or under `torchrun` /
 `accelerate launch` with several processes (DDP). Every feature is switched by a field of
-`lorakit.train.config.TrainConfig` (named in brackets below).
+`lorakit.train.config.TrainConfig` (named in brackets below). Refusals live in `lorakit.train.plan`, checkpoint
+files in `lorakit.train.checkpoint`, the loss in the training method (`lorakit.train.method`; SFT today).
 
-Loss normalization (token-level, not batch-level). One optimizer step sees the micro-batches
-``m = 1..A`` (gradient_accumulation_steps) on each of the ``P`` processes. With ``N`` the number of label
-tokens in all of them (summed over micro-batches and processes *before* the first backward) the step
-minimizes
+Loss normalization (unit-level, not batch-level; units are label tokens for SFT). One optimizer step sees the
+micro-batches ``m = 1..A`` (gradient_accumulation_steps) on each of the ``P`` processes. With ``N`` the number of
+units in all of them (summed over micro-batches and processes *before* the first backward) the step minimizes
 
     loss = (1 / N) * sum_{p, m, t} CE(p, m, t)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -26,16 +27,19 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     try:
         train(cfg, resume=True if args.resume else None)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGINT / SIGTERM turned into TrainingInterrupted by the loop
         if os.environ.get("LORAKIT_TRACEBACK"):
             raise
-        latest = latest_checkpoint(cfg.training.output_dir)
+        signum = getattr(err, "signum", signal.SIGINT)
+        written = getattr(err, "checkpoint", None)
+        latest = written or latest_checkpoint(cfg.training.output_dir)
         rerun = shlex.join(["lorakit", "train", args.config, *args.overrides, "--resume"])
-        print("lorakit train: interrupted; " + (
+        print(f"lorakit train: {'interrupted' if signum == signal.SIGINT else signal.Signals(signum).name}; " + (
+            f"checkpoint written at step {err.step}: {written}; continue with `{rerun}`" if written else
             f"the newest complete checkpoint is {latest}: continue with `{rerun}`" if latest is not None else
             f"no checkpoint was written yet (training.save_steps={cfg.training.save_steps}), so there is "
             "nothing to resume: run it again from the start"), file=sys.stderr)
-        return 130
+        return 128 + signum
     return 0
 
 
@@ -170,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; user errors (bad config, missing file, unsupported option) print one line and exit 2,
-    Ctrl-C prints one line (for train: the checkpoint to resume from) and exits 130.
+    Ctrl-C prints one line (for train: the checkpoint to resume from) and exits 130 (train: 143 on SIGTERM).
 
     Set LORAKIT_TRACEBACK=1 to see the full traceback instead.
     """

@@ -21,7 +21,7 @@ which cuts the statistics from 32 / blocksize = 0.5 to 8 / 64 + 32 / (64 * 256) 
 Rounding rule for the nested 8-bit codes: exact nearest on the fp32 midpoints of the sorted dynamic map,
 ties to the lower code. This matches bitsandbytes' CUDA kernel and its pure-torch path; bitsandbytes' CPU
 C++ kernel rounds through a 65536-entry lookup table and picks the neighbouring code on ~0.1-0.2% of the
-nested codes (see /work/shared/reference/nf4-format.md). The 4-bit codes, ``absmax`` of the 8-bit stage and
+nested codes (tests/quant/test_quant_nf4.py measures it). The 4-bit codes, ``absmax`` of the 8-bit stage and
 ``offset`` are bit-exact with every bitsandbytes backend.
 """
 

@@ -104,6 +104,9 @@ class TrainingConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
+    nonfinite_patience: int = 0
+    """Consecutive optimizer steps with a NaN / inf loss (or gradient norm) that are skipped (no update) before
+    the run stops with an error; 0 = stop at the first. A stopped run saves nothing from the bad step."""
     lr_scheduler_type: Scheduler = "linear"
     warmup_ratio: float = 0.0
     """Fraction of the total steps spent warming up linearly from 0 (overridden by warmup_steps > 0)."""
@@ -162,7 +165,7 @@ class TrainingConfig:
             raise ConfigError(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.learning_rate <= 0:
             raise ConfigError(f"training.learning_rate must be > 0, got {self.learning_rate}")
-        for name in ("weight_decay", "max_grad_norm", "warmup_steps", "seed"):
+        for name in ("weight_decay", "max_grad_norm", "warmup_steps", "seed", "nonfinite_patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"training.{name} must be >= 0, got {getattr(self, name)}"
                                   + (" (0 disables clipping)" if name == "max_grad_norm" else ""))

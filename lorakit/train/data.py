@@ -16,8 +16,9 @@ them, so ``labels[0]`` never counts.
 Packing without cross-example attention: each packed row restarts ``position_ids`` at every example and
 ``collate`` builds a block-diagonal causal mask (B, 1, T, T) of 0 / -inf in the model dtype, because
 restarting positions alone does NOT isolate examples with the sdpa or eager attention of transformers
-(measured; see /work/shared/reference/transformers-notes.md). The first label of every packed example is
-masked so the last token of one example is not trained to predict the first token of the next.
+(measured: tests/train/test_data_packing.py::test_restarted_positions_alone_leak_across_examples). The first
+label of every packed example is masked so the last token of one example is not trained to predict the first
+token of the next.
 """
 
 from __future__ import annotations

@@ -2,12 +2,12 @@
 
 Runs on `accelerate.Accelerator`, so the same code runs on one CPU/GPU or under `torchrun` /
 `accelerate launch` with several processes (DDP). Every feature is switched by a field of
-`lorakit.train.config.TrainConfig` (named in brackets below).
+`lorakit.train.config.TrainConfig` (named in brackets below). Refusals live in `lorakit.train.plan`, checkpoint
+files in `lorakit.train.checkpoint`, the loss in the training method (`lorakit.train.method`; SFT today).
 
-Loss normalization (token-level, not batch-level). One optimizer step sees the micro-batches
-``m = 1..A`` (gradient_accumulation_steps) on each of the ``P`` processes. With ``N`` the number of label
-tokens in all of them (summed over micro-batches and processes *before* the first backward) the step
-minimizes
+Loss normalization (unit-level, not batch-level; units are label tokens for SFT). One optimizer step sees the
+micro-batches ``m = 1..A`` (gradient_accumulation_steps) on each of the ``P`` processes. With ``N`` the number of
+units in all of them (summed over micro-batches and processes *before* the first backward) the step minimizes
 
     loss = (1 / N) * sum_{p, m, t} CE(p, m, t)
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +39,10 @@ from lorakit.train import checkpoint as ckpt
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import exact_match, generation_examples, load_base_model, perplexity
 from lorakit.train.method import Row, TrainingMethod, build_method
-from lorakit.train.metrics import SUMMARY_FILE, MetricsLogger, format_bytes, peak_memory_bytes
+from lorakit.train.metrics import SUMMARY_FILE, MetricsLogger, format_bytes, json_safe, peak_memory_bytes
 from lorakit.train.optim import build_optimizer, build_scheduler, param_groups
-from lorakit.train.plan import RunPlan, Schedule, mixed_precision, prepare_run
+from lorakit.train.plan import RunPlan, Schedule, data_fingerprint, mixed_precision, prepare_run
+from lorakit.train.signals import StopOnSignal, TrainingInterrupted
 
 
 @dataclass
@@ -87,6 +89,17 @@ class Progress:
     def state(self) -> dict[str, Any]:
         return {"tokens_seen": self.tokens_seen, "log_window": self.window.tolist(),
                 "last_train_loss": self.last_train_loss}
+
+    def add(self, loss_sum: torch.Tensor, units: float) -> None:
+        self.window += torch.stack([loss_sum, torch.tensor(float(units), dtype=torch.float64)])
+
+    def close_window(self) -> float | None:
+        """The mean loss per unit since the last log line (None: no update since), and an empty window."""
+        if self.window[1] <= 0:
+            return None
+        self.last_train_loss = (self.window[0] / self.window[1]).item()
+        self.window.zero_()
+        return self.last_train_loss
 
 
 def step_rows(rows: list[Row], sched: Schedule, seed: int, step: int, rank: int) -> list[list[Row]]:
@@ -136,30 +149,42 @@ def _attach_adapter(model: nn.Module, plan: RunPlan) -> nn.Module:
 def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     """Fine-tune `cfg.model` with the LoRA adapter `cfg.lora` on `cfg.data`; write everything to output_dir.
 
-    Steps: (1) accelerator, seed and the run's plan (`lorakit.train.plan`: every refusal), (2) base model
-    [quantization], (3) data of the method (`lorakit.train.method`; SFT: [packing, max_seq_length]),
-    (4) adapter [lora, model.adapter_name_or_path], [gradient_checkpointing], [fused_lora], (5) optimizer [optim,
-    weight_decay, adam_*] and schedule [lr_scheduler_type, warmup_ratio/steps], (6) resume [resume],
-    (7) exact match before training [evaluation.path], (8) the loop: unit-normalized loss over
-    [gradient_accumulation_steps] and processes, autocast [bf16/fp16], [offload_activations], clipping
-    [max_grad_norm], logging [logging_steps], eval loss [eval_steps], checkpoints [save_steps, save_total_limit],
-    (9) final eval, adapter, tokenizer, plot and summary, exact match after training (reloaded from disk).
+    Steps: (1) accelerator, seed and the run's plan (`lorakit.train.plan`: every refusal, the output_dir's lock,
+    stale temporary folders cleaned), (2) base model [quantization], (3) data of the method
+    (`lorakit.train.method`; SFT: [packing, max_seq_length]), (4) adapter [lora, model.adapter_name_or_path],
+    [gradient_checkpointing], [fused_lora], (5) optimizer [optim, weight_decay, adam_*] and schedule
+    [lr_scheduler_type, warmup_ratio/steps], (6) resume [resume], (7) exact match before training
+    [evaluation.path], (8) the loop: unit-normalized loss over [gradient_accumulation_steps] and processes,
+    autocast [bf16/fp16], [offload_activations], clipping [max_grad_norm], a stop at a non-finite loss or gradient
+    norm [nonfinite_patience], logging [logging_steps], eval loss [eval_steps], checkpoints [save_steps,
+    save_total_limit], SIGINT / SIGTERM (finish the step, checkpoint, raise `TrainingInterrupted`), (9) final eval,
+    adapter, tokenizer, plot and summary, exact match after training (reloaded from disk).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
+
+    # cpu=True on a machine without CUDA: accelerate only enters MULTI_CPU (gloo) mode under torchrun with it
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.training), cpu=not torch.cuda.is_available())
+    set_seed(cfg.training.seed)
+    main = accelerator.is_main_process
+    plan = prepare_run(cfg, resume, accelerator.num_processes, main, lock=main)
+    try:
+        return _run(plan, accelerator)
+    finally:
+        plan.release()
+
+
+def _run(plan: RunPlan, accelerator: Any) -> TrainResult:
+    """Steps 1-9 of `train` once the plan holds (its docstring)."""
     from tqdm.auto import tqdm
 
+    cfg, out_dir = plan.cfg, plan.out_dir
     t, m, ev = cfg.training, cfg.model, cfg.evaluation
-    # 1. accelerator, seed, plan ---------------------------------------------------------------------------
-    # cpu=True on a machine without CUDA: accelerate only enters MULTI_CPU (gloo) mode under torchrun with it
-    accelerator = Accelerator(mixed_precision=mixed_precision(t), cpu=not torch.cuda.is_available())
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    set_seed(t.seed)
     say = accelerator.print
-    plan = prepare_run(cfg, resume, world, main)
-    out_dir = plan.out_dir
     if main:
         plan.clear_earlier_run()
+        ckpt.clean_temporaries(out_dir)
     _say_notices(plan, say)
 
     # 2. base model, 3. data ----------------------------------------------------------------------------------
@@ -168,7 +193,7 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     mask_dtype = next(model.parameters()).dtype if m.torch_dtype != "float32" else torch.float32
     method = build_method(cfg, tokenizer, mask_dtype if mask_dtype.is_floating_point else torch.float32)
     train_rows, eval_rows, data_stats = method.build_data(say)
-    sched = plan.schedule(len(train_rows), bool(eval_rows))
+    sched = plan.schedule(len(train_rows), bool(eval_rows), data_fingerprint(train_rows))
     finished = plan.finished_summary(sched.total_steps)
     if finished is not None:
         say(f"[lorakit] --resume: {out_dir} holds this run, finished at step {sched.total_steps} (adapter, "
@@ -195,8 +220,6 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
 
     # 6. resume -----------------------------------------------------------------------------------------------
     progress, resumed_from = Progress(), plan.resume_from
-    if main:
-        ckpt.clean_temporaries(out_dir)
     if plan.resume and resumed_from is None:
         say(f"[lorakit] --resume: no complete checkpoint in {out_dir}; starting from step 0")
     if resumed_from is not None:
@@ -207,7 +230,8 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     if main:
         cfg.save(out_dir)
     logger = MetricsLogger(out_dir, main, tensorboard=t.report_to != "none",
-                           resume_step=start_step if resumed_from else None)
+                           resume_step=start_step if resumed_from else None,
+                           resume_records=plan.state.get("metrics_records"))
     if main and not resumed_from:
         logger.log(0, {f"data_{k}": v for k, v in data_stats.items()})
 
@@ -221,55 +245,72 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
         return [({k: v.to(accelerator.device) for k, v in method.collate(rows).items()}, method.tokens(rows))
                 for rows in step_rows(train_rows, sched, t.seed, step, rank)]
 
-    def evaluate() -> float:
-        return _evaluate(accelerator, loss_module, method, eval_rows[rank::world], t.per_device_eval_batch_size)
-
-    def log_eval(step: int, loss: float) -> None:
+    def evaluate(step: int) -> float:
+        loss = _evaluate(accelerator, loss_module, method, eval_rows[rank::world], t.per_device_eval_batch_size)
         logger.log(step, {"eval_loss": loss, **({"eval_perplexity": perplexity(loss)}
                                                  if method.reports_perplexity else {})})
+        return loss
+
+    def save_checkpoint(step: int) -> Path:
+        _check_finite(trainable, f"checkpoint-{step}")
+        state = {"epoch": step / sched.steps_per_epoch, "world_size": world, **sched.data_order, **progress.state(),
+                 "metrics_records": len(logger.records)}
+        ckpt.save(out_dir, step, accelerator.unwrap_model(loss_module).model, trainable, optimizer, scheduler,
+                  state, rank, main, accelerator.wait_for_everyone, t.save_total_limit)
+        return ckpt.checkpoint_path(out_dir, step)
 
     # 8. the loop ---------------------------------------------------------------------------------------------
     bar = tqdm(total=sched.total_steps, initial=start_step, disable=not main or t.disable_tqdm,
                dynamic_ncols=True, desc="train")
     loss_module.train()
-    run_tokens, eval_loss = 0, None  # run_tokens: tokens of this run (throughput)
+    run_tokens, eval_loss, bad_steps = 0, None, 0  # run_tokens: tokens of this run (throughput)
     t_start = time.perf_counter()
     try:
-        for step in range(start_step, sched.total_steps):
-            step_loss, n_units, n_tokens = _forward_backward(accelerator, loss_module, method, batches_of(step),
-                                                             t.offload_activations)
-            grad_norm = None
-            if t.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), t.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            progress.step = done = step + 1
-            progress.tokens_seen += n_tokens
-            run_tokens += n_tokens
-            progress.window += torch.stack([step_loss, torch.tensor(float(n_units), dtype=torch.float64)])
-            tok_s = run_tokens / max(time.perf_counter() - t_start, 1e-9)
-            if done % t.logging_steps == 0 or done == sched.total_steps:
-                progress.last_train_loss = (progress.window[0] / progress.window[1].clamp(min=1)).item()
-                progress.window.zero_()
-                record = {"train_loss": progress.last_train_loss, "learning_rate": scheduler.get_last_lr()[0],
-                          "epoch": done / sched.steps_per_epoch, "tokens_per_s": tok_s}
-                if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm)
-                logger.log(done, record)
-                bar.set_postfix(loss=f"{progress.last_train_loss:.4f}", lr=f"{record['learning_rate']:.2e}",
-                                tok_s=f"{tok_s:.0f}", mem=format_bytes(peak_memory_bytes()), refresh=False)
-            if eval_rows and t.eval_steps and done % t.eval_steps == 0 and done != sched.total_steps:
-                eval_loss = evaluate()
-                log_eval(done, eval_loss)
-                say(f"\n[lorakit] step {done}: eval_loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}")
-            if t.save_steps and done % t.save_steps == 0:
-                ckpt.save(out_dir, done, accelerator.unwrap_model(loss_module).model, trainable, optimizer,
-                          scheduler, {"epoch": done / sched.steps_per_epoch, "world_size": world,
-                                      **sched.data_order, **progress.state()},
-                          rank, main, accelerator.wait_for_everyone, t.save_total_limit)
-            bar.update(1)
+        with StopOnSignal() as stop:
+            for step in range(start_step, sched.total_steps):
+                step_loss, n_units, n_tokens = _forward_backward(accelerator, loss_module, method, batches_of(step),
+                                                                 t.offload_activations)
+                grad_norm = None
+                if t.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), t.max_grad_norm)
+                progress.step = done = step + 1
+                bad = _nonfinite(step_loss / max(n_units, 1), None if t.fp16 else grad_norm)  # fp16: scaler skips inf
+                if bad is None:
+                    optimizer.step()
+                    bad_steps = 0
+                    progress.add(step_loss, n_units)
+                else:  # the update is skipped; past the patience the run stops, saving nothing from this step
+                    bad_steps += 1
+                    logger.log(done, {"train_loss": (step_loss / max(n_units, 1)).item(), "nonfinite": bad[0]})
+                    if bad_steps > t.nonfinite_patience:
+                        raise TrainingError(_divergence_message(bad, done, scheduler.get_last_lr()[0], start_step,
+                                                                t, ckpt.latest_checkpoint(out_dir)))
+                    say(f"\n[lorakit] step {done}: the {bad[0]} is {bad[1]}; update skipped ({bad_steps} of "
+                        f"training.nonfinite_patience={t.nonfinite_patience})")
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress.tokens_seen += n_tokens
+                run_tokens += n_tokens
+                tok_s = run_tokens / max(time.perf_counter() - t_start, 1e-9)
+                if (done % t.logging_steps == 0 or done == sched.total_steps) and (
+                        (loss := progress.close_window()) is not None):
+                    lr = scheduler.get_last_lr()[0]
+                    logger.log(done, {"train_loss": loss, "learning_rate": lr, "epoch": done / sched.steps_per_epoch,
+                                      "tokens_per_s": tok_s, **({} if grad_norm is None else
+                                                               {"grad_norm": float(grad_norm)})})
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}",
+                                    mem=format_bytes(peak_memory_bytes()), refresh=False)
+                if eval_rows and t.eval_steps and done % t.eval_steps == 0 and done != sched.total_steps:
+                    eval_loss = evaluate(done)
+                    say(f"\n[lorakit] step {done}: eval_loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}")
+                saved = bool(t.save_steps and done % t.save_steps == 0)
+                if saved:
+                    save_checkpoint(done)
+                bar.update(1)
+                signum = _stop_signal(accelerator, stop.signum)
+                if signum:
+                    raise TrainingInterrupted(signum, done, ckpt.checkpoint_path(out_dir, done) if saved
+                                              else save_checkpoint(done))
     except (torch.OutOfMemoryError, RuntimeError) as err:
         if _is_oom(err):
             raise TrainingError(_oom_message(err)) from err
@@ -280,14 +321,13 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
 
     # 9. final eval, adapter, tokenizer, plot, summary --------------------------------------------------------
     if eval_rows:
-        eval_loss = evaluate()
-        log_eval(sched.total_steps, eval_loss)
+        eval_loss = evaluate(sched.total_steps)
     accelerator.wait_for_everyone()
     summary: dict[str, Any] = {}
     last_train_loss = progress.last_train_loss
     if main:
-        accelerator.unwrap_model(loss_module).model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
+        _check_finite(trainable, "the final adapter")
+        _save_final(accelerator.unwrap_model(loss_module).model, tokenizer, out_dir)
         logger.plot(out_dir)
         summary = {
             "global_step": sched.total_steps, "train_steps_this_run": sched.total_steps - start_step,
@@ -306,13 +346,69 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
         for gen, exp in pairs[: ev.generate_samples]:
             say(f"    generated {gen.strip()!r:<40} expected {exp.strip()!r}")
     if main:
-        (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        (out_dir / SUMMARY_FILE).write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
         say(f"[lorakit] done: {sched.total_steps - start_step} steps in {train_time:.1f} s, "
             f"{summary['tokens_per_s']:.0f} tokens/s, peak memory {format_bytes(summary['peak_memory_bytes'])}, "
             f"train loss {last_train_loss if last_train_loss is None else round(last_train_loss, 4)}, "
             f"eval loss {eval_loss if eval_loss is None else round(eval_loss, 4)}; adapter in {out_dir}")
     accelerator.wait_for_everyone()
     return TrainResult(out_dir, sched.total_steps, last_train_loss, eval_loss, summary)
+
+
+def _nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor | float | None) -> tuple[str, float] | None:
+    """("loss" | "gradient norm", value) when one is NaN / inf (the same on every process: both are reduced)."""
+    if not math.isfinite(float(loss)):
+        return "loss", float(loss)
+    if grad_norm is not None and not math.isfinite(float(grad_norm)):
+        return "gradient norm", float(grad_norm)
+    return None
+
+
+def _divergence_message(bad: tuple[str, float], step: int, lr: float, start_step: int, t: Any,
+                        latest: Path | None) -> str:
+    what, value = bad
+    if step == start_step + 1 and start_step == 0:
+        cause = (" before any update, so the learning rate is not the cause: check the lora settings (lora_alpha, "
+                 "r) and the base model's weights and dtype (training.bf16 rather than fp16)")
+    else:
+        cause = (f"; the learning rate at this step was {lr:.3g}: lower training.learning_rate (now "
+                 f"{t.learning_rate:g}), raise training.warmup_steps, keep training.max_grad_norm > 0 (now "
+                 f"{t.max_grad_norm:g}), or use training.bf16 rather than fp16")
+    kept = (f"the last good checkpoint is {latest} (start a new run from it with model.adapter_name_or_path, "
+            "as --resume keeps the old learning rate)" if latest is not None else
+            "no checkpoint was written before it (training.save_steps)")
+    return f"training diverged at step {step}: the {what} is {value}{cause}. Nothing was saved from this step; {kept}."
+
+
+def _check_finite(trainable: dict[str, torch.Tensor], what: str) -> None:
+    """Never save a non-finite adapter: refuse when a trainable tensor holds NaN / inf."""
+    bad = next((n for n, p in trainable.items() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise TrainingError(f"not saving {what}: the trainable tensor {bad} holds NaN or inf values (the run "
+                            "diverged); lower training.learning_rate or check the lora settings")
+
+
+def _stop_signal(accelerator: Any, signum: int | None) -> int:
+    """The SIGINT / SIGTERM received by any process (0: none); every process agrees, so all stop at one step."""
+    if accelerator.num_processes == 1:
+        return signum or 0
+    flag = torch.tensor([signum or 0], device=accelerator.device)
+    return int(accelerator.reduce(flag, "max").item())
+
+
+def _save_final(model: nn.Module, tokenizer: Any, out_dir: Path) -> None:
+    """The final adapter and tokenizer into `out_dir`; a full disk is one `CheckpointError` line."""
+    try:
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+    except Exception as err:
+        if not ckpt.disk_full(err):
+            raise
+        latest = ckpt.latest_checkpoint(out_dir)
+        raise ckpt.CheckpointError(
+            f"no space left on the device while writing the final adapter into {out_dir}: free space, then run "
+            "again with --resume" + (f" (it continues from {latest})" if latest else "")) from err
+    ckpt.fault_point("final-save")
 
 
 def _say_notices(plan: RunPlan, say: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -33,15 +34,30 @@ def format_bytes(n: float) -> str:
     return f"{n:.2f} PiB"
 
 
+def json_safe(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with NaN / inf floats as None (null): ``json.dumps`` would write NaN, which is not JSON."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    """One metrics.jsonl line; None for a line cut short by a killed run."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
 class MetricsLogger:
     """Append-only metric records on the main process; a no-op on the others.
 
     Each record is one JSON line ``{"step": ..., "<name>": value, ...}``. On resume the file is cut back to
-    the checkpoint's step, so the log of a resumed run equals the log of an uninterrupted one.
+    the records written before the checkpoint (`resume_records`; a checkpoint without the count: its step), so
+    the log of a resumed run equals the log of an uninterrupted one.
     """
 
     def __init__(self, output_dir: str | os.PathLike, enabled: bool, tensorboard: bool,
-                 resume_step: int | None = None) -> None:
+                 resume_step: int | None = None, resume_records: int | None = None) -> None:
         self.enabled = enabled
         self.path = Path(output_dir) / METRICS_FILE
         self.records: list[dict[str, Any]] = []
@@ -50,8 +66,10 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.is_file():
-            lines = self.path.read_text().splitlines()
-            self.records = [r for r in map(json.loads, lines) if r["step"] <= resume_step]
+            records = [r for r in map(_record, self.path.read_text().splitlines()) if r is not None]
+            # the records the checkpoint had seen (a final eval logged after it is not kept); else by step
+            self.records = (records[:resume_records] if resume_records is not None
+                            else [r for r in records if r["step"] <= resume_step])
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         if tensorboard:
             try:
@@ -65,13 +83,13 @@ class MetricsLogger:
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **values}
+        record = json_safe({"step": step, **values})
         self.records.append(record)
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps(record, allow_nan=False) + "\n")
         if self._tb is not None:
-            for name, value in values.items():
-                if isinstance(value, int | float):
+            for name, value in record.items():
+                if name != "step" and isinstance(value, int | float):
                     self._tb.add_scalar(name.replace("_", "/", 1), value, step)
 
     def close(self) -> None:
@@ -90,7 +108,7 @@ class MetricsLogger:
         except ImportError:
             print("[lorakit] matplotlib is not installed: no loss plot (`pip install matplotlib`).")
             return None
-        series = {name: [(r["step"], r[name]) for r in self.records if name in r]
+        series = {name: [(r["step"], r[name]) for r in self.records if r.get(name) is not None]
                   for name in ("train_loss", "eval_loss", "learning_rate")}
         fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
         for name in ("train_loss", "eval_loss"):

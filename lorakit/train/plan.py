@@ -16,6 +16,7 @@ once the model is built, ``RunPlan.check_targets(model)`` compares the modules `
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from torch import nn
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import check_eval_file
+from lorakit.train.lock import RunLock
 from lorakit.train.metrics import PLOT_FILE, SUMMARY_FILE
 
 LORA_KEYS_CHECKED = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_dora",
@@ -70,16 +72,40 @@ def lora_differences(mine: Any, saved: Any, keys: Any, model: nn.Module | None =
     return diffs
 
 
+def data_fingerprint(rows: list[dict[str, Any]]) -> str:
+    """sha256 of the tokenized training rows, in order (every key, sorted; ints as 8-byte little-endian): any
+    edit of the data that changes a token, a label or the order changes it."""
+    h = hashlib.sha256()
+    for row in rows:
+        for key in sorted(row):
+            value = row[key]
+            h.update(key.encode())
+            if isinstance(value, list) and all(isinstance(v, int) for v in value):
+                h.update(len(value).to_bytes(8, "little"))
+                h.update(torch.tensor(value, dtype=torch.int64).numpy().tobytes())
+            else:
+                h.update(repr(value).encode())
+    return h.hexdigest()
+
+
 def check_resume_state(state: dict[str, Any], where: Path, expected: dict[str, Any]) -> None:
-    """Refuse a checkpoint written by a run with another world size, step count or data order."""
+    """Refuse a checkpoint written by a run with another world size, step count, data order or data (a named
+    setting first; the content fingerprint catches the edits no setting names)."""
     for key, value in expected.items():
-        if key in state and state[key] != value:
+        if key in state and state[key] != value and key != "train_data_sha256":
             raise ValueError(
                 f"cannot resume from {where}: it was written with {key}={state[key]!r}, this run has {value!r} "
                 "(it would see other batches / another schedule, or the optimizer and schedule restored from the "
                 "checkpoint would override it). Resume with the same config and number of processes, or start a "
                 f"new run from its adapter (model.adapter_name_or_path={str(where)!r}, another "
                 "training.output_dir).")
+    if "train_data_sha256" in state and state["train_data_sha256"] != expected.get("train_data_sha256",
+                                                                                  state["train_data_sha256"]):
+        raise ValueError(
+            f"cannot resume from {where}: the training data changed since it was written (the tokenized rows have "
+            "another content fingerprint, train_data_sha256), so the resumed steps would train on other examples. "
+            "Restore the data of that run, or start a new run from its adapter "
+            f"(model.adapter_name_or_path={str(where)!r}, another training.output_dir).")
     if "total_steps" in expected and state["global_step"] > expected["total_steps"]:
         raise ValueError(f"cannot resume from {where}: it is at step {state['global_step']}, past this run's "
                          f"{expected['total_steps']} steps")
@@ -124,7 +150,14 @@ class RunPlan:
     """Outputs of an earlier run that ``overwrite_output_dir`` deletes (``clear_earlier_run``)."""
     lora_checks: list[LoraCheck] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
-    """Lines to print: switches that do nothing in this run."""
+    """Lines to print: switches that do nothing in this run, a stale lock taken over."""
+    lock: RunLock | None = None
+    """The output_dir's lock, held until `release` (main process, ``prepare_run(lock=True)``)."""
+
+    def release(self) -> None:
+        """Drop the output_dir's lock (idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def clear_earlier_run(self) -> None:
         """Delete the earlier run's outputs (overwrite_output_dir; main process only)."""
@@ -134,8 +167,9 @@ class RunPlan:
             elif old.exists():
                 old.unlink()
 
-    def schedule(self, n_rows: int, has_eval: bool = True) -> Schedule:
-        """Resolve the step counts for `n_rows` training rows; refuse a checkpoint of another data order."""
+    def schedule(self, n_rows: int, has_eval: bool = True, fingerprint: str | None = None) -> Schedule:
+        """Resolve the step counts for `n_rows` training rows (of content `fingerprint`, `data_fingerprint`);
+        refuse a checkpoint of another data order or data."""
         t, world = self.cfg.training, self.world
         bs, accum = t.per_device_train_batch_size, t.gradient_accumulation_steps
         micro_per_epoch = n_rows // (bs * world)
@@ -157,6 +191,8 @@ class RunPlan:
                       "train_on_inputs": data.train_on_inputs, "quantization": self.cfg.quantization.method,
                       "base_model": os.path.abspath(m.name_or_path) if os.path.exists(m.name_or_path)
                       else m.name_or_path}
+        if fingerprint is not None:
+            data_order["train_data_sha256"] = fingerprint
         if self.resume_from is not None:
             check_resume_state(self.state, self.resume_from, data_order)
         if t.eval_steps and not has_eval:
@@ -201,14 +237,15 @@ def mixed_precision(t: Any) -> str:
     return "bf16" if t.bf16 else "fp16" if t.fp16 else "no"
 
 
-def prepare_run(cfg: TrainConfig, resume: bool | None = None, world_size: int = 1, main: bool = True) -> RunPlan:
+def prepare_run(cfg: TrainConfig, resume: bool | None = None, world_size: int = 1, main: bool = True,
+                lock: bool = False) -> RunPlan:
     """Check everything about a run that needs no model; returns its `RunPlan` (see the module docstring).
 
-    Creates output_dir (on the main process), so an unwritable one fails now, not after the model loaded.
+    Creates output_dir (on the main process), so an unwritable one fails now, not after the model loaded. With
+    `lock`, takes the output_dir's `RunLock` right after (another run in it is refused); `RunPlan.release`
+    drops it, and so does a refusal raised here.
     """
-    from lorakit.config import LoraConfig
-
-    t, m, ev = cfg.training, cfg.model, cfg.evaluation
+    t, m = cfg.training, cfg.model
     resume = t.resume if resume is None else resume
     out_dir = Path(t.output_dir)
     mixed_precision(t)
@@ -216,15 +253,34 @@ def prepare_run(cfg: TrainConfig, resume: bool | None = None, world_size: int = 
         raise ValueError(f"training.output_dir={str(out_dir)!r} is the model folder (model.name_or_path): the adapter, "
                          "tokenizer and logs would be written into it, and transformers would then load that model "
                          "with the adapter attached. Pick another training.output_dir.")
-    resume_from = _check_output_dir(out_dir, resume, t.overwrite_output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"training.output_dir={str(out_dir)!r} is an existing file; give a folder path")
     if main:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise ValueError(f"training.output_dir={str(out_dir)!r} cannot be created: {err.strerror or err}") from err
+    plan = RunPlan(cfg, out_dir, resume, world_size, lora=None, new_adapter=None)
+    if lock:
+        plan.lock = RunLock(out_dir).acquire()
+        if plan.lock.notice:
+            plan.notices.append(plan.lock.notice)
+    try:
+        plan.resume_from = _check_output_dir(out_dir, resume, t.overwrite_output_dir)
+        plan.lora = plan.new_adapter = cfg.lora_config()
+        _check_run(plan)
+    except BaseException:
+        plan.release()
+        raise
+    return plan
 
-    user_lora = cfg.lora_config()
-    plan = RunPlan(cfg, out_dir, resume, world_size, lora=user_lora, new_adapter=user_lora, resume_from=resume_from)
+
+def _check_run(plan: RunPlan) -> None:
+    """The refusals of `prepare_run` that read the adapter, the checkpoint and the inputs."""
+    from lorakit.config import LoraConfig
+
+    cfg, user_lora, resume_from, out_dir = plan.cfg, plan.lora, plan.resume_from, plan.out_dir
+    t, m, ev = cfg.training, cfg.model, cfg.evaluation
     if m.adapter_name_or_path:  # the adapter brings its own config: the lora section must agree with it
         plan.lora, plan.new_adapter = LoraConfig.from_pretrained(m.adapter_name_or_path), None
         where = f"model.adapter_name_or_path={m.adapter_name_or_path!r}"
@@ -235,15 +291,19 @@ def prepare_run(cfg: TrainConfig, resume: bool | None = None, world_size: int = 
             f"{where}: {{diff}}. Remove lora.target_modules (the adapter's own are used)."))
     if resume_from is not None:
         plan.state = ckpt.read_state(resume_from)
-        check_resume_state(plan.state, resume_from, {"world_size": world_size})
+        check_resume_state(plan.state, resume_from, {"world_size": plan.world})
+        try:
+            saved = LoraConfig.from_pretrained(resume_from)
+        except (OSError, ValueError, TypeError) as err:
+            raise ckpt.damaged(resume_from, "adapter_config.json", f"cannot be read ({err})") from err
         plan.add_lora_check(LoraCheck(
-            plan.lora, LoraConfig.from_pretrained(resume_from), LORA_KEYS_CHECKED,
+            plan.lora, saved, LORA_KEYS_CHECKED,
             f"cannot resume from {resume_from}: its adapter differs from this config's ({{diffs}}). Resume with "
             "the config of that run, or start a new training.output_dir.",
             f"cannot resume from {resume_from}: {{diff}}. Resume with the config of that run, or start a new "
             "training.output_dir."))
 
-    if t.overwrite_output_dir and not resume:
+    if t.overwrite_output_dir and not plan.resume:
         plan.earlier = [d.resolve() for d in [*_earlier_outputs(out_dir), *ckpt.checkpoint_dirs(out_dir)]]
         _check_inputs_outside(plan.earlier, {
             "model.name_or_path": m.name_or_path, "model.adapter_name_or_path": m.adapter_name_or_path,
@@ -254,7 +314,6 @@ def prepare_run(cfg: TrainConfig, resume: bool | None = None, world_size: int = 
     if t.offload_activations and not torch.cuda.is_available():
         plan.notices.append("training.offload_activations=true does nothing here: it offloads CUDA activations "
                             "only, and this run is on CPU")
-    return plan
 
 
 def _check_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None:

@@ -1,4 +1,4 @@
-"""The `lorakit` command: train, preprocess, merge, generate, chat, inspect, estimate.
+"""The `lorakit` command: train, preprocess, merge, push, generate, chat, inspect, estimate.
 
 Each verb is a small function taking the parsed arguments; the heavy imports (torch, transformers) happen
 inside them so `lorakit --help` is instant.
@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from lorakit.cli.generate import add_generate_arguments, run_chat, run_generate
+from lorakit.cli.push import add_push_arguments, run_push
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -156,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", type=shard_size, default="2GB", help="safetensors shard size (KB, MB, GB, TB)")
     p.set_defaults(func=_merge)
 
+    p = sub.add_parser("push", help="upload an adapter or merged-model folder to the Hugging Face Hub")
+    add_push_arguments(p)
+    p.set_defaults(func=run_push)
+
     p = sub.add_parser("generate", help="generate from a prompt with a base model and optional adapters")
     add_generate_arguments(p)
     p.add_argument("--prompt", required=True, action="append", help="a prompt (repeat for several)")
@@ -202,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as err:
+    except (ValueError, FileNotFoundError, NotImplementedError, ImportError, ConnectionError) as err:
         if os.environ.get("LORAKIT_TRACEBACK"):
             raise
         print(f"lorakit {args.command}: error: {err}", file=sys.stderr)

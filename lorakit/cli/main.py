@@ -1,4 +1,4 @@
-"""The `lorakit` command: train, preprocess, merge, generate, chat, inspect, estimate, serve.
+"""The `lorakit` command: train, preprocess, merge, push, generate, chat, inspect, estimate, export, serve.
 
 Each verb is a small function taking the parsed arguments; the heavy imports (torch, transformers) happen
 inside them so `lorakit --help` is instant.
@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from lorakit.cli.common import positive_int, shard_size
 from lorakit.cli.export import add_export_parser
 from lorakit.cli.generate import add_generate_arguments, run_chat, run_generate
+from lorakit.cli.push import add_push_arguments, run_push
 from lorakit.cli.serve import add_parser as add_serve_parser
 
 
@@ -137,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", type=shard_size, default="2GB", help="safetensors shard size (KB, MB, GB, TB)")
     p.set_defaults(func=_merge)
 
+    p = sub.add_parser("push", help="upload an adapter or merged-model folder to the Hugging Face Hub")
+    add_push_arguments(p)
+    p.set_defaults(func=run_push)
+
     p = sub.add_parser("generate", help="generate from a prompt with a base model and optional adapters")
     add_generate_arguments(p)
     p.add_argument("--prompt", required=True, action="append", help="a prompt (repeat for several)")
@@ -186,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as err:
+    except (ValueError, FileNotFoundError, NotImplementedError, ImportError, ConnectionError) as err:
         if os.environ.get("LORAKIT_TRACEBACK"):
             raise
         print(f"lorakit {args.command}: error: {err}", file=sys.stderr)

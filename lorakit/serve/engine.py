@@ -153,8 +153,9 @@ class Engine:
         self._cache: Any = None
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.metrics = {"requests": {}, "prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
-        """Counters for /metrics: requests by (model, finish_reason), tokens, decode steps."""
+        self.metrics = {"requests": {}, "prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "rows": 0}
+        """Counters for /metrics: requests by (model, finish_reason), tokens, decode steps and the rows they
+        decoded (rows / steps: the mean batch size)."""
 
     # ---- any thread --------------------------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -220,6 +221,7 @@ class Engine:
                 for row in self._rows:
                     self._finish(row, "abort", error=err)
                 self._rows, self._cache = [], None
+            time.sleep(0)  # let the HTTP thread take the GIL between steps (a tiny model's step is mostly Python)
         for row in self._rows:
             self._finish(row, "abort")
 
@@ -318,6 +320,7 @@ class Engine:
         for r in rows:
             r.pos += 1
         self.metrics["steps"] += 1
+        self.metrics["rows"] += len(rows)
         self._emit(rows, self._sample(logits, rows))
 
     def _leave(self) -> None:

@@ -361,6 +361,7 @@ def prometheus_text(engine: Engine, rejected: dict[str, int]) -> str:
         ("prompt_tokens_total", "counter", m["prompt_tokens"], "Prompt tokens prefilled."),
         ("generation_tokens_total", "counter", m["generation_tokens"], "Tokens generated."),
         ("decode_steps_total", "counter", m["steps"], "Batched decode steps."),
+        ("decode_rows_total", "counter", m["rows"], "Rows decoded, summed over steps (/ steps: mean batch size)."),
         ("queue_length", "gauge", engine.queue_length, "Requests waiting to join the batch."),
         ("batch_size", "gauge", engine.batch_size, "Requests decoding together now."),
         ("adapters", "gauge", len(engine.adapters), "Adapters served."),

@@ -9,16 +9,18 @@ One engine thread owns the model. Each iteration of its loop (:meth:`Engine.step
 3. **leave**: rows that finished (EOS, a stop string, ``max_tokens``, cancelled by a disconnect) are dropped from
    the batch and the cache at once, freeing their slot for the next step's joins.
 
-KV cache layout (Orca-style iteration-level scheduling, https://www.usenix.org/conference/osdi22/presentation/yu,
-with the cache kept as transformers' ``DynamicCache``): all rows share the cache's columns, each row right-aligned,
+KV cache layout (Orca-style iteration-level scheduling, https://www.usenix.org/conference/osdi22/presentation/yu;
+the cache is transformers' ``DynamicCache`` with :class:`_SlackLayer` layers): all rows share the cache's columns,
+each row right-aligned,
 
     keys/values (B, kv_heads, L, head_dim) per layer;  row i holds its pos_i tokens in columns [pad_i, L)
     attention_mask (B, L + 1)[i, j] = j >= pad_i;       position_ids (B, 1)[i] = pos_i
 
-so a decode step appends one column for every row (the same forward as ``generate`` on a left-padded batch). A
-joining group of ``b`` rows with ``L'`` columns is left-padded to ``max(L, L')`` (and the running rows too) and
-concatenated on the batch axis; leaving rows are dropped with ``index_select`` and the columns that every remaining
-row pads are cut, so ``L`` stays the longest running row's length.
+so a decode step appends one column for every row (the same forward as ``generate`` on a left-padded batch),
+written in place into spare columns. A joining group of ``b`` rows with ``L'`` columns is left-padded to
+``max(L, L')`` (and the running rows too) and concatenated on the batch axis; leaving rows are dropped with
+``index_select`` and the columns that every remaining row pads are cut, so ``L`` stays the longest running row's
+length (at most the context).
 
 Sampling is per request (its own ``torch.Generator`` seeded by ``seed``), so a request's tokens do not depend on
 what else is in the batch; ``temperature == 0`` is greedy (argmax), which gives ``PeftModel.generate``'s ids for
@@ -40,6 +42,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer
 
 BASE = "__base__"
 """The row name of a request for the bare base model (lorakit's mixed-batch name for "no adapter")."""
@@ -120,6 +123,37 @@ def stack_for(model: Any, names: list[str]) -> Any:
     return model.stack_adapters(names)
 
 
+class _SlackLayer(DynamicLayer):
+    """transformers' DynamicLayer whose keys/values (B, kv_heads, L, head_dim) are views of buffers with room for
+    ``SLACK`` more columns: a decode step writes its column in place instead of ``torch.cat`` copying the whole
+    cache (the cat took ~18% of a batch-32 decode step in bench_serve's model, cProfile). The buffers are
+    reallocated when full, or when rows join or leave (``assign``)."""
+
+    SLACK = 64
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.assign(key_states, value_states)
+            return self.keys, self.values
+        n, t = self.keys.shape[-2], key_states.shape[-2]
+        if n + t > self._k.shape[-2]:
+            self.assign(self.keys, self.values)
+        self._k[:, :, n:n + t] = key_states
+        self._v[:, :, n:n + t] = value_states
+        self.keys, self.values = self._k[:, :, :n + t], self._v[:, :, :n + t]
+        return self.keys, self.values
+
+    def assign(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold copies of ``keys`` / ``values`` (B, kv_heads, L, head_dim) with ``SLACK`` free columns after."""
+        n = keys.shape[-2]
+        self._k = keys.new_empty((*keys.shape[:2], n + self.SLACK, keys.shape[-1]))
+        self._v = values.new_empty((*values.shape[:2], n + self.SLACK, values.shape[-1]))
+        self._k[:, :, :n] = keys
+        self._v[:, :, :n] = values
+        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
+
 class Engine:
     """Continuous batching of requests over the adapters of one ``PeftModel`` (or a bare base model).
 
@@ -130,6 +164,7 @@ class Engine:
     def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int = 32, max_queue: int = 256,
                  context_len: int | None = None) -> None:
         self.model = model.eval()
+        self.device = next(model.parameters()).device
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -153,8 +188,9 @@ class Engine:
         self._cache: Any = None
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.metrics = {"requests": {}, "prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
-        """Counters for /metrics: requests by (model, finish_reason), tokens, decode steps."""
+        self.metrics = {"requests": {}, "prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "rows": 0}
+        """Counters for /metrics: requests by (model, finish_reason), tokens, decode steps and the rows they
+        decoded (rows / steps: the mean batch size)."""
 
     # ---- any thread --------------------------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -220,6 +256,7 @@ class Engine:
                 for row in self._rows:
                     self._finish(row, "abort", error=err)
                 self._rows, self._cache = [], None
+            time.sleep(0)  # let the HTTP thread take the GIL between steps (a tiny model's step is mostly Python)
         for row in self._rows:
             self._finish(row, "abort")
 
@@ -274,7 +311,9 @@ class Engine:
             ids[i, longest - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             mask[i, longest - len(r.prompt_ids):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, T), as generate computes them
+        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
         cache = DynamicCache()
+        cache.layer_class_to_replicate = _SlackLayer  # each layer is created at its first update
         logits = self._forward(ids, mask, positions, cache, [r.adapter for r in reqs])
         rows = []
         for r in reqs:
@@ -295,10 +334,10 @@ class Engine:
         running = self._columns()
         width = max(running, length)
         for old, new in zip(self._cache.layers, cache.layers, strict=True):
-            for name in ("keys", "values"):  # (B, kv_heads, L, head_dim)
-                a = F.pad(getattr(old, name), (0, 0, width - running, 0))
-                b = F.pad(getattr(new, name), (0, 0, width - length, 0))
-                setattr(old, name, torch.cat([a, b], dim=0))
+            keys, values = (torch.cat([F.pad(getattr(old, n), (0, 0, width - running, 0)),  # (B + b, kv, L', hd)
+                                       F.pad(getattr(new, n), (0, 0, width - length, 0))], dim=0)
+                            for n in ("keys", "values"))
+            old.assign(keys, values)
         for row in self._rows:
             row.pad += width - running
         for row in rows:
@@ -310,14 +349,15 @@ class Engine:
 
     def _decode(self) -> None:
         rows = self._rows
-        ids = torch.tensor([[r.tokens[-1]] for r in rows])  # (B, 1)
-        pads = torch.tensor([r.pad for r in rows])
-        mask = (torch.arange(self._columns() + 1)[None, :] >= pads[:, None]).long()  # (B, L + 1)
-        positions = torch.tensor([[r.pos] for r in rows])  # (B, 1)
+        ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)  # (B, 1)
+        pads = torch.tensor([r.pad for r in rows], device=self.device)
+        mask = (torch.arange(self._columns() + 1, device=self.device)[None, :] >= pads[:, None]).long()  # (B, L + 1)
+        positions = torch.tensor([[r.pos] for r in rows], device=self.device)  # (B, 1)
         logits = self._forward(ids, mask, positions, self._cache, [r.req.adapter for r in rows])
         for r in rows:
             r.pos += 1
         self.metrics["steps"] += 1
+        self.metrics["rows"] += len(rows)
         self._emit(rows, self._sample(logits, rows))
 
     def _leave(self) -> None:
@@ -329,11 +369,10 @@ class Engine:
         if not self._rows:
             self._cache = None
             return
-        index = torch.tensor(keep)
+        index = torch.tensor(keep, device=self.device)
         cut = min(r.pad for r in self._rows)
-        for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, cut:]  # (B', kv_heads, L - cut, head_dim)
-            layer.values = layer.values.index_select(0, index)[:, :, cut:]
+        for layer in self._cache.layers:  # (B', kv_heads, L - cut, head_dim)
+            layer.assign(layer.keys[:, :, cut:].index_select(0, index), layer.values[:, :, cut:].index_select(0, index))
         for r in self._rows:
             r.pad -= cut
 
@@ -345,7 +384,7 @@ class Engine:
         for i, r in enumerate(rows):
             p = r.req.params
             if p.temperature > 0:
-                probs = torch.softmax(logits[i] / p.temperature, dim=-1)  # (vocab,)
+                probs = torch.softmax(logits[i].cpu() / p.temperature, dim=-1)  # (vocab,); the generator is on CPU
                 if p.top_p < 1.0:
                     sorted_p, order = probs.sort(descending=True)
                     drop = sorted_p.cumsum(0) - sorted_p >= p.top_p  # mass before the token already reaches top_p

@@ -122,9 +122,24 @@ def parse(model: type[BaseModel], raw: bytes) -> Any:
         first = err.errors()[0]
         if first["type"] in ("json_invalid", "json_type"):
             raise ApiError(400, f"the request body is not valid JSON: {first['msg']}") from None
-        where = ".".join(str(p) for p in first["loc"])
+        if not first["loc"]:
+            got = json.dumps(first.get("input"))[:80]
+            raise ApiError(400, f"the request body must be a JSON object, got {got}") from None
+        where = _path(first["loc"])
         got = "" if first["type"] == "missing" else f" (got {json.dumps(first.get('input'))[:80]})"
-        raise ApiError(400, f"field {where!r}: {first['msg']}{got}", where or None) from None
+        branches = [e["msg"] for e in err.errors() if _path(e["loc"]) == where]
+        if len(branches) > 1:  # a field that takes several types: each type's complaint
+            raise ApiError(400, f"field {where!r} has none of its accepted types{got}: {'; '.join(branches)}",
+                           where) from None
+        raise ApiError(400, f"field {where!r}: {first['msg']}{got}", where) from None
+
+
+def _path(loc: tuple) -> str:
+    """A field's path (``messages.0.content``) without pydantic's union-branch tags (``str``, ``list[int]``)."""
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS)))
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 
 def refuse_unsupported(req: _Sampling) -> None:

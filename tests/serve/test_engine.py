@@ -60,9 +60,8 @@ def drain(engine, limit=500):
     raise AssertionError("the engine did not finish its requests")
 
 
-@pytest.mark.parametrize("quantization", ["none", "nf4"])
-def test_joins_and_leaves_give_each_adapter_its_generate_ids(adapter_root, quantization):
-    names = ["ad1", "ad2", "ad3", "ad4"]
+@pytest.mark.parametrize(("quantization", "names"), [("none", ["ad1", "ad2", "ad3", "ad4"]), ("nf4", ["ad1", "ad2"])])
+def test_joins_and_leaves_give_each_adapter_its_generate_ids(adapter_root, quantization, names):
     model, tok = load(adapter_root, names, quantization)
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
     refs = {n: reference_ids(adapter_root / n, prompts, NEW, quantization) for n in names}

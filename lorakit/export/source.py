@@ -29,6 +29,8 @@ class ModelSource:
     shapes: dict[str, tuple[int, ...]]
     paths: tuple[Path, ...] = ()
     """Files this source reads (an export must not overwrite them)."""
+    tokenizer_metadata: dict[str, Any] | None = None
+    """``tokenizer.*`` keys to write as they are (a GGUF source's own), instead of converting ``tokenizer``."""
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         raise NotImplementedError
@@ -100,6 +102,7 @@ class GGUFSource(ModelSource):
         self.tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
         self.names = TensorNames(self.config)
         self.reader = GGUFReader(file)
+        self.tokenizer_metadata = {k: f.contents() for k, f in self.reader.fields.items() if k.startswith("tokenizer.")}
         hf_names = _hf_parameter_names(self.config)
         to_hf = {self.names.gguf_name(n): n for n in hf_names}
         to_hf.pop(None, None)

@@ -137,3 +137,51 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Inverse of :func:`permute_rows` (transformers' ``_reverse_permute_weights``)."""
     shape = w.shape
     return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str]) -> Any:
+    """The transformers config of a ``llama`` / ``qwen2`` GGUF from its metadata (the inverse of :func:`hparams`;
+    ``general.name`` containing "mistral" gives a Mistral config, as transformers' GGUF loader decides)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    a = metadata.get("general.architecture")
+    if a not in ("llama", "qwen2"):
+        raise NotImplementedError(f"exporting from a GGUF of architecture {a!r} is not implemented; supported: llama, "
+                                  "qwen2 (give the model folder instead)")
+    n_head = metadata[f"{a}.attention.head_count"]
+    hidden = metadata[f"{a}.embedding_length"]
+    kwargs: dict[str, Any] = {
+        "vocab_size": metadata.get(f"{a}.vocab_size") or len(metadata["tokenizer.ggml.tokens"]),
+        "hidden_size": hidden,
+        "intermediate_size": metadata[f"{a}.feed_forward_length"],
+        "num_hidden_layers": metadata[f"{a}.block_count"],
+        "num_attention_heads": n_head,
+        "num_key_value_heads": metadata.get(f"{a}.attention.head_count_kv", n_head),
+        "max_position_embeddings": metadata[f"{a}.context_length"],
+        "rms_norm_eps": metadata[f"{a}.attention.layer_norm_rms_epsilon"],
+        "rope_parameters": {"rope_type": "default", "rope_theta": metadata.get(f"{a}.rope.freq_base", 10000.0)},
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": metadata.get("tokenizer.ggml.padding_token_id"),
+    }
+    if a == "qwen2":
+        return Qwen2Config(**kwargs)
+    kwargs["head_dim"] = metadata.get(f"{a}.attention.key_length") or metadata.get(f"{a}.rope.dimension_count") \
+        or hidden // n_head
+    if "mistral" in str(metadata.get("general.name", "")).lower():
+        return MistralConfig(sliding_window=None, **kwargs)
+    return LlamaConfig(**kwargs)
+
+
+def parameter_names(config: Any) -> list[str]:
+    """The state-dict names of a Llama-family causal LM (the tensors a GGUF of it holds, in transformers' names)."""
+    arch_spec(config)
+    layer = ["input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+             "self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
+             "mlp.up_proj.weight", "mlp.down_proj.weight"]
+    if config.model_type == "qwen2":
+        layer += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
+    names = ["model.embed_tokens.weight"]
+    names += [f"model.layers.{i}.{n}" for i in range(config.num_hidden_layers) for n in layer]
+    return [*names, "model.norm.weight", "lm_head.weight"]

@@ -9,12 +9,14 @@ before the next is read, so the writer never holds a second copy of the model. T
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,6 +31,8 @@ class ModelSource:
     shapes: dict[str, tuple[int, ...]]
     paths: tuple[Path, ...] = ()
     """Files this source reads (an export must not overwrite them)."""
+    tokenizer_metadata: dict[str, Any] | None = None
+    """``tokenizer.*`` keys to write as they are (a GGUF source's own), instead of converting ``tokenizer``."""
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         raise NotImplementedError
@@ -85,50 +89,49 @@ class FolderSource(ModelSource):
 
 
 class GGUFSource(ModelSource):
-    """A GGUF model file: each tensor dequantized (``gguf.quants``) and put back into transformers' layout."""
+    """A GGUF model file: each tensor dequantized (``gguf.quants``) and put back into transformers' layout.
+
+    The config is rebuilt from the metadata (:func:`~lorakit.export.arch.config_from_gguf`) and the file's own
+    ``tokenizer.*`` keys are written as they are; the transformers tokenizer is built only when asked for.
+    """
 
     def __init__(self, file: Path) -> None:
-        from gguf import GGUFReader
-        from transformers import AutoConfig, AutoTokenizer
-
-        from lorakit.export.arch import TensorNames
+        from lorakit.export.arch import TensorNames, config_from_gguf, parameter_names
+        from lorakit.export.gguf_read import GGUFFile
         from lorakit.quant.gguf_in import check_gguf
 
         check_gguf(file)
+        self.file = file
         self.paths = (file,)
-        self.config = AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
-        self.tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+        self.gguf = GGUFFile(file)
+        self.tokenizer_metadata = {k: v for k, v in self.gguf.metadata.items() if k.startswith("tokenizer.")}
+        self.config = config_from_gguf(self.gguf.metadata, {t.name for t in self.gguf.tensors})
         self.names = TensorNames(self.config)
-        self.reader = GGUFReader(file)
-        hf_names = _hf_parameter_names(self.config)
-        to_hf = {self.names.gguf_name(n): n for n in hf_names}
+        to_hf = {self.names.gguf_name(n): n for n in parameter_names(self.config)}
         to_hf.pop(None, None)
         self._hf = {}
         self.shapes = {}
-        for t in self.reader.tensors:
+        for t in self.gguf.tensors:
             if t.name not in to_hf:
                 raise NotImplementedError(f"{file}: tensor {t.name!r} has no transformers counterpart in "
                                           f"{type(self.config).__name__}")
             self._hf[t.name] = to_hf[t.name]
-            self.shapes[to_hf[t.name]] = tuple(int(d) for d in reversed(t.shape.tolist()))
+            self.shapes[to_hf[t.name]] = t.shape
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.file.parent, gguf_file=self.file.name)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         from gguf.quants import dequantize
 
-        for t in self.reader.tensors:
+        for t in self.gguf.tensors:
             hf = self._hf[t.name]
-            data = dequantize(t.data, t.tensor_type).reshape(self.shapes[hf])  # (out, in) or (n,)
-            tensor = torch.from_numpy(data.astype("float32", copy=False))
+            data = dequantize(self.gguf.raw(t), t.ggml_type).reshape(t.shape)  # (out, in) or (n,)
+            tensor = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
             yield hf, self.names.from_gguf_layout(t.name, tensor)
-
-
-def _hf_parameter_names(config: Any) -> list[str]:
-    """State-dict names of the causal LM built from ``config`` on the meta device (no memory)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return list(model.state_dict())
 
 
 def open_source(model: str | os.PathLike | nn.Module, tokenizer: Any = None) -> ModelSource:

@@ -69,7 +69,8 @@ def convert(tensor: torch.Tensor, qtype: Any) -> np.ndarray:
 
 
 def add_metadata(writer: Any, kv: dict[str, Any]) -> None:
-    """Add ``kv`` with GGUF types: bool, uint32 for ints, float32 for floats, strings, arrays (int32 / string)."""
+    """Add ``kv`` with GGUF types: bool, uint32 for ints, float32 for floats, strings, arrays (int32 / float32 /
+    string)."""
     from gguf import GGUFValueType as V
 
     for key, value in kv.items():
@@ -82,7 +83,7 @@ def add_metadata(writer: Any, kv: dict[str, Any]) -> None:
         elif isinstance(value, str):
             writer.add_string(key, value)
         elif isinstance(value, list | tuple) and value:
-            sub = V.STRING if isinstance(value[0], str) else V.INT32
+            sub = V.STRING if isinstance(value[0], str) else V.FLOAT32 if isinstance(value[0], float) else V.INT32
             writer.add_key_value(key, list(value), V.ARRAY, sub_type=sub)
         else:
             raise TypeError(f"metadata {key}: cannot write a {type(value).__name__}")

@@ -64,7 +64,7 @@ def supported_tensor_types() -> list[str]:
     from gguf import GGMLQuantizationType as T
     from gguf.quants import _type_traits
 
-    return sorted({T.F32.name, T.F16.name, T.BF16.name, T.F64.name} | {t.name for t in _type_traits})
+    return sorted({T.F32.name, T.F16.name, T.BF16.name} | {t.name for t in _type_traits})
 
 
 def check_gguf(file: str | os.PathLike) -> dict[str, Any]:

@@ -40,6 +40,20 @@ def check_out_folder(out: Path, inputs: dict[str, str], overwrite: bool) -> None
                          "to replace it.")
 
 
+def clean_killed_merge(out: Path) -> None:
+    """Undo what a merge into `out` killed midway left: its half-written ``.tmp-<name>`` folder is deleted; an
+    ``.old-<name>`` folder (the earlier output moved aside for the swap) is put back when `out` is missing (killed
+    between the two renames), else deleted (killed while deleting it)."""
+    tmp, old = out.parent / f".tmp-{out.name}", out.parent / f".old-{out.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if old.exists():
+        if out.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, out)
+
+
 def merge_to_disk(base: str, adapter: str, out: str | os.PathLike, dtype: str = "float32",
                   max_shard_size: str | int = "2GB", overwrite: bool = False) -> Path:
     """Load `base` in `dtype` (never quantized), apply `adapter`, merge, write `out` via a temporary folder.
@@ -69,6 +83,7 @@ def merge_to_disk(base: str, adapter: str, out: str | os.PathLike, dtype: str = 
         raise FileNotFoundError(f"{adapter} has no adapter_config.json: not an adapter folder")
     out = Path(out).resolve()
     check_out_folder(out, {"base model": base, "adapter": adapter}, overwrite)
+    clean_killed_merge(out)
     with model_path_errors(base, "base model"):
         model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, DTYPES[dtype]))
     with damaged_file_errors(adapter):
@@ -78,18 +93,13 @@ def merge_to_disk(base: str, adapter: str, out: str | os.PathLike, dtype: str = 
         tokenizer = AutoTokenizer.from_pretrained(tok_source)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}"
-    if tmp.exists():  # left by a killed merge into the same --out
-        shutil.rmtree(tmp)
+    tmp, old = out.parent / f".tmp-{out.name}", out.parent / f".old-{out.name}"
     try:
         model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / MARKER_FILE).write_text(json.dumps({"base": str(base), "adapter": str(adapter), "dtype": dtype},
                                                   indent=2))
-        if out.exists():
-            old = out.parent / f".old-{out.name}"
-            if old.exists():
-                shutil.rmtree(old)
+        if out.exists():  # swap: the earlier output aside, the new one in, then delete the earlier one
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old)

@@ -7,11 +7,13 @@
 - a new run over an earlier one without ``overwrite_output_dir`` (or an overwrite that would delete one of
   this run's inputs); ``--resume`` over a finished adapter that has no checkpoint;
 - a ``lora`` section that differs from the adapter of ``model.adapter_name_or_path``, or from the checkpoint;
-- a checkpoint written with another number of processes; a missing or unreadable evaluation file.
+- a checkpoint written with another number of processes, or damaged; a missing or unreadable evaluation file;
+- with ``lock=True``, an output_dir another live run holds (`lorakit.train.lock`).
 
-Once the number of training rows is known (after tokenization), ``RunPlan.schedule(n_rows)`` resolves the
-step counts and refuses a checkpoint whose data order, optimizer or schedule differ (``Schedule.data_order``);
-once the model is built, ``RunPlan.check_targets(model)`` compares the modules ``target_modules`` selects.
+Once the training rows are known (after tokenization), ``RunPlan.schedule(n_rows, fingerprint=...)`` resolves
+the step counts and refuses a checkpoint whose data order, optimizer, schedule or data content differ
+(``Schedule.data_order``, `data_fingerprint`); once the model is built, ``RunPlan.check_targets(model)`` compares
+the modules ``target_modules`` selects.
 """
 
 from __future__ import annotations

@@ -216,3 +216,27 @@ def test_preprocess_checks_the_evaluation_file(tmp_path, capsys, tiny_model_dir,
     assert "exact_match_prompts          5" in capsys.readouterr().out
     assert main(["preprocess", str(cfg), f"evaluation.path={data / 'second_word_alpaca_eval.jsonl'}"]) == 2
     assert "holds 'alpaca' records, the training data 'messages' ones" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("killed", ["between-renames", "while-deleting", "while-writing"])
+def test_a_killed_merge_leaves_nothing_behind_for_the_next_one(tmp_path, killed):
+    """`.tmp-merged` (half written) is deleted; `.old-merged` (the earlier output moved aside for the swap) is put
+    back when `merged` is missing, else deleted: the next merge into `merged` never finds a stray folder."""
+    from lorakit.cli.merge import clean_killed_merge
+
+    out, tmp, old = tmp_path / "merged", tmp_path / ".tmp-merged", tmp_path / ".old-merged"
+    if killed == "between-renames":
+        old.mkdir()
+        (old / "config.json").write_text("earlier")
+        tmp.mkdir()
+    elif killed == "while-deleting":
+        out.mkdir()
+        (out / "config.json").write_text("new")
+        old.mkdir()
+    else:
+        out.mkdir()
+        (out / "config.json").write_text("earlier")
+        tmp.mkdir()
+    clean_killed_merge(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    assert (out / "config.json").read_text() == ("new" if killed == "while-deleting" else "earlier")

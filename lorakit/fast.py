@@ -15,7 +15,7 @@ and ``load_in_8bit`` with its int8 layers, quantizing while the weights stream i
 model is a transformers model and ``get_peft_model`` returns a lorakit ``PeftModelForCausalLM``; train it with
 ``lorakit.integrations.trl.SFTTrainer`` (or transformers' Trainer via ``lorakit.integrations.transformers``).
 
-Not Unsloth's kernels: the speed comes from lorakit's fused LoRA path where it applies. Unsloth options lorakit
+These are lorakit's layers and kernels, not Unsloth's. Unsloth options lorakit
 does not implement raise ``NotImplementedError`` naming the option. ``use_gradient_checkpointing="unsloth"``
 (Unsloth's checkpointing with activations offloaded to CPU) runs as ordinary activation checkpointing: the same
 gradients, without the offload.

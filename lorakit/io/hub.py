@@ -45,6 +45,18 @@ def _unavailable(what: str, err: BaseException | None = None) -> HubUnavailableE
     )
 
 
+#: Base classes of the HTTP clients' network failures (httpx / huggingface_hub's httpx fork; requests' subclass
+#: ConnectionError), matched by name so that no client is imported here.
+_NETWORK_ERRORS = {"TransportError", "NetworkError", "TimeoutException"}
+
+
+def _is_network_error(err: BaseException) -> bool:
+    """True for "the Hub could not be reached" (offline mode, DNS, refused connection, timeout)."""
+    if isinstance(err, (ConnectionError, TimeoutError)):  # OfflineModeIsEnabled, requests' errors
+        return True
+    return any(cls.__name__ in _NETWORK_ERRORS for cls in type(err).__mro__)
+
+
 def upload_folder_to_hub(
     folder: str | os.PathLike,
     repo_id: str,
@@ -88,10 +100,8 @@ def upload_folder_to_hub(
             create_pr=create_pr,
             revision=revision,
         )
-    except (ConnectionError, TimeoutError) as err:  # OfflineModeIsEnabled and requests/httpx errors among them
-        raise _unavailable(what, err) from err
-    except OSError as err:
-        if "connect" in type(err).__name__.lower() or "connect" in str(err).lower():
+    except Exception as err:
+        if _is_network_error(err):
             raise _unavailable(what, err) from err
         raise
 

@@ -102,15 +102,16 @@ def test_offline_push_names_the_hub_and_the_setting(monkeypatch, tmp_path, capsy
     assert "Traceback" not in err and "HF_HUB_OFFLINE" in err and err.count("\n") == 1
 
 
-def test_unreachable_hub_is_one_clear_error(monkeypatch) -> None:
-    import requests
-
-    def refuse(*args, **kwargs):
-        raise requests.exceptions.ConnectionError("Failed to establish a new connection")
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", refuse)
+def test_unreachable_hub_is_one_clear_error(monkeypatch, tmp_path, capsys) -> None:
+    """The real HTTP client against a closed local port (connection refused at once), as without a network."""
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    model = _model("lorakit")
     with pytest.raises(HubUnavailableError, match="could not reach the Hugging Face Hub"):
-        _model("lorakit").push_to_hub("user/my-lora-adapter")
+        model.push_to_hub("user/my-lora-adapter", token="hf_test")
+    model.save_pretrained(tmp_path)
+    assert main(["push", str(tmp_path), "user/my-lora-adapter"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "127.0.0.1:9" in err and err.count("\n") == 1
 
 
 def test_cli_push_uploads_a_saved_folder(monkeypatch, tmp_path, capsys) -> None:

@@ -34,7 +34,7 @@ def test_dpo_with_a_lorakit_model_trains_against_a_frozen_copy_of_its_adapter(tm
     for name in LIBS:
         m = lib(name)
         torch.manual_seed(0)
-        model = m.get_peft_model(tiny_base(tied=True), m.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+        model = m.get_peft_model(tiny_base(tied=False), m.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                                     task_type="CAUSAL_LM"))
         trainer_class = DPOTrainer if name == "lorakit" else trl.DPOTrainer
         trainer = trainer_class(model=model, args=_config(tmp_path / name), train_dataset=_pairs(),

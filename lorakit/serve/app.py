@@ -166,16 +166,19 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         cards = [{"id": config.base_name, "object": "model", "created": started, "owned_by": "lorakit",
                   "root": config.base, "parent": None}]
         cards += [{"id": n, "object": "model", "created": started, "owned_by": "lorakit", "root": paths.get(n),
-                   "parent": config.base_name} for n in sorted(engine.adapters)]
+                   "parent": config.base_name} for n in engine.served()]
         return {"object": "list", "data": cards}
+
+    def unknown(model: str) -> ApiError:
+        known = [config.base_name, *engine.served()]
+        return ApiError(404, f"The model `{model}` does not exist; served models: {known}", "model")
 
     def adapter_of(model: str) -> str:
         if model == config.base_name:
             return BASE
-        if model in engine.adapters:
+        if model in engine.served():
             return model
-        known = [config.base_name, *sorted(engine.adapters)]
-        raise ApiError(404, f"The model `{model}` does not exist; served models: {known}", "model")
+        raise unknown(model)
 
     def sampling(req: Any, prompt_len: int, default_max: int | None) -> SamplingParams:
         refuse_unsupported(req)
@@ -243,6 +246,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         except QueueFull as err:
             rejected["queue_full"] += 1
             raise ApiError(429, str(err)) from None
+        except KeyError:  # unloaded since adapter_of looked
+            raise unknown(req.model) from None
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
             return StreamingResponse(stream(rid, req.model, chat, events, usage, req.return_token_ids),

@@ -11,6 +11,7 @@ this module.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -117,7 +118,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):  # noqa: ANN202
+    async def lifespan(app: FastAPI) -> Any:
         engine.start()
         yield
         engine.stop()
@@ -182,9 +183,11 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     def sampling(req: Any, prompt_len: int, default_max: int | None) -> SamplingParams:
         refuse_unsupported(req)
-        asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        field, asked = "max_tokens", req.max_tokens
+        if getattr(req, "max_completion_tokens", None) is not None:  # chat's newer name wins, as in OpenAI's API
+            field, asked = "max_completion_tokens", req.max_completion_tokens
         if asked is not None and asked <= 0:
-            raise ApiError(400, f"max_tokens must be at least 1, got {asked}", "max_tokens")
+            raise ApiError(400, f"{field} must be at least 1, got {asked}", field)
         context = engine.context_len
         max_tokens = asked if asked is not None else (default_max or context - prompt_len)
         if prompt_len + max_tokens > context:
@@ -282,7 +285,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                 event = await events.get()
                 if event.finish_reason == "abort":
                     done = True
-                    yield f"data: {ApiError(500, f'request {rid} was aborted by the engine').body()}\n\n"
+                    yield f"data: {json.dumps(ApiError(500, f'request {rid} was aborted by the engine').body())}\n\n"
                     break
                 if event.text or event.finish_reason or token_ids:
                     yield chunk(rid, model, chat, event.text, event.finish_reason,

@@ -76,7 +76,9 @@ def server(adapter_root, tmp_path_factory):
             proc.kill()
             pytest.fail(f"the server did not answer /health within 180 s:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
-    yield Server(url, proc, log)
+    server = Server(url, proc, log)
+    yield server
+    server.client.close()  # no idle keep-alive connection for the graceful shutdown to wait out
     proc.send_signal(signal.SIGINT)  # Ctrl-C: uvicorn's graceful shutdown
     try:
         proc.wait(timeout=30)

@@ -40,8 +40,6 @@ log = logging.getLogger("lorakit.serve")
 WEIGHTS = "adapter_model.safetensors"
 #: OpenAI's default max_tokens for /v1/completions (chat's default is the rest of the context).
 COMPLETION_MAX_TOKENS = 16
-#: How often a non-streaming request checks that its client is still connected (seconds).
-DISCONNECT_POLL_S = 0.5
 
 
 @dataclass
@@ -236,11 +234,18 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         params = sampling(req, len(ids), None if chat else COMPLETION_MAX_TOKENS)
         rid = request_id("chatcmpl" if chat else "cmpl")
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
+        events: asyncio.Queue[Event] = asyncio.Queue()  # stream: every event
+        parts: list[Event] = []  # otherwise: collected on the engine thread, one wake-up at the end
+        finished = loop.create_future()
 
         def emit(event: Event) -> None:  # the engine thread
             try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
+                if req.stream:
+                    loop.call_soon_threadsafe(events.put_nowait, event)
+                else:
+                    parts.append(event)
+                    if event.finish_reason is not None:
+                        loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
             except RuntimeError:  # the event loop closed (server shutting down)
                 pass
 
@@ -255,23 +260,25 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             usage = req.stream_options is not None and req.stream_options.include_usage
             return StreamingResponse(stream(rid, req.model, chat, events, usage, req.return_token_ids),
                                      media_type="text/event-stream")
-        text, tokens = [], []
-        while True:
-            try:
-                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    engine.cancel(rid)
-                    return Response(status_code=499)
-                continue
-            text.append(event.text)
-            tokens += event.token_ids
-            if event.finish_reason is not None:
-                break
-        if event.finish_reason == "abort":
+        gone = asyncio.ensure_future(disconnect(request))
+        try:
+            await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not finished.done():  # the client went away: its slot goes to the next request
+            engine.cancel(rid)
+            return Response(status_code=499)
+        last = parts[-1]
+        if last.finish_reason == "abort":
             raise ApiError(500, f"request {rid} was aborted by the engine (see the server log)")
-        return JSONResponse(response_body(rid, req.model, chat, "".join(text), event.finish_reason, ids,
-                                          event.completion_tokens, tokens if req.return_token_ids else None))
+        tokens = [t for e in parts for t in e.token_ids] if req.return_token_ids else None
+        return JSONResponse(response_body(rid, req.model, chat, "".join(e.text for e in parts), last.finish_reason,
+                                          ids, last.completion_tokens, tokens))
+
+    async def disconnect(request: Request) -> None:
+        """Returns when the client closes the connection (the body was read: the next message is the disconnect)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
     async def stream(rid: str, model: str, chat: bool, events: asyncio.Queue, include_usage: bool,
                      token_ids: bool) -> Any:

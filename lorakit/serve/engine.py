@@ -117,7 +117,8 @@ class _Row:
 def stack_for(model: Any, names: list[str]) -> Any:
     """The model's reusable stacked-adapter handle for ``names`` (``model.stack_adapters``, issue 13's explicit
     mixed batch), passed as ``adapter_stack=`` beside ``adapter_names=``; None where the model has no such handle,
-    and then ``adapter_names=`` alone picks each row's adapter. Rebuilt whenever adapters load or unload."""
+    and then ``adapter_names=`` alone picks each row's adapter. Rebuilt whenever adapters load or unload, over every
+    adapter the model holds (one being unloaded stays until its last request leaves)."""
     if not hasattr(model, "stack_adapters") or not names:
         return None
     return model.stack_adapters(names)
@@ -176,7 +177,7 @@ class Engine:
         self.eos_ids = {e for e in [*eos, tokenizer.eos_token_id] if e is not None}
         self.adapters: set[str] = set(getattr(model, "peft_config", {}) or {})
         self._unloading: set[str] = set()
-        self._stack = stack_for(model, sorted(self.adapters))
+        self._stack = stack_for(model, sorted(self.adapters))  # all the model holds
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         # transformers 5.25 renamed forward's past_key_values to cache (the old name warns until 5.40)
         self._cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
@@ -463,7 +464,7 @@ class Engine:
             self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
         with self._wake:
             self.adapters.add(name)
-        self._stack = stack_for(self.model, sorted(self.adapters))
+        self._stack = stack_for(self.model, sorted(self.model.peft_config))
 
     def unload_adapter(self, name: str) -> None:
         """Stop serving ``name`` now; its weights go once no running or waiting request uses it."""
@@ -487,7 +488,7 @@ class Engine:
         for name in sorted(self._unloading - busy):
             self.model.delete_adapter(name)
             self._unloading.discard(name)
-            self._stack = stack_for(self.model, sorted(self.adapters))
+            self._stack = stack_for(self.model, sorted(self.model.peft_config))
 
 
 def _find_stop(text: str, stops: list[str], sent: int) -> int | None:

@@ -11,6 +11,7 @@ this module.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -39,8 +40,6 @@ log = logging.getLogger("lorakit.serve")
 WEIGHTS = "adapter_model.safetensors"
 #: OpenAI's default max_tokens for /v1/completions (chat's default is the rest of the context).
 COMPLETION_MAX_TOKENS = 16
-#: How often a non-streaming request checks that its client is still connected (seconds).
-DISCONNECT_POLL_S = 0.5
 
 
 @dataclass
@@ -117,7 +116,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):  # noqa: ANN202
+    async def lifespan(app: FastAPI) -> Any:
         engine.start()
         yield
         engine.stop()
@@ -166,22 +165,27 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         cards = [{"id": config.base_name, "object": "model", "created": started, "owned_by": "lorakit",
                   "root": config.base, "parent": None}]
         cards += [{"id": n, "object": "model", "created": started, "owned_by": "lorakit", "root": paths.get(n),
-                   "parent": config.base_name} for n in sorted(engine.adapters)]
+                   "parent": config.base_name} for n in engine.served()]
         return {"object": "list", "data": cards}
+
+    def unknown(model: str) -> ApiError:
+        known = [config.base_name, *engine.served()]
+        return ApiError(404, f"The model `{model}` does not exist; served models: {known}", "model")
 
     def adapter_of(model: str) -> str:
         if model == config.base_name:
             return BASE
-        if model in engine.adapters:
+        if model in engine.served():
             return model
-        known = [config.base_name, *sorted(engine.adapters)]
-        raise ApiError(404, f"The model `{model}` does not exist; served models: {known}", "model")
+        raise unknown(model)
 
     def sampling(req: Any, prompt_len: int, default_max: int | None) -> SamplingParams:
         refuse_unsupported(req)
-        asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        field, asked = "max_tokens", req.max_tokens
+        if getattr(req, "max_completion_tokens", None) is not None:  # chat's newer name wins, as in OpenAI's API
+            field, asked = "max_completion_tokens", req.max_completion_tokens
         if asked is not None and asked <= 0:
-            raise ApiError(400, f"max_tokens must be at least 1, got {asked}", "max_tokens")
+            raise ApiError(400, f"{field} must be at least 1, got {asked}", field)
         context = engine.context_len
         max_tokens = asked if asked is not None else (default_max or context - prompt_len)
         if prompt_len + max_tokens > context:
@@ -230,11 +234,18 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         params = sampling(req, len(ids), None if chat else COMPLETION_MAX_TOKENS)
         rid = request_id("chatcmpl" if chat else "cmpl")
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
+        events: asyncio.Queue[Event] = asyncio.Queue()  # stream: every event
+        parts: list[Event] = []  # otherwise: collected on the engine thread, one wake-up at the end
+        finished = loop.create_future()
 
         def emit(event: Event) -> None:  # the engine thread
             try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
+                if req.stream:
+                    loop.call_soon_threadsafe(events.put_nowait, event)
+                else:
+                    parts.append(event)
+                    if event.finish_reason is not None:
+                        loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
             except RuntimeError:  # the event loop closed (server shutting down)
                 pass
 
@@ -243,27 +254,31 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         except QueueFull as err:
             rejected["queue_full"] += 1
             raise ApiError(429, str(err)) from None
+        except KeyError:  # unloaded since adapter_of looked
+            raise unknown(req.model) from None
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
             return StreamingResponse(stream(rid, req.model, chat, events, usage, req.return_token_ids),
                                      media_type="text/event-stream")
-        text, tokens = [], []
-        while True:
-            try:
-                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    engine.cancel(rid)
-                    return Response(status_code=499)
-                continue
-            text.append(event.text)
-            tokens += event.token_ids
-            if event.finish_reason is not None:
-                break
-        if event.finish_reason == "abort":
+        gone = asyncio.ensure_future(disconnect(request))
+        try:
+            await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not finished.done():  # the client went away: its slot goes to the next request
+            engine.cancel(rid)
+            return Response(status_code=499)
+        last = parts[-1]
+        if last.finish_reason == "abort":
             raise ApiError(500, f"request {rid} was aborted by the engine (see the server log)")
-        return JSONResponse(response_body(rid, req.model, chat, "".join(text), event.finish_reason, ids,
-                                          event.completion_tokens, tokens if req.return_token_ids else None))
+        tokens = [t for e in parts for t in e.token_ids] if req.return_token_ids else None
+        return JSONResponse(response_body(rid, req.model, chat, "".join(e.text for e in parts), last.finish_reason,
+                                          ids, last.completion_tokens, tokens))
+
+    async def disconnect(request: Request) -> None:
+        """Returns when the client closes the connection (the body was read: the next message is the disconnect)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
     async def stream(rid: str, model: str, chat: bool, events: asyncio.Queue, include_usage: bool,
                      token_ids: bool) -> Any:
@@ -277,7 +292,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                 event = await events.get()
                 if event.finish_reason == "abort":
                     done = True
-                    yield f"data: {ApiError(500, f'request {rid} was aborted by the engine').body()}\n\n"
+                    yield f"data: {json.dumps(ApiError(500, f'request {rid} was aborted by the engine').body())}\n\n"
                     break
                 if event.text or event.finish_reason or token_ids:
                     yield chunk(rid, model, chat, event.text, event.finish_reason,

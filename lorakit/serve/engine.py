@@ -117,7 +117,8 @@ class _Row:
 def stack_for(model: Any, names: list[str]) -> Any:
     """The model's reusable stacked-adapter handle for ``names`` (``model.stack_adapters``, issue 13's explicit
     mixed batch), passed as ``adapter_stack=`` beside ``adapter_names=``; None where the model has no such handle,
-    and then ``adapter_names=`` alone picks each row's adapter. Rebuilt whenever adapters load or unload."""
+    and then ``adapter_names=`` alone picks each row's adapter. Rebuilt whenever adapters load or unload, over every
+    adapter the model holds (one being unloaded stays until its last request leaves)."""
     if not hasattr(model, "stack_adapters") or not names:
         return None
     return model.stack_adapters(names)
@@ -176,7 +177,7 @@ class Engine:
         self.eos_ids = {e for e in [*eos, tokenizer.eos_token_id] if e is not None}
         self.adapters: set[str] = set(getattr(model, "peft_config", {}) or {})
         self._unloading: set[str] = set()
-        self._stack = stack_for(model, sorted(self.adapters))
+        self._stack = stack_for(model, sorted(self.adapters))  # all the model holds
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         # transformers 5.25 renamed forward's past_key_values to cache (the old name warns until 5.40)
         self._cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
@@ -194,8 +195,11 @@ class Engine:
 
     # ---- any thread --------------------------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
-        """Queue ``req``; raises :class:`QueueFull` when ``max_queue`` requests wait already."""
+        """Queue ``req``; raises :class:`QueueFull` when ``max_queue`` requests wait already, ``KeyError`` when its
+        adapter is not served (checked under the lock that unloads take, so a queued adapter stays loaded)."""
         with self._wake:
+            if req.adapter != BASE and req.adapter not in self.adapters:
+                raise KeyError(req.adapter)
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"the server's queue is full ({self.max_queue} requests waiting, --max-queue "
                                 f"{self.max_queue}); retry later")
@@ -259,6 +263,11 @@ class Engine:
             time.sleep(0)  # let the HTTP thread take the GIL between steps (a tiny model's step is mostly Python)
         for row in self._rows:
             self._finish(row, "abort")
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), deque()
+        for req in waiting:
+            self._count(req.model, "abort")
+            req.emit(Event("", [], "abort", len(req.prompt_ids), 0))
 
     # ---- the engine thread -------------------------------------------------------------------------------------
     def step(self) -> None:
@@ -453,25 +462,33 @@ class Engine:
             self.model.load_adapter(path, adapter_name=name)
         else:
             self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
-        self.adapters.add(name)
-        self._stack = stack_for(self.model, sorted(self.adapters))
+        with self._wake:
+            self.adapters.add(name)
+        self._stack = stack_for(self.model, sorted(self.model.peft_config))
 
     def unload_adapter(self, name: str) -> None:
         """Stop serving ``name`` now; its weights go once no running or waiting request uses it."""
-        if name not in self.adapters:
-            raise KeyError(name)
-        self.adapters.discard(name)
-        self._unloading.add(name)
+        with self._wake:
+            if name not in self.adapters:
+                raise KeyError(name)
+            self.adapters.discard(name)
+            self._unloading.add(name)
         self._drop_unloaded()
+
+    def served(self) -> list[str]:
+        """The adapters served now, sorted (safe from any thread)."""
+        with self._wake:
+            return sorted(self.adapters)
 
     def _drop_unloaded(self) -> None:
         if not self._unloading:
             return
-        busy = {r.req.adapter for r in self._rows} | {r.adapter for r in self._waiting}
+        with self._wake:
+            busy = {r.req.adapter for r in self._rows} | {r.adapter for r in self._waiting}
         for name in sorted(self._unloading - busy):
             self.model.delete_adapter(name)
             self._unloading.discard(name)
-            self._stack = stack_for(self.model, sorted(self.adapters))
+            self._stack = stack_for(self.model, sorted(self.model.peft_config))
 
 
 def _find_stop(text: str, stops: list[str], sent: int) -> int | None:

@@ -12,6 +12,16 @@ TINY = REPO / "examples" / "tiny_model"
 PROMPTS = ["the quick brown fox", "a", "what is the meaning of life and everything in it", "hello there, friend"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: the tiny model's ops are too small to share, and on a loaded 2-core machine two threads
+    wait on each other (these tests ran 5-10x slower with two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def adapter_configs() -> dict:
     from lorakit import LoraConfig
 

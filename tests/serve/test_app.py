@@ -60,3 +60,19 @@ def test_prometheus_text_format(engine):
         elif not line.startswith("# HELP"):
             name, value = line.rsplit(" ", 1)
             assert name.startswith("lorakit_") and float(value) >= 0
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--adapter", "x=missing_folder"], "is not a folder"),
+    (["--adapter", "x={root}/pickled"], "never unpickles"),
+    (["--adapter", "tiny_model={root}/ad1"], "the base's served name"),
+    (["--adapter", "a={root}/ad1", "--adapter", "a={root}/ad2"], "two adapters share a name"),
+    (["--adapter-root", "missing_folder"], "is not a folder"),
+])
+def test_serve_command_refuses_bad_arguments_in_one_line(adapter_root, capsys, args, words):
+    from lorakit.cli.main import main
+
+    argv = ["serve", "--base", str(TINY), *[a.format(root=adapter_root) for a in args]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lorakit serve: error:") and words in err and "Traceback" not in err

@@ -140,7 +140,11 @@ def test_adapters_load_and_unload_between_steps(adapter_root):
     engine = Engine(model, tok)
     running = submit(engine, "running", "ad1", ids, max_tokens=30, ignore_eos=True)
     engine.step()
-    engine.call(lambda: engine.load_adapter("ad5", str(adapter_root / "ad5")))
+    loaded = engine.call(lambda: engine.load_adapter("ad5", str(adapter_root / "ad5")))
+    with pytest.raises(KeyError):  # not served until the engine thread ran the load, between two steps
+        submit(engine, "early", "ad5", ids)
+    engine.step()
+    assert loaded.done() and loaded.exception() is None
     new = submit(engine, "new", "ad5", ids, max_tokens=20, ignore_eos=True)
     engine.step()
     assert "ad5" in engine.adapters and "ad5" in model.peft_config

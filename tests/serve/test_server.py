@@ -59,7 +59,7 @@ def server(adapter_root, tmp_path_factory):
            "--api-key", KEY, "--adapter-root", str(adapter_root), "--max-batch-size", "8", "--max-queue", "16"]
     for name in ADAPTERS:
         cmd += ["--adapter", f"{name}={adapter_root / name}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # as the tests' own process
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
@@ -76,7 +76,9 @@ def server(adapter_root, tmp_path_factory):
             proc.kill()
             pytest.fail(f"the server did not answer /health within 180 s:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
-    yield Server(url, proc, log)
+    server = Server(url, proc, log)
+    yield server
+    server.client.close()  # no idle keep-alive connection for the graceful shutdown to wait out
     proc.send_signal(signal.SIGINT)  # Ctrl-C: uvicorn's graceful shutdown
     try:
         proc.wait(timeout=30)
@@ -242,6 +244,19 @@ def test_queue_limit_and_closed_streams_free_their_slots(server):
     assert ended["abort"] >= 1 and ended["abort"] + ended["length"] == accepted
     answer = server.client.completions.create(model="ad3", prompt="a", max_tokens=3, temperature=0)
     assert answer.usage.completion_tokens >= 1  # still serving
+
+
+def test_a_client_that_goes_away_mid_request_frees_its_slot(server):
+    counted = 'lorakit_requests_total{model="ad4",finish_reason="abort"'
+    before = server.metric(counted)
+    body = {"model": "ad4", "prompt": "a", "max_tokens": 240, "ignore_eos": True}  # >= 0.4 s of decoding alone
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(server.url + "/v1/completions", json=body, headers=AUTH, timeout=httpx.Timeout(30, read=0.1))
+    for _ in range(300):  # bounded: 30 s
+        if server.metric(counted) == before + 1:
+            break
+        time.sleep(0.1)
+    assert server.metric(counted) == before + 1 and server.metric("lorakit_batch_size") == 0
 
 
 def test_adapters_load_and_unload_while_requests_run(server, adapter_root, tokenizer):

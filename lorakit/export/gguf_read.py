@@ -73,6 +73,30 @@ class GGUFFile:
         data = np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.offset)
         return data.reshape(*info.shape[:-1], -1)
 
+    def dequantized(self, info: GGUFTensorInfo, chunk: int = 2**20) -> np.ndarray:
+        """The tensor as float32 (rows first), dequantized in chunks of rows; its pages of the map are then
+        released (``MADV_DONTNEED``), so a streamed file does not stay resident."""
+        from gguf.quants import dequantize
+
+        raw = self.raw(info)
+        raw = raw.reshape(-1, raw.shape[-1])  # (rows, bytes per row)
+        out = np.empty(info.shape, dtype=np.float32)
+        rows = out.reshape(-1, info.shape[-1])  # (rows, cols)
+        step = max(1, chunk // rows.shape[1])
+        for i in range(0, rows.shape[0], step):
+            rows[i: i + step] = dequantize(raw[i: i + step], info.ggml_type)
+        del raw
+        self.release(info)
+        return out
+
+    def release(self, info: GGUFTensorInfo) -> None:
+        """Drop the map's resident pages of ``info`` (they are re-read from disk if touched again)."""
+        advise = getattr(self._map, "madvise", None)
+        if advise is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = info.offset - info.offset % mmap.PAGESIZE
+        advise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
+
     def _string(self, pos: int) -> tuple[str, int]:
         (n,) = struct.unpack_from("<Q", self._map, pos)
         return self._map[pos + 8: pos + 8 + n].decode("utf-8", errors="replace"), pos + 8 + n

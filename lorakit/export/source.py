@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -125,13 +124,9 @@ class GGUFSource(ModelSource):
         return AutoTokenizer.from_pretrained(self.file.parent, gguf_file=self.file.name)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        from gguf.quants import dequantize
-
         for t in self.gguf.tensors:
-            hf = self._hf[t.name]
-            data = dequantize(self.gguf.raw(t), t.ggml_type).reshape(t.shape)  # (out, in) or (n,)
-            tensor = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
-            yield hf, self.names.from_gguf_layout(t.name, tensor)
+            tensor = torch.from_numpy(self.gguf.dequantized(t))  # (out, in) or (n,)
+            yield self._hf[t.name], self.names.from_gguf_layout(t.name, tensor)
 
 
 def open_source(model: str | os.PathLike | nn.Module, tokenizer: Any = None) -> ModelSource:

@@ -55,17 +55,27 @@ def nbytes(qtype: Any, shape: tuple[int, ...]) -> int:
     return int(np.prod(shape)) // block * size
 
 
+CHUNK = 2**20
+"""Values quantized per call: the quantizer's float temporaries stay a few MB whatever the tensor's size."""
+
+
 def convert(tensor: torch.Tensor, qtype: Any) -> np.ndarray:
-    """A float32 tensor as the bytes / values of ``qtype`` (``gguf.quants`` is the reference quantizer)."""
+    """A float32 tensor as the bytes / values of ``qtype`` (``gguf.quants`` is the reference quantizer), quantized
+    in chunks of rows into one preallocated output."""
     from gguf import GGMLQuantizationType as T
-    from gguf.quants import quantize
+    from gguf.quants import quant_shape_to_byte_shape, quantize
 
     arr = tensor.detach().to(torch.float32).contiguous().numpy()
     if qtype == T.F32:
         return arr
     if qtype == T.F16:
         return arr.astype(np.float16)
-    return quantize(arr, qtype)
+    rows = arr.reshape(-1, arr.shape[-1])  # (rows, cols)
+    out = np.empty(quant_shape_to_byte_shape(rows.shape, qtype), dtype=np.uint8)  # (rows, bytes per row)
+    step = max(1, CHUNK // rows.shape[1])
+    for i in range(0, rows.shape[0], step):
+        out[i: i + step] = quantize(rows[i: i + step], qtype)
+    return out.reshape(*arr.shape[:-1], out.shape[-1])
 
 
 def add_metadata(writer: Any, kv: dict[str, Any]) -> None:

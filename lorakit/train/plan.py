@@ -33,7 +33,7 @@ from torch import nn
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import check_eval_file
-from lorakit.train.lock import RunLock
+from lorakit.train.lock import OutputDirLocked, RunLock
 from lorakit.train.metrics import PLOT_FILE, SUMMARY_FILE
 
 LORA_KEYS_CHECKED = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_dora",
@@ -264,7 +264,12 @@ def prepare_run(cfg: TrainConfig, resume: bool | None = None, world_size: int = 
             raise ValueError(f"training.output_dir={str(out_dir)!r} cannot be created: {err.strerror or err}") from err
     plan = RunPlan(cfg, out_dir, resume, world_size, lora=None, new_adapter=None)
     if lock:
-        plan.lock = RunLock(out_dir).acquire()
+        try:
+            plan.lock = RunLock(out_dir).acquire()
+        except OutputDirLocked:
+            raise
+        except OSError as err:  # a folder this user cannot write into
+            raise ValueError(f"training.output_dir={str(out_dir)!r} is not writable: {err.strerror or err}") from err
         if plan.lock.notice:
             plan.notices.append(plan.lock.notice)
     try:

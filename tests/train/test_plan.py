@@ -132,3 +132,14 @@ def test_notices_for_switches_that_do_nothing(tmp_path, monkeypatch):
     plan.schedule(4, has_eval=False)
     assert any("offload_activations=true does nothing" in n for n in plan.notices)
     assert any("eval_steps=1 is ignored" in n for n in plan.notices)
+
+
+def test_an_output_dir_without_write_permission_is_one_line(tmp_path, monkeypatch):
+    from lorakit.train.lock import RunLock
+
+    def denied(self):  # what os.open raises in a folder of another user (the tests may run as root)
+        raise PermissionError(13, "Permission denied", str(self.path))
+
+    monkeypatch.setattr(RunLock, "_try_acquire", denied)
+    with pytest.raises(ValueError, match="training.output_dir=.*out' is not writable: Permission denied"):
+        prepare_run(_cfg(tmp_path), lock=True)

@@ -18,6 +18,7 @@ the modules ``target_modules`` selects.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import math
@@ -75,18 +76,18 @@ def lora_differences(mine: Any, saved: Any, keys: Any, model: nn.Module | None =
 
 
 def data_fingerprint(rows: list[dict[str, Any]]) -> str:
-    """sha256 of the tokenized training rows, in order (every key, sorted; ints as 8-byte little-endian): any
-    edit of the data that changes a token, a label or the order changes it."""
+    """sha256 of the tokenized training rows, in order (every key, sorted; int lists as int64 in native byte
+    order): any edit of the data that changes a token, a label or the order changes it."""
     h = hashlib.sha256()
     for row in rows:
         for key in sorted(row):
             value = row[key]
             h.update(key.encode())
-            if isinstance(value, list) and all(isinstance(v, int) for v in value):
-                h.update(len(value).to_bytes(8, "little"))
-                h.update(torch.tensor(value, dtype=torch.int64).numpy().tobytes())
-            else:
-                h.update(repr(value).encode())
+            try:
+                packed = array.array("q", value).tobytes() if isinstance(value, list) else None
+            except (TypeError, OverflowError):  # not a list of ints
+                packed = None
+            h.update(len(packed).to_bytes(8, "little") + packed if packed is not None else repr(value).encode())
     return h.hexdigest()
 
 

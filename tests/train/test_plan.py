@@ -143,3 +143,15 @@ def test_an_output_dir_without_write_permission_is_one_line(tmp_path, monkeypatc
     monkeypatch.setattr(RunLock, "_try_acquire", denied)
     with pytest.raises(ValueError, match="training.output_dir=.*out' is not writable: Permission denied"):
         prepare_run(_cfg(tmp_path), lock=True)
+
+
+def test_data_fingerprint_changes_with_any_token_label_or_order():
+    from lorakit.train.plan import data_fingerprint
+
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}]
+    base = data_fingerprint(rows)
+    assert data_fingerprint([dict(r) for r in rows]) == base
+    assert data_fingerprint(rows[::-1]) != base
+    assert data_fingerprint([{**rows[0], "labels": [5, 6, 7]}, rows[1]]) != base  # train_on_inputs
+    assert data_fingerprint([{"input_ids": [5, 6], "labels": [-100, 6]}, {"input_ids": [7, 8, 9],
+                                                                           "labels": [7, 8, 9]}]) != base  # split moved

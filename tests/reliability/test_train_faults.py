@@ -25,9 +25,14 @@ from lorakit.train.lock import LOCK_FILE, OutputDirLocked
 from lorakit.train.loop import TrainingError, train
 from lorakit.train.plan import prepare_run
 from lorakit.train.signals import StopOnSignal, TrainingInterrupted
-from tests.reliability.conftest import same_adapter, strict_json, train_process, wait_for_step
+from tests.reliability.train_helpers import config_maker, same_adapter, strict_json, train_process, wait_for_step
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
+
+
+@pytest.fixture
+def run_config(tmp_path, tiny_model_dir, config_writer):
+    return config_maker(tmp_path, tiny_model_dir, config_writer)
 
 
 def _nan_loss_at(monkeypatch, calls: set[int]) -> None:

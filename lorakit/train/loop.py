@@ -169,13 +169,14 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     main = accelerator.is_main_process
     plan = prepare_run(cfg, resume, accelerator.num_processes, main, lock=main)
     try:
-        return _run(plan, accelerator)
+        with StopOnSignal() as stop:
+            return _run(plan, accelerator, stop)
     finally:
         plan.release()
 
 
-def _run(plan: RunPlan, accelerator: Any) -> TrainResult:
-    """Steps 1-9 of `train` once the plan holds (its docstring)."""
+def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
+    """Steps 1-9 of `train` once the plan holds (its docstring); `stop` notes SIGINT / SIGTERM until the loop ends."""
     from tqdm.auto import tqdm
 
     cfg, out_dir = plan.cfg, plan.out_dir
@@ -266,57 +267,59 @@ def _run(plan: RunPlan, accelerator: Any) -> TrainResult:
     run_tokens, eval_loss, bad_steps = 0, None, 0  # run_tokens: tokens of this run (throughput)
     t_start = time.perf_counter()
     try:
-        with StopOnSignal() as stop:
-            for step in range(start_step, sched.total_steps):
-                step_loss, n_units, n_tokens = _forward_backward(accelerator, loss_module, method, batches_of(step),
-                                                                 t.offload_activations)
-                grad_norm = None
-                if t.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), t.max_grad_norm)
-                progress.step = done = step + 1
-                bad = _nonfinite(step_loss / max(n_units, 1), None if t.fp16 else grad_norm)  # fp16: scaler skips inf
-                if bad is None:
-                    optimizer.step()
-                    bad_steps = 0
-                    progress.add(step_loss, n_units)
-                else:  # the update is skipped; past the patience the run stops, saving nothing from this step
-                    bad_steps += 1
-                    logger.log(done, {"train_loss": (step_loss / max(n_units, 1)).item(), "nonfinite": bad[0]})
-                    if bad_steps > t.nonfinite_patience:
-                        raise TrainingError(_divergence_message(bad, done, scheduler.get_last_lr()[0], start_step,
-                                                                t, ckpt.latest_checkpoint(out_dir)))
-                    say(f"\n[lorakit] step {done}: the {bad[0]} is {bad[1]}; update skipped ({bad_steps} of "
-                        f"training.nonfinite_patience={t.nonfinite_patience})")
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                progress.tokens_seen += n_tokens
-                run_tokens += n_tokens
-                tok_s = run_tokens / max(time.perf_counter() - t_start, 1e-9)
-                if (done % t.logging_steps == 0 or done == sched.total_steps) and (
-                        (loss := progress.close_window()) is not None):
-                    lr = scheduler.get_last_lr()[0]
-                    logger.log(done, {"train_loss": loss, "learning_rate": lr, "epoch": done / sched.steps_per_epoch,
-                                      "tokens_per_s": tok_s, **({} if grad_norm is None else
-                                                               {"grad_norm": float(grad_norm)})})
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}",
-                                    mem=format_bytes(peak_memory_bytes()), refresh=False)
-                if eval_rows and t.eval_steps and done % t.eval_steps == 0 and done != sched.total_steps:
-                    eval_loss = evaluate(done)
-                    say(f"\n[lorakit] step {done}: eval_loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}")
-                saved = bool(t.save_steps and done % t.save_steps == 0)
-                if saved:
-                    save_checkpoint(done)
-                bar.update(1)
-                signum = _stop_signal(accelerator, stop.signum)
-                if signum:
-                    raise TrainingInterrupted(signum, done, ckpt.checkpoint_path(out_dir, done) if saved
-                                              else save_checkpoint(done))
+        if signum := _stop_signal(accelerator, stop.signum):  # a signal while loading: nothing new to save
+            raise TrainingInterrupted(signum, start_step, None)
+        for step in range(start_step, sched.total_steps):
+            step_loss, n_units, n_tokens = _forward_backward(accelerator, loss_module, method, batches_of(step),
+                                                             t.offload_activations)
+            grad_norm = None
+            if t.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), t.max_grad_norm)
+            progress.step = done = step + 1
+            bad = _nonfinite(step_loss / max(n_units, 1), None if t.fp16 else grad_norm)  # fp16: scaler skips inf
+            if bad is None:
+                optimizer.step()
+                bad_steps = 0
+                progress.add(step_loss, n_units)
+            else:  # the update is skipped; past the patience the run stops, saving nothing from this step
+                bad_steps += 1
+                logger.log(done, {"train_loss": (step_loss / max(n_units, 1)).item(), "nonfinite": bad[0]})
+                if bad_steps > t.nonfinite_patience:
+                    raise TrainingError(_divergence_message(bad, done, scheduler.get_last_lr()[0], start_step,
+                                                            t, ckpt.latest_checkpoint(out_dir)))
+                say(f"\n[lorakit] step {done}: the {bad[0]} is {bad[1]}; update skipped ({bad_steps} of "
+                    f"training.nonfinite_patience={t.nonfinite_patience})")
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.tokens_seen += n_tokens
+            run_tokens += n_tokens
+            tok_s = run_tokens / max(time.perf_counter() - t_start, 1e-9)
+            if (done % t.logging_steps == 0 or done == sched.total_steps) and (
+                    (loss := progress.close_window()) is not None):
+                lr = scheduler.get_last_lr()[0]
+                logger.log(done, {"train_loss": loss, "learning_rate": lr, "epoch": done / sched.steps_per_epoch,
+                                  "tokens_per_s": tok_s, **({} if grad_norm is None else
+                                                           {"grad_norm": float(grad_norm)})})
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}",
+                                mem=format_bytes(peak_memory_bytes()), refresh=False)
+            if eval_rows and t.eval_steps and done % t.eval_steps == 0 and done != sched.total_steps:
+                eval_loss = evaluate(done)
+                say(f"\n[lorakit] step {done}: eval_loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}")
+            saved = bool(t.save_steps and done % t.save_steps == 0)
+            if saved:
+                save_checkpoint(done)
+            bar.update(1)
+            signum = _stop_signal(accelerator, stop.signum)
+            if signum:
+                raise TrainingInterrupted(signum, done, ckpt.checkpoint_path(out_dir, done) if saved
+                                          else save_checkpoint(done))
     except (torch.OutOfMemoryError, RuntimeError) as err:
         if _is_oom(err):
             raise TrainingError(_oom_message(err)) from err
         raise
     finally:
         bar.close()
+        stop.restore()
     train_time = time.perf_counter() - t_start
 
     # 9. final eval, adapter, tokenizer, plot, summary --------------------------------------------------------
@@ -339,12 +342,7 @@ def _run(plan: RunPlan, accelerator: Any) -> TrainResult:
         }
     logger.close()
     if main and gen_examples is not None:
-        after, pairs = _exact_match_reloaded(cfg, out_dir, gen_examples, accelerator.device)
-        summary.update({"exact_match_before": before, "exact_match_after": after})
-        say(f"[lorakit] exact match AFTER training:  {after:.1%} on {len(gen_examples)} held-out prompts"
-            + (f" (before: {before:.1%})" if before is not None else ""))
-        for gen, exp in pairs[: ev.generate_samples]:
-            say(f"    generated {gen.strip()!r:<40} expected {exp.strip()!r}")
+        summary.update(_exact_match_after(cfg, out_dir, gen_examples, before, accelerator.device, say))
     if main:
         (out_dir / SUMMARY_FILE).write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
         say(f"[lorakit] done: {sched.total_steps - start_step} steps in {train_time:.1f} s, "
@@ -468,14 +466,19 @@ def _exact_match_before(cfg: TrainConfig, model: nn.Module, tokenizer: Any, fmt:
     return examples, before
 
 
-def _exact_match_reloaded(cfg: TrainConfig, out_dir: Path, examples: list, device: torch.device
-                          ) -> tuple[float, list[tuple[str, str]]]:
-    """Reload base + saved adapter from disk (what a user would do) and run the exact-match check."""
+def _exact_match_after(cfg: TrainConfig, out_dir: Path, examples: list, before: float | None,
+                       device: torch.device, say: Any) -> dict[str, float | None]:
+    """Reload base + saved adapter from disk (what a user would do), run the exact-match check, print the score
+    and [evaluation.generate_samples] generations; returns the summary entries."""
     from lorakit import PeftModel
 
-    m = cfg.model
+    m, ev = cfg.model, cfg.evaluation
     base, tokenizer = load_base_model(m.name_or_path, m.torch_dtype, cfg.quantization, m.attn_implementation,
                                       m.revision, m.trust_remote_code, device=device)
     model = PeftModel.from_pretrained(base, str(out_dir))
-    ev = cfg.evaluation
-    return exact_match(model, tokenizer, examples, ev.max_new_tokens, ev.batch_size)
+    after, pairs = exact_match(model, tokenizer, examples, ev.max_new_tokens, ev.batch_size)
+    say(f"[lorakit] exact match AFTER training:  {after:.1%} on {len(examples)} held-out prompts"
+        + (f" (before: {before:.1%})" if before is not None else ""))
+    for gen, exp in pairs[: ev.generate_samples]:
+        say(f"    generated {gen.strip()!r:<40} expected {exp.strip()!r}")
+    return {"exact_match_before": before, "exact_match_after": after}

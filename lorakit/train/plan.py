@@ -18,6 +18,7 @@ the modules ``target_modules`` selects.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import math
@@ -33,7 +34,7 @@ from torch import nn
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import check_eval_file
-from lorakit.train.lock import RunLock
+from lorakit.train.lock import OutputDirLocked, RunLock
 from lorakit.train.metrics import PLOT_FILE, SUMMARY_FILE
 
 LORA_KEYS_CHECKED = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_dora",
@@ -75,18 +76,18 @@ def lora_differences(mine: Any, saved: Any, keys: Any, model: nn.Module | None =
 
 
 def data_fingerprint(rows: list[dict[str, Any]]) -> str:
-    """sha256 of the tokenized training rows, in order (every key, sorted; ints as 8-byte little-endian): any
-    edit of the data that changes a token, a label or the order changes it."""
+    """sha256 of the tokenized training rows, in order (every key, sorted; int lists as int64 in native byte
+    order): any edit of the data that changes a token, a label or the order changes it."""
     h = hashlib.sha256()
     for row in rows:
         for key in sorted(row):
             value = row[key]
             h.update(key.encode())
-            if isinstance(value, list) and all(isinstance(v, int) for v in value):
-                h.update(len(value).to_bytes(8, "little"))
-                h.update(torch.tensor(value, dtype=torch.int64).numpy().tobytes())
-            else:
-                h.update(repr(value).encode())
+            try:
+                packed = array.array("q", value).tobytes() if isinstance(value, list) else None
+            except (TypeError, OverflowError):  # not a list of ints
+                packed = None
+            h.update(len(packed).to_bytes(8, "little") + packed if packed is not None else repr(value).encode())
     return h.hexdigest()
 
 
@@ -264,7 +265,12 @@ def prepare_run(cfg: TrainConfig, resume: bool | None = None, world_size: int = 
             raise ValueError(f"training.output_dir={str(out_dir)!r} cannot be created: {err.strerror or err}") from err
     plan = RunPlan(cfg, out_dir, resume, world_size, lora=None, new_adapter=None)
     if lock:
-        plan.lock = RunLock(out_dir).acquire()
+        try:
+            plan.lock = RunLock(out_dir).acquire()
+        except OutputDirLocked:
+            raise
+        except OSError as err:  # a folder this user cannot write into
+            raise ValueError(f"training.output_dir={str(out_dir)!r} is not writable: {err.strerror or err}") from err
         if plan.lock.notice:
             plan.notices.append(plan.lock.notice)
     try:

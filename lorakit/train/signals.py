@@ -1,9 +1,10 @@
 """SIGINT / SIGTERM during training: finish the step, write a resumable checkpoint, stop.
 
-Schedulers and ``docker stop`` send SIGTERM, a terminal Ctrl-C sends SIGINT. Inside `StopOnSignal` the first
-one only sets `signum`; the loop checks it after each optimizer step, writes a checkpoint and raises
-`TrainingInterrupted` (the command exits ``128 + signum``: 130 / 143). A second signal raises
-`TrainingInterrupted` at once, without a checkpoint.
+Schedulers and ``docker stop`` send SIGTERM, a terminal Ctrl-C sends SIGINT. Inside `StopOnSignal` (from the
+model's loading to the end of the loop) the first one only sets `signum`; the loop checks it before its first
+step and after each optimizer step, writes a checkpoint (when a step ran) and raises `TrainingInterrupted` (the
+command exits ``128 + signum``: 130 / 143). A second signal raises `TrainingInterrupted` at once, without a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -46,7 +47,11 @@ class StopOnSignal:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def restore(self) -> None:
+        """Put the previous handlers back (idempotent): from here on a signal acts as it did before."""
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()

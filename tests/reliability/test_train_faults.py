@@ -25,9 +25,14 @@ from lorakit.train.lock import LOCK_FILE, OutputDirLocked
 from lorakit.train.loop import TrainingError, train
 from lorakit.train.plan import prepare_run
 from lorakit.train.signals import StopOnSignal, TrainingInterrupted
-from tests.reliability.conftest import same_adapter, strict_json, train_process, wait_for_step
+from tests.reliability.train_helpers import config_maker, same_adapter, strict_json, train_process, wait_for_step
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
+
+
+@pytest.fixture
+def run_config(tmp_path, tiny_model_dir, config_writer):
+    return config_maker(tmp_path, tiny_model_dir, config_writer)
 
 
 def _nan_loss_at(monkeypatch, calls: set[int]) -> None:
@@ -172,6 +177,25 @@ def test_sigterm_to_a_train_process_exits_143_with_a_checkpoint(run_config):
         "global_step"] == step
     assert found.group(3) == f"lorakit train {cfg} training.seed=7 --resume"
     assert not (out / LOCK_FILE).exists() and not (out / "adapter_model.safetensors").exists()
+
+
+def test_sigterm_while_loading_the_model_exits_143_after_loading(run_config, monkeypatch, capsys):
+    """A signal before the first step: no step ran, so nothing new to save; the message says there is nothing to
+    resume (no checkpoint yet) and the exit status is 143."""
+    import lorakit.train.loop
+
+    real = lorakit.train.loop.load_base_model
+
+    def load(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lorakit.train.loop, "load_base_model", load)
+    cfg, out = run_config(max_steps=3, save_steps=1)
+    assert main(["train", str(cfg)]) == 143
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("lorakit train: SIGTERM; no checkpoint was written yet") and "nothing to resume" in err
+    assert not ckpt.checkpoint_dirs(out) and not (out / LOCK_FILE).exists()
 
 
 def test_a_second_signal_stops_at_once():

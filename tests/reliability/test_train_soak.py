@@ -12,10 +12,15 @@ import pytest
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.config import load_config
 from lorakit.train.loop import train
-from tests.reliability.conftest import same_adapter, strict_json, train_process
+from tests.reliability.train_helpers import config_maker, same_adapter, strict_json, train_process
 
 RANDOM_KILLS = 8
 """Kills at random moments (N in docs/reliability.md); one more at each of the three fault points."""
+
+
+@pytest.fixture
+def run_config(tmp_path, tiny_model_dir, config_writer):
+    return config_maker(tmp_path, tiny_model_dir, config_writer)
 
 
 @pytest.mark.slow

@@ -247,3 +247,16 @@ def test_memory_switches_keep_the_loss_curve(config_writer, tmp_path, tiny_model
     wa, wb = load_file(plain / "adapter_model.safetensors"), load_file(fast / "adapter_model.safetensors")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_exact_match_before_and_after_training(config_writer, tmp_path, tiny_model_dir, capsys):
+    """evaluation.path: the score before training, then after, from the adapter reloaded from disk."""
+    evaluation = {"path": str(REPO / "examples/data/second_word_prompt_completion_eval.jsonl"), "max_examples": 4,
+                  "answer_field": "completion", "max_new_tokens": 2, "generate_samples": 1}
+    result, out = _run(config_writer, tmp_path, tiny_model_dir, training={"max_steps": 1}, evaluation=evaluation)
+    printed = capsys.readouterr().out
+    assert "exact match BEFORE training" in printed and "exact match AFTER training" in printed
+    assert printed.count("    generated ") == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0.0 <= summary["exact_match_after"] <= 1.0 and summary["exact_match_before"] == result.summary[
+        "exact_match_before"]

@@ -132,3 +132,26 @@ def test_notices_for_switches_that_do_nothing(tmp_path, monkeypatch):
     plan.schedule(4, has_eval=False)
     assert any("offload_activations=true does nothing" in n for n in plan.notices)
     assert any("eval_steps=1 is ignored" in n for n in plan.notices)
+
+
+def test_an_output_dir_without_write_permission_is_one_line(tmp_path, monkeypatch):
+    from lorakit.train.lock import RunLock
+
+    def denied(self):  # what os.open raises in a folder of another user (the tests may run as root)
+        raise PermissionError(13, "Permission denied", str(self.path))
+
+    monkeypatch.setattr(RunLock, "_try_acquire", denied)
+    with pytest.raises(ValueError, match="training.output_dir=.*out' is not writable: Permission denied"):
+        prepare_run(_cfg(tmp_path), lock=True)
+
+
+def test_data_fingerprint_changes_with_any_token_label_or_order():
+    from lorakit.train.plan import data_fingerprint
+
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}]
+    base = data_fingerprint(rows)
+    assert data_fingerprint([dict(r) for r in rows]) == base
+    assert data_fingerprint(rows[::-1]) != base
+    assert data_fingerprint([{**rows[0], "labels": [5, 6, 7]}, rows[1]]) != base  # train_on_inputs
+    assert data_fingerprint([{"input_ids": [5, 6], "labels": [-100, 6]}, {"input_ids": [7, 8, 9],
+                                                                           "labels": [7, 8, 9]}]) != base  # split moved

@@ -1,4 +1,7 @@
-"""Helpers of the training reliability tests: runs in-process and as `lorakit train` subprocesses."""
+"""Helpers of the training reliability tests: runs in-process and as `lorakit train` subprocesses.
+
+(Not a conftest: the library-side reliability tests live beside these with their own helpers.)
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -47,14 +50,13 @@ def wait_for_step(out: Path, proc: subprocess.Popen, step: int, timeout: float =
     raise AssertionError(f"step {step} not reached (exit {proc.poll()}): {proc.stderr.read() if proc.poll() else ''}")
 
 
-@pytest.fixture
-def run_config(tmp_path, tiny_model_dir, config_writer):
-    """`run_config(name, **training)` -> (config path, output_dir): the tiny model, 32 records, lr 1e-2."""
+def config_maker(tmp_path: Path, model_dir: Path, config_writer: Any):
+    """`make(name, data=None, **training)` -> (config path, output_dir): the tiny model, 32 records, lr 1e-2."""
     def make(name: str = "run", data: dict | None = None, **training):
         out = tmp_path / name
         sections = {"training": {"logging_steps": 1, **training}}
         if data:
             sections["data"] = data
-        return config_writer(tmp_path / f"{name}.yaml", tiny_model_dir, out, **sections), out
+        return config_writer(tmp_path / f"{name}.yaml", model_dir, out, **sections), out
 
     return make

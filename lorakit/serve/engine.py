@@ -33,6 +33,7 @@ import concurrent.futures
 import inspect
 import itertools
 import logging
+import secrets
 import threading
 import time
 from collections import deque
@@ -344,7 +345,7 @@ class Engine:
             generator = None
             if r.params.temperature > 0:
                 generator = torch.Generator()
-                generator.manual_seed(r.params.seed if r.params.seed is not None else torch.seed())
+                generator.manual_seed(r.params.seed if r.params.seed is not None else secrets.randbits(63))
             rows.append(_Row(r, longest - len(r.prompt_ids), generator))
             self.metrics["prompt_tokens"] += len(r.prompt_ids)
         self._merge(cache, rows, longest)

@@ -389,6 +389,20 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse a port something else listens on, or a host this machine does not have, naming the fix."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            sock.bind(infos[0][4])
+    except OSError as err:
+        raise ValueError(f"cannot listen on {host}:{port} ({err.strerror or err}): choose another --port, or stop "
+                         "what uses it") from None
+
+
 def serve(config: ServeConfig) -> None:
     """Load the model and adapters, then serve until interrupted (Ctrl-C or SIGTERM: a graceful shutdown)."""
     import uvicorn
@@ -398,6 +412,7 @@ def serve(config: ServeConfig) -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    check_port(config.host, config.port)  # before minutes of model loading, not after
     engine = load_engine(config)
     if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         log.warning("listening on %s without --api-key: anyone who reaches this port can use the server", config.host)

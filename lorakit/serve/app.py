@@ -11,6 +11,7 @@ this module.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -149,7 +150,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     @app.middleware("http")
     async def authorize(request: Request, call_next: Any) -> Response:
         if config.api_key is not None and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
+            sent = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(sent, f"Bearer {config.api_key}".encode()):  # no timing hint at the key
                 rejected["unauthorized"] += 1
                 err = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' with the "
                                     "server's --api-key")

@@ -189,12 +189,16 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         if asked is not None and asked <= 0:
             raise ApiError(400, f"{field} must be at least 1, got {asked}", field)
         context = engine.context_len
+        where = "messages" if isinstance(req, ChatRequest) else "prompt"
+        if prompt_len >= context:
+            raise ApiError(400, f"This model's maximum context length is {context} tokens. However, your {where} "
+                                f"resulted in {prompt_len} tokens, leaving no room for a completion. Please reduce "
+                                f"the length of the {where}.", where)
         max_tokens = asked if asked is not None else (default_max or context - prompt_len)
         if prompt_len + max_tokens > context:
             raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
                                 f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the "
-                                "completion). Please reduce the length of the prompt or completion.",
-                           "messages" if isinstance(req, ChatRequest) else "prompt")
+                                "completion). Please reduce the length of the prompt or completion.", where)
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                               stop=req.stops(), ignore_eos=req.ignore_eos)
 

@@ -186,6 +186,8 @@ def test_bad_completion_requests_get_openai_error_bodies(server, body, status, p
 def test_bad_chat_requests_and_auth(server):
     for body, words in [({"model": "ad1", "messages": "hi"}, "valid array"),
                         ({"model": "ad1", "messages": []}, "at least 1"),
+                        ({"model": "ad1", "messages": [{"role": "user", "content": "word " * 300}]},
+                         "leaving no room for a completion"),
                         ({"model": "ad1", "messages": [{"role": "robot", "content": "x"}]}, "'system'"),
                         ({"model": "ad1", "messages": [{"role": "user", "content": "x"}], "tools": [{"x": 1}]},
                          "tools")]:

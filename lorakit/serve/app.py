@@ -68,6 +68,17 @@ class ServeConfig:
     """none | nf4 (lorakit's 4-bit base, QLoRA) | fp4 | int8."""
     dtype: str = "float32"
 
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ServeConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"ServeConfig.port must be in [0, 65535], got {self.port}")
+        if self.quantization not in ("none", "nf4", "fp4", "int8"):
+            raise ValueError(f"ServeConfig.quantization must be none, nf4, fp4 or int8, got {self.quantization!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"ServeConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
     @property
     def base_name(self) -> str:
         return self.served_model_name or Path(self.base.rstrip("/")).name or self.base

@@ -11,6 +11,7 @@ this module.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -66,6 +67,17 @@ class ServeConfig:
     quantization: str = "none"
     """none | nf4 (lorakit's 4-bit base, QLoRA) | fp4 | int8."""
     dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ServeConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"ServeConfig.port must be in [0, 65535], got {self.port}")
+        if self.quantization not in ("none", "nf4", "fp4", "int8"):
+            raise ValueError(f"ServeConfig.quantization must be none, nf4, fp4 or int8, got {self.quantization!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"ServeConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 
     @property
     def base_name(self) -> str:
@@ -149,7 +161,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     @app.middleware("http")
     async def authorize(request: Request, call_next: Any) -> Response:
         if config.api_key is not None and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
+            sent = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(sent, f"Bearer {config.api_key}".encode()):  # no timing hint at the key
                 rejected["unauthorized"] += 1
                 err = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' with the "
                                     "server's --api-key")
@@ -187,12 +200,16 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         if asked is not None and asked <= 0:
             raise ApiError(400, f"{field} must be at least 1, got {asked}", field)
         context = engine.context_len
+        where = "messages" if isinstance(req, ChatRequest) else "prompt"
+        if prompt_len >= context:
+            raise ApiError(400, f"This model's maximum context length is {context} tokens. However, your {where} "
+                                f"resulted in {prompt_len} tokens, leaving no room for a completion. Please reduce "
+                                f"the length of the {where}.", where)
         max_tokens = asked if asked is not None else (default_max or context - prompt_len)
         if prompt_len + max_tokens > context:
             raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
                                 f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the "
-                                "completion). Please reduce the length of the prompt or completion.",
-                           "messages" if isinstance(req, ChatRequest) else "prompt")
+                                "completion). Please reduce the length of the prompt or completion.", where)
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                               stop=req.stops(), ignore_eos=req.ignore_eos)
 
@@ -389,6 +406,20 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse a port something else listens on, or a host this machine does not have, naming the fix."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            sock.bind(infos[0][4])
+    except OSError as err:
+        raise ValueError(f"cannot listen on {host}:{port} ({err.strerror or err}): choose another --port, or stop "
+                         "what uses it") from None
+
+
 def serve(config: ServeConfig) -> None:
     """Load the model and adapters, then serve until interrupted (Ctrl-C or SIGTERM: a graceful shutdown)."""
     import uvicorn
@@ -398,6 +429,7 @@ def serve(config: ServeConfig) -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    check_port(config.host, config.port)  # before minutes of model loading, not after
     engine = load_engine(config)
     if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         log.warning("listening on %s without --api-key: anyone who reaches this port can use the server", config.host)

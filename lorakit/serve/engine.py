@@ -33,6 +33,7 @@ import concurrent.futures
 import inspect
 import itertools
 import logging
+import secrets
 import threading
 import time
 from collections import deque
@@ -186,6 +187,7 @@ class Engine:
         self._tasks: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._wake = threading.Condition()
         self._rows: list[_Row] = []
+        self._joining: list[Request] = []
         self._cache: Any = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -215,8 +217,16 @@ class Engine:
                 self._wake.notify()
                 return
             self._waiting.remove(waiting)
-        self._count(waiting.model, "abort")
-        waiting.emit(Event("", [], "abort", len(waiting.prompt_ids), 0))
+        self._abort_unstarted(waiting)
+
+    def _abort_unstarted(self, req: Request, error: Exception | None = None) -> None:
+        """End a request that never got a row (left the queue, or its prefill failed)."""
+        self._count(req.model, "abort")
+        try:
+            req.emit(Event("", [], "abort", len(req.prompt_ids), 0))
+        finally:
+            log.info("%s model=%s prompt_tokens=%d completion_tokens=0 finish=abort latency=%.3fs%s", req.id, req.model,
+                     len(req.prompt_ids), time.perf_counter() - req.arrived, f" error={error!r}" if error else "")
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run ``fn`` on the engine thread between two steps (adapter loads, unloads); its result or error in the
@@ -258,16 +268,20 @@ class Engine:
             except Exception as err:  # a failed forward must not leave clients waiting forever
                 log.exception("engine step failed; its requests end with finish_reason 'abort'")
                 for row in self._rows:
-                    self._finish(row, "abort", error=err)
-                self._rows, self._cache = [], None
+                    if row.finish is None:
+                        self._finish(row, "abort", error=err)
+                started = {row.req.id for row in self._rows}
+                for req in self._joining:
+                    if req.id not in started:
+                        self._abort_unstarted(req, err)
+                self._rows, self._cache, self._joining = [], None, []
             time.sleep(0)  # let the HTTP thread take the GIL between steps (a tiny model's step is mostly Python)
         for row in self._rows:
             self._finish(row, "abort")
         with self._wake:
             waiting, self._waiting = list(self._waiting), deque()
         for req in waiting:
-            self._count(req.model, "abort")
-            req.emit(Event("", [], "abort", len(req.prompt_ids), 0))
+            self._abort_unstarted(req)
 
     # ---- the engine thread -------------------------------------------------------------------------------------
     def step(self) -> None:
@@ -289,7 +303,9 @@ class Engine:
                 room = self.max_batch_size - len(self._rows)
                 joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
             if joining:
+                self._joining = joining  # ended by _loop if the prefill fails
                 self._join(joining)
+                self._joining = []
                 self._leave()
             if self._rows:
                 self._decode()
@@ -329,7 +345,7 @@ class Engine:
             generator = None
             if r.params.temperature > 0:
                 generator = torch.Generator()
-                generator.manual_seed(r.params.seed if r.params.seed is not None else torch.seed())
+                generator.manual_seed(r.params.seed if r.params.seed is not None else secrets.randbits(63))
             rows.append(_Row(r, longest - len(r.prompt_ids), generator))
             self.metrics["prompt_tokens"] += len(r.prompt_ids)
         self._merge(cache, rows, longest)

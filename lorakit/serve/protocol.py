@@ -171,11 +171,8 @@ def response_body(rid: str, model: str, chat: bool, text: str, finish: str, prom
                   completion: int, token_ids: list[int] | None) -> dict[str, Any]:
     """A whole response; ``token_ids`` (``return_token_ids``) adds vLLM's ``token_ids`` to the choice and
     ``prompt_token_ids`` (in the choice for completions, at the top for chat)."""
-    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
+    content = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+    choice: dict[str, Any] = {"index": 0, **content, "logprobs": None, "finish_reason": finish}
     body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model, "choices": [choice], "usage": usage(len(prompt_ids), completion)}
     if token_ids is not None:

@@ -76,3 +76,17 @@ def test_serve_command_refuses_bad_arguments_in_one_line(adapter_root, capsys, a
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("lorakit serve: error:") and words in err and "Traceback" not in err
+
+
+def test_serve_command_refuses_a_busy_port_before_loading(capsys):
+    import socket
+
+    from lorakit.cli.main import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--base", "no/such/model", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "choose another --port" in err

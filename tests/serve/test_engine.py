@@ -3,6 +3,8 @@ alone (LoRA, DoRA, modules_to_save, rsLoRA, the bare base; full-precision and NF
 leave the batch at different steps; seeded sampling does not depend on the batch; cancel frees the slot; adapters
 load and unload between steps."""
 
+import time
+
 import pytest
 
 from lorakit.serve.engine import BASE, Engine, Request, SamplingParams, _find_stop, _held
@@ -174,3 +176,34 @@ def test_a_bare_base_model_gets_its_first_adapter_at_runtime(adapter_root):
     drain(engine)
     assert both[0].ids == base.ids == reference_ids(None, [ids], NEW)[0]
     assert both[1].ids == reference_ids(adapter_root / "ad4", [ids], NEW)[0]
+
+
+def test_a_failed_step_ends_its_requests_and_the_engine_goes_on(adapter_root):
+    model, tok = load(adapter_root, ["ad1"])
+    ids = tok(PROMPTS[0])["input_ids"]
+    engine = Engine(model, tok)
+    forward, failures = engine._forward, [RuntimeError("out of memory")]
+
+    def flaky(*args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return forward(*args, **kwargs)
+
+    engine._forward = flaky
+    engine.start()
+    try:
+        first = submit(engine, "first", "ad1", ids)  # its prefill fails
+        for _ in range(600):  # bounded: 60 s
+            if first.finish:
+                break
+            time.sleep(0.1)
+        second = submit(engine, "second", "ad1", ids)
+        for _ in range(600):
+            if second.finish:
+                break
+            time.sleep(0.1)
+    finally:
+        engine.stop()
+    assert first.finish == "abort" and first.ids == []
+    assert second.ids == reference_ids(adapter_root / "ad1", [ids], NEW)[0]
+    assert engine.metrics["requests"][("ad1", "abort")] == 1

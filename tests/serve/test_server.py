@@ -5,6 +5,7 @@ queue is 429; closing a stream frees its slot; adapters load and unload while ot
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -186,6 +187,8 @@ def test_bad_completion_requests_get_openai_error_bodies(server, body, status, p
 def test_bad_chat_requests_and_auth(server):
     for body, words in [({"model": "ad1", "messages": "hi"}, "valid array"),
                         ({"model": "ad1", "messages": []}, "at least 1"),
+                        ({"model": "ad1", "messages": [{"role": "user", "content": "word " * 300}]},
+                         "leaving no room for a completion"),
                         ({"model": "ad1", "messages": [{"role": "robot", "content": "x"}]}, "'system'"),
                         ({"model": "ad1", "messages": [{"role": "user", "content": "x"}], "tools": [{"x": 1}]},
                          "tools")]:
@@ -298,3 +301,16 @@ def test_load_lora_adapter_refusals_leave_the_server_serving(server, adapter_roo
     assert "the adapter file has (4, 64), the model expects (4, 128)" in r.json()["error"]["message"]
     assert "x" not in {m.id for m in server.client.models.list().data}
     assert server.client.completions.create(model="ad1", prompt="a", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_a_log_line_per_request(server):
+    answer = server.client.completions.create(model="ad2", prompt="a", max_tokens=3, temperature=0)
+    for _ in range(100):  # bounded: the line is written as the request ends, maybe after the response
+        lines = [ln for ln in server.log.read_text().splitlines() if ln.startswith(f"[lorakit serve] {answer.id} ")]
+        if lines:
+            break
+        time.sleep(0.1)
+    assert len(lines) == 1, server.log.read_text()[-2000:]
+    assert re.fullmatch(rf"\[lorakit serve\] {answer.id} model=ad2 prompt_tokens={answer.usage.prompt_tokens} "
+                        rf"completion_tokens={answer.usage.completion_tokens} finish=\w+ ttft=[0-9.]+s "
+                        r"latency=[0-9.]+s", lines[0]), lines[0]

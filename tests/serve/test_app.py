@@ -66,7 +66,7 @@ def test_prometheus_text_format(engine):
     (["--adapter", "x=missing_folder"], "is not a folder"),
     (["--adapter", "x={root}/pickled"], "never unpickles"),
     (["--adapter", "tiny_model={root}/ad1"], "the base's served name"),
-    (["--adapter", "a={root}/ad1", "--adapter", "a={root}/ad2"], "two adapters share a name"),
+    (["--adapter", "a={root}/ad1", "--adapter", "a={root}/ad2"], "two adapters named"),
     (["--adapter-root", "missing_folder"], "is not a folder"),
 ])
 def test_serve_command_refuses_bad_arguments_in_one_line(adapter_root, capsys, args, words):

@@ -35,6 +35,7 @@ from torch import nn
 
 from lorakit.kernels.offload import offload_activations
 from lorakit.train import checkpoint as ckpt
+from lorakit.train import distributed as fsdp
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import exact_match, generation_examples, load_base_model, perplexity
 from lorakit.train.method import Row, TrainingMethod, build_method
@@ -163,8 +164,12 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     _say_notices(plan, say)
 
     # 2. base model, 3. data ----------------------------------------------------------------------------------
-    model, tokenizer = load_base_model(m.name_or_path, m.torch_dtype, cfg.quantization, m.attn_implementation,
-                                       m.revision, m.trust_remote_code, device=accelerator.device)
+    if plan.fsdp:  # parameters on meta: each process reads its shards after sharding (step 5)
+        model, tokenizer, model_path, load_dtype = fsdp.empty_base_model(
+            m.name_or_path, m.torch_dtype, cfg.quantization, m.attn_implementation, m.revision, m.trust_remote_code)
+    else:
+        model, tokenizer = load_base_model(m.name_or_path, m.torch_dtype, cfg.quantization, m.attn_implementation,
+                                           m.revision, m.trust_remote_code, device=accelerator.device)
     mask_dtype = next(model.parameters()).dtype if m.torch_dtype != "float32" else torch.float32
     method = build_method(cfg, tokenizer, mask_dtype if mask_dtype.is_floating_point else torch.float32)
     train_rows, eval_rows, data_stats = method.build_data(say)
@@ -180,6 +185,7 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
 
     # 4. adapter ----------------------------------------------------------------------------------------------
     model = _attach_adapter(model, plan)
+    adapter_values = fsdp.adapter_init_values(model, plan.lora.init_lora_weights) if plan.fsdp else {}
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     n_trainable = sum(p.numel() for p in trainable.values())
     n_all = sum(p.numel() for p in model.parameters())
@@ -187,11 +193,18 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
         f"trainable%: {100 * n_trainable / n_all:.4f}")
 
     # 5. optimizer and schedule -------------------------------------------------------------------------------
-    loss_module = method.loss_module(model)
+    loss_module, sharded = method.loss_module(model), None
+    if plan.fsdp:  # [distributed]: shard each decoder layer and the rest, then read this process's rows
+        sharded = fsdp.ShardedModel(loss_module, model, fsdp.mixed_precision_policy(t.bf16))
+        sharded.load(model_path, load_dtype, adapter_values, accelerator.device)
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(t.optim, param_groups(model, t.weight_decay), t.learning_rate,
                                 (t.adam_beta1, t.adam_beta2), t.adam_epsilon)
     scheduler = build_scheduler(optimizer, sched.total_steps, sched.warmup, t.lr_scheduler_type)
-    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+    if sharded is None:
+        loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+    else:
+        optimizer = accelerator.prepare(optimizer)
 
     # 6. resume -----------------------------------------------------------------------------------------------
     progress, resumed_from = Progress(), plan.resume_from
@@ -200,7 +213,7 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     if plan.resume and resumed_from is None:
         say(f"[lorakit] --resume: no complete checkpoint in {out_dir}; starting from step 0")
     if resumed_from is not None:
-        ckpt.restore(resumed_from, trainable, optimizer, scheduler, rank)
+        ckpt.restore(resumed_from, trainable, optimizer, scheduler, rank, sharded)
         progress = Progress.from_state(plan.state)
         say(f"[lorakit] resumed from {resumed_from} at step {progress.step}/{sched.total_steps}")
     start_step = progress.step
@@ -222,7 +235,8 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
                 for rows in step_rows(train_rows, sched, t.seed, step, rank)]
 
     def evaluate() -> float:
-        return _evaluate(accelerator, loss_module, method, eval_rows[rank::world], t.per_device_eval_batch_size)
+        return _evaluate(accelerator, loss_module, method, eval_rows[rank::world], t.per_device_eval_batch_size,
+                         filler=eval_rows[:1] if sharded else None)
 
     def log_eval(step: int, loss: float) -> None:
         logger.log(step, {"eval_loss": loss, **({"eval_perplexity": perplexity(loss)}
@@ -237,10 +251,11 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     try:
         for step in range(start_step, sched.total_steps):
             step_loss, n_units, n_tokens = _forward_backward(accelerator, loss_module, method, batches_of(step),
-                                                             t.offload_activations)
+                                                             t.offload_activations, sharded)
             grad_norm = None
             if t.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), t.max_grad_norm)
+                clip = accelerator.clip_grad_norm_ if sharded is None else sharded.clip_grad_norm_
+                grad_norm = clip(list(trainable.values()), t.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -268,7 +283,7 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
                 ckpt.save(out_dir, done, accelerator.unwrap_model(loss_module).model, trainable, optimizer,
                           scheduler, {"epoch": done / sched.steps_per_epoch, "world_size": world,
                                       **sched.data_order, **progress.state()},
-                          rank, main, accelerator.wait_for_everyone, t.save_total_limit)
+                          rank, main, accelerator.wait_for_everyone, t.save_total_limit, sharded)
             bar.update(1)
     except (torch.OutOfMemoryError, RuntimeError) as err:
         if _is_oom(err):
@@ -285,8 +300,11 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     accelerator.wait_for_everyone()
     summary: dict[str, Any] = {}
     last_train_loss = progress.last_train_loss
+    if sharded is not None:
+        sharded.save_adapter(out_dir)  # every process: the adapter's tensors are all-gathered
     if main:
-        accelerator.unwrap_model(loss_module).model.save_pretrained(out_dir)
+        if sharded is None:
+            accelerator.unwrap_model(loss_module).model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
         logger.plot(out_dir)
         summary = {
@@ -322,16 +340,21 @@ def _say_notices(plan: RunPlan, say: Any) -> None:
 
 
 def _forward_backward(accelerator: Any, loss_module: nn.Module, method: TrainingMethod,
-                      batches: list[tuple[dict[str, torch.Tensor], int]], offload: bool
-                      ) -> tuple[torch.Tensor, float, int]:
+                      batches: list[tuple[dict[str, torch.Tensor], int]], offload: bool,
+                      sharded: fsdp.ShardedModel | None = None) -> tuple[torch.Tensor, float, int]:
     """Forward and backward the micro-batches of one optimizer step; returns (summed loss over all processes,
     N, input tokens). Each process back-propagates ``P * loss_sum / N`` (N: units of the step over all
-    micro-batches and processes, counted before the first backward), as DDP averages gradients over P."""
+    micro-batches and processes, counted before the first backward), as DDP (and FSDP's reduce-scatter)
+    averages gradients over P."""
     counts = torch.tensor([[method.units(b), n] for b, n in batches]).sum(0)  # (units, tokens)
     n_global, n_tokens = accelerator.reduce(counts.to(accelerator.device), "sum").tolist()
     step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     for i, (batch, _) in enumerate(batches):
-        sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(loss_module)
+        last = i == len(batches) - 1
+        if sharded is not None:
+            sync = sharded.no_sync(not last)
+        else:
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(loss_module)
         with sync, accelerator.autocast(), offload_activations(enabled=offload):
             loss_sum = loss_module(**batch)  # summed over the units of this micro-batch
             accelerator.backward(loss_sum * accelerator.num_processes / max(1, n_global))
@@ -341,15 +364,23 @@ def _forward_backward(accelerator: Any, loss_module: nn.Module, method: Training
 
 @torch.no_grad()
 def _evaluate(accelerator: Any, loss_module: nn.Module, method: TrainingMethod, rows: list[Row],
-              batch_size: int) -> float:
-    """Mean loss per unit over this process's `rows` and all processes."""
+              batch_size: int, filler: list[Row] | None = None) -> float:
+    """Mean loss per unit over this process's `rows` and all processes. With `filler` (FSDP, where every
+    forward is collective) a process with fewer batches than another runs `filler` until they match, uncounted."""
     loss_module.eval()
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (sum loss, units)
-    for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(accelerator.device) for k, v in method.collate(rows[start : start + batch_size]).items()}
+    starts = list(range(0, len(rows), batch_size))
+    n_batches = len(starts)
+    if filler is not None:
+        n_batches = int(accelerator.gather(torch.tensor([n_batches], device=accelerator.device)).max())
+    for i in range(n_batches):
+        chunk = rows[starts[i] : starts[i] + batch_size] if i < len(starts) else filler
+        batch = {k: v.to(accelerator.device) for k, v in method.collate(chunk).items()}
         with accelerator.autocast():
-            total[0] += loss_module(**batch).double()
-        total[1] += method.units(batch)
+            loss = loss_module(**batch).double()
+        if i < len(starts):
+            total[0] += loss
+            total[1] += method.units(batch)
     loss_module.train()
     total = accelerator.reduce(total, "sum")
     return (total[0] / total[1].clamp(min=1)).item()

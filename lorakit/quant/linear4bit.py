@@ -194,7 +194,7 @@ class Linear4bit(DequantLinearModule):
             super()._apply(fn, recurse)
             meta = self.__dict__["_exposed_state"]
             device = self.weight.device
-            if not self.weight.is_meta and meta.code.device != device:
+            if not self.weight.is_meta and not meta.code.is_meta and meta.code.device != device:
                 meta.to(device)
             return self
         # .to(dtype) / .half() must not touch the packed bytes (they may be stored as bf16): move devices only.

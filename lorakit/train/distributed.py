@@ -28,6 +28,7 @@ skipped) and resume with the same number of processes (another is refused by ``l
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -157,14 +158,12 @@ class ShardedModel:
         """Allocate this process's shards on `device` and fill them: base rows from the safetensors files in
         `path` (cast to `dtype`, then to the parameter's dtype, as a one-process load and
         prepare_model_for_kbit_training do), adapter rows from `adapters` (`adapter_init_values`)."""
-        from safetensors import safe_open
-
         buffers = {n: b.detach().clone() for n, b in self.root.named_buffers()}  # to_empty leaves them empty
         self.root.to_empty(device=device)
         with torch.no_grad():
             for name, buf in self.root.named_buffers():
                 buf.copy_(buffers[name])
-        files = _safetensors_files(Path(path))
+        files = SafetensorsRows(Path(path))
         base = self.peft.get_base_model()
         prefix = next(n for n, m in self.root.named_modules() if m is base)
         prefix = f"{prefix}." if prefix else ""
@@ -172,43 +171,32 @@ class ShardedModel:
         adapter_of = {id(p): (adapters[id(m)], n) for m in self.root.modules() if id(m) in adapters
                       for n, p in m.named_parameters()}
         done: set[int] = set()
-        handles: dict[str, Any] = {}
-        try:
-            def tensor(key: str, rows: slice | None = None) -> torch.Tensor | None:
-                file = files.get(key)
-                if file is None:
-                    return None
-                if file not in handles:
-                    handles[file] = safe_open(file, "pt")
-                return handles[file].get_slice(key)[rows] if rows else handles[file].get_tensor(key)
-
-            for fqn, param in self.root.named_parameters(remove_duplicate=False):
-                if id(param) in done:
-                    continue
-                if id(param) in adapter_of:
-                    values, name = adapter_of[id(param)]
-                    _fill(param, values[name])
-                    done.add(id(param))
-                    continue
-                module, pname = owners[id(param)]
-                key = fqn[len(prefix):].replace(".base_layer.", ".") if fqn.startswith(prefix) else fqn
-                if hasattr(module, "expose_quant_state"):
-                    if pname == "weight":  # quantize the whole tensor, keep this process's rows
-                        self._load_4bit(module, key, tensor(key), dtype)
-                        done |= {id(p) for p in module.parameters(recurse=False) if p is not module.bias}
-                        continue
-                    if pname != "bias":
-                        continue  # weight_absmax / weight_nested_absmax: filled with the weight
-                start, length = _rows(param)
-                value = tensor(key, slice(start, start + length)) if param.dim() else tensor(key)
-                if value is None:
-                    continue
-                if value.is_floating_point():
-                    value = value.to(dtype)
-                _local(param).copy_(value)
+        for fqn, param in self.root.named_parameters(remove_duplicate=False):
+            if id(param) in done:
+                continue
+            if id(param) in adapter_of:
+                values, name = adapter_of[id(param)]
+                _fill(param, values[name])
                 done.add(id(param))
-        finally:
-            handles.clear()
+                continue
+            module, pname = owners[id(param)]
+            key = fqn[len(prefix):].replace(".base_layer.", ".") if fqn.startswith(prefix) else fqn
+            if hasattr(module, "expose_quant_state"):
+                if pname == "weight":  # quantize the whole tensor, keep this process's rows
+                    self._load_4bit(module, key, files.read(key), dtype)
+                    done |= {id(p) for p in module.parameters(recurse=False) if p is not module.bias}
+                if pname != "bias":
+                    continue  # weight_absmax / weight_nested_absmax: filled with the weight
+            start, length = _rows(param)
+            value = files.read(key, start, start + length)
+            if value is None:
+                continue  # e.g. a tied lm_head.weight, loaded under its other name
+            if value.is_floating_point():
+                value = value.to(dtype)
+            with torch.no_grad():
+                _local(param).copy_(value.reshape(_local(param).shape))
+            del value
+            done.add(id(param))
         missing = [n for n, p in self.root.named_parameters() if id(p) not in done]
         if missing:
             raise ValueError(f"weights missing from the checkpoint in {path}: {missing[:8]}")
@@ -296,8 +284,10 @@ class ShardedModel:
                              "by a training.distributed=fsdp run); resume with the config of that run")
         state = self._state_dicts(optimizer)
         dcp.load(state, checkpoint_id=folder / SHARDED_DIR)
+        # strict=False: the frozen base is not in the checkpoint (dcp.load above fails on a missing trainable key)
         set_state_dict(self.root, _unwrap(optimizer), model_state_dict=state["model"],
-                       optim_state_dict=state["optim"], options=StateDictOptions(ignore_frozen_params=True))
+                       optim_state_dict=state["optim"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
 
 
 def _unwrap(optimizer: Any) -> Any:
@@ -330,18 +320,47 @@ def _fill(param: torch.Tensor, full: torch.Tensor) -> None:
         _local(param).copy_(full[start : start + length])
 
 
-def _safetensors_files(path: Path) -> dict[str, str]:
-    """{tensor name: safetensors file} of a model folder (sharded or not)."""
-    import json
+class SafetensorsRows:
+    """Reads rows ``[start, stop)`` of the tensors of a model folder's safetensors files with plain reads (no
+    mmap: nothing stays mapped). Rows of a row-major tensor are one contiguous byte range of the file."""
 
-    from safetensors import safe_open
+    def __init__(self, path: Path) -> None:
+        import json
 
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        return {k: str(path / v) for k, v in json.loads(index.read_text())["weight_map"].items()}
-    single = path / "model.safetensors"
-    if not single.is_file():
-        raise FileNotFoundError(f"training.distributed=fsdp loads safetensors files: no model.safetensors or "
-                                f"model.safetensors.index.json in {path}")
-    with safe_open(str(single), "pt") as f:
-        return dict.fromkeys(f.keys(), str(single))
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted({str(path / v) for v in json.loads(index.read_text())["weight_map"].values()})
+        elif (path / "model.safetensors").is_file():
+            files = [str(path / "model.safetensors")]
+        else:
+            raise FileNotFoundError(f"training.distributed=fsdp loads safetensors files: no model.safetensors or "
+                                    f"model.safetensors.index.json in {path}")
+        self.tensors: dict[str, tuple[str, int, dict[str, Any]]] = {}
+        for file in files:
+            with open(file, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_len))
+            header.pop("__metadata__", None)
+            for name, info in header.items():
+                self.tensors[name] = (file, 8 + header_len, info)
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor | None:
+        """Rows ``[start, stop)`` (all rows: stop None) of tensor `name`, or None if no file holds it."""
+        from lorakit.quant.load import _ST_DTYPES
+
+        if name not in self.tensors:
+            return None
+        file, base, info = self.tensors[name]
+        shape, dtype = list(info["shape"]), _ST_DTYPES[info["dtype"]]
+        if not shape:
+            start, stop, row_shape = 0, 1, []
+        else:
+            stop = shape[0] if stop is None else stop
+            row_shape = shape[1:]
+        row_bytes = math.prod(row_shape) * dtype.itemsize
+        buf = bytearray((stop - start) * row_bytes)
+        with open(file, "rb") as f:
+            f.seek(base + info["data_offsets"][0] + start * row_bytes)
+            f.readinto(buf)
+        out = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+        return out.reshape(shape if not shape else [stop - start, *row_shape])

@@ -1,0 +1,90 @@
+"""Programs the FSDP tests start under torchrun (2 processes, gloo): `python -m tests.train.fsdp_worker WHAT ...`.
+
+recipe OUT          the README's recipe: fully_shard on a get_peft_model model in a plain PyTorch loop; writes
+                    the largest difference to one unsharded process on the same global batch
+load MODEL_DIR OUT  lorakit's sharded load of a model folder; writes this process's peak RSS growth
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _peak_rss_reset() -> None:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux >= 4.0)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _rss(field: str) -> int:
+    """VmRSS / VmHWM of this process in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def recipe(out: Path) -> None:
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from lorakit import LoraConfig, get_peft_model
+    from tests.conftest import make_tiny_llama
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = get_peft_model(make_tiny_llama(seed=0).train(),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    reference = copy.deepcopy(model)  # one process, whole batch
+    # --- the recipe (README "FSDP2 in your own loop") ---
+    for layer in model.base_model.model.model.layers:  # each decoder layer is one sharded group
+        fully_shard(layer)
+    fully_shard(model)  # the root: embeddings, final norm, LM head
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    # ---
+    ref_opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(2, 97, (2 * world, 9), generator=torch.Generator().manual_seed(1))  # global batch
+    mine = ids[rank * 2 : (rank + 1) * 2]
+    for _ in range(2):
+        model(input_ids=mine, labels=mine).loss.backward()  # reduce-scatter averages over the processes
+        optimizer.step()
+        optimizer.zero_grad()
+        reference(input_ids=ids, labels=ids).loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    ref = dict(reference.named_parameters())
+    diff = max((p.full_tensor() - ref[n]).abs().max().item() for n, p in model.named_parameters() if p.requires_grad)
+    if rank == 0:
+        out.write_text(json.dumps({"max_diff": diff}))
+    dist.destroy_process_group()
+
+
+def load(model_dir: Path, out: Path) -> None:
+    import torch.distributed as dist
+
+    from lorakit import LoraConfig, get_peft_model
+    from lorakit.train.config import QuantizationConfig
+    from lorakit.train.distributed import ShardedModel, adapter_init_values, empty_base_model, mixed_precision_policy
+
+    dist.init_process_group("gloo")
+    before = _rss("VmRSS")
+    _peak_rss_reset()
+    base, _, path, dtype = empty_base_model(str(model_dir), "float32", QuantizationConfig(), None, None, False)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+    adapters = adapter_init_values(model, True)
+    ShardedModel(model, model, mixed_precision_policy(False)).load(path, dtype, adapters, torch.device("cpu"))
+    peak = _rss("VmHWM") - before
+    out.with_suffix(f".{dist.get_rank()}.json").write_text(json.dumps({"peak_rss_growth": peak}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "recipe":
+        recipe(Path(sys.argv[2]))
+    else:
+        load(Path(sys.argv[2]), Path(sys.argv[3]))

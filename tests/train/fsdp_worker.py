@@ -2,7 +2,7 @@
 
 recipe OUT          the README's recipe: fully_shard on a get_peft_model model in a plain PyTorch loop; writes
                     the largest difference to one unsharded process on the same global batch
-load MODEL_DIR OUT  lorakit's sharded load of a model folder; writes this process's peak RSS growth
+load WARMUP MODEL OUT  lorakit's sharded load of a model folder; writes this process's peak RSS growth
 """
 
 from __future__ import annotations
@@ -64,21 +64,29 @@ def recipe(out: Path) -> None:
     dist.destroy_process_group()
 
 
-def load(model_dir: Path, out: Path) -> None:
-    import torch.distributed as dist
-
+def _sharded_load(model_dir: Path) -> torch.nn.Module:
     from lorakit import LoraConfig, get_peft_model
     from lorakit.train.config import QuantizationConfig
     from lorakit.train.distributed import ShardedModel, adapter_init_values, empty_base_model, mixed_precision_policy
 
-    dist.init_process_group("gloo")
-    before = _rss("VmRSS")
-    _peak_rss_reset()
     base, _, path, dtype = empty_base_model(str(model_dir), "float32", QuantizationConfig(), None, None, False)
     model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
     adapters = adapter_init_values(model, True)
     ShardedModel(model, model, mixed_precision_policy(False)).load(path, dtype, adapters, torch.device("cpu"))
+    return model
+
+
+def load(warmup_dir: Path, model_dir: Path, out: Path) -> None:
+    """Load `warmup_dir` first (imports and lazy initialisation are not the load's memory), then measure."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    _sharded_load(warmup_dir)
+    before = _rss("VmRSS")
+    _peak_rss_reset()
+    model = _sharded_load(model_dir)
     peak = _rss("VmHWM") - before
+    assert not any(p.is_meta for p in model.parameters())
     out.with_suffix(f".{dist.get_rank()}.json").write_text(json.dumps({"peak_rss_growth": peak}))
     dist.destroy_process_group()
 
@@ -87,4 +95,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "recipe":
         recipe(Path(sys.argv[2]))
     else:
-        load(Path(sys.argv[2]), Path(sys.argv[3]))
+        load(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))

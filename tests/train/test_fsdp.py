@@ -122,19 +122,20 @@ def test_fully_shard_recipe_in_a_user_loop(tmp_path):
     assert json.loads(out.read_text())["max_diff"] < 1e-5
 
 
-def test_sharded_load_peak_rss_below_the_model_size(tmp_path):
+def test_sharded_load_peak_rss_below_the_model_size(tmp_path, tiny_model_dir):
     """Each of 2 processes reads only its rows: its peak RSS growth while loading stays below one copy of the
     model (a ~120 MB fp32 model; a whole-model load per process needs at least that)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=16384, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
                          num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     model.save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(REPO / "examples" / "tiny_model").save_pretrained(tmp_path / "model")
     del model
     out = tmp_path / "rss"
-    _torchrun("-m", "tests.train.fsdp_worker", "load", str(tmp_path / "model"), str(out))
+    _torchrun("-m", "tests.train.fsdp_worker", "load", str(tiny_model_dir), str(tmp_path / "model"), str(out))
     for rank in range(2):
         growth = json.loads(out.with_suffix(f".{rank}.json").read_text())["peak_rss_growth"]
         print(f"rank {rank}: peak RSS growth {growth / 2**20:.1f} MiB, model {size / 2**20:.1f} MiB")

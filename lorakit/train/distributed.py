@@ -9,7 +9,8 @@ https://arxiv.org/abs/1910.02054) shards every parameter on dim 0 across the pro
     + one decoder layer's unsharded weights at a time (all-gathered before its forward / backward, freed after)
 
 Each decoder layer (found from the model: the classes transformers names in ``_no_split_modules``) is one
-``fully_shard`` group, and the root module holds the rest (embeddings, final norm, LM head). Gradients are
+``fully_shard`` group, untied input embeddings another, and the root module holds the rest (final norm, LM
+head; all-gathered for the whole step, as the chunked loss reads the head's weight directly). Gradients are
 reduce-scattered (averaged over the ``P`` processes, as DDP's all-reduce), so the loop's loss normalization is
 unchanged. On a GPU with ``training.bf16`` parameters are all-gathered in bf16 and gradients reduced in fp32
 (``MixedPrecisionPolicy``); on CPU (gloo) nothing is cast.
@@ -150,7 +151,10 @@ class ShardedModel:
                 module.expose_quant_state()
         for layer in decoder_layers(base):
             fully_shard(layer, mp_policy=mp_policy)
-        fully_shard(root, mp_policy=mp_policy)
+        embed, head = base.get_input_embeddings(), base.get_output_embeddings()
+        if head is None or embed.weight is not head.weight:  # untied: the input embeddings gather on their own
+            fully_shard(embed, mp_policy=mp_policy)
+        fully_shard(root, mp_policy=mp_policy)  # the rest: final norm, LM head (the chunked loss reads its weight)
 
     # ---- loading -------------------------------------------------------------------------------------------
     def load(self, path: str | Path, dtype: torch.dtype, adapters: dict[int, dict[str, torch.Tensor]],

@@ -1,8 +1,11 @@
-"""Programs the FSDP tests start under torchrun (2 processes, gloo): `python -m tests.train.fsdp_worker WHAT ...`.
+"""What the FSDP tests run under torchrun (2 processes, gloo), in one launch (each launch costs seconds):
 
-recipe OUT          the README's recipe: fully_shard on a get_peft_model model in a plain PyTorch loop; writes
-                    the largest difference to one unsharded process on the same global batch
-load WARMUP MODEL OUT  lorakit's sharded load of a model folder; writes this process's peak RSS growth
+    python -m tests.train.fsdp_worker OUT WARMUP_MODEL MODEL
+
+1. the README's recipe: fully_shard on a get_peft_model model in a plain PyTorch loop; writes to ``OUT.recipe.json``
+   the largest difference to one unsharded process on the same global batch;
+2. lorakit's sharded load of MODEL (after one of WARMUP_MODEL, so imports and lazy initialisation are not counted);
+   writes each process's peak RSS growth to ``OUT.<rank>.json``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ def recipe(out: Path) -> None:
     from lorakit import LoraConfig, get_peft_model
     from tests.conftest import make_tiny_llama
 
-    dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = get_peft_model(make_tiny_llama(seed=0).train(),
                            LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
@@ -60,8 +62,7 @@ def recipe(out: Path) -> None:
     ref = dict(reference.named_parameters())
     diff = max((p.full_tensor() - ref[n]).abs().max().item() for n, p in model.named_parameters() if p.requires_grad)
     if rank == 0:
-        out.write_text(json.dumps({"max_diff": diff}))
-    dist.destroy_process_group()
+        out.with_suffix(".recipe.json").write_text(json.dumps({"max_diff": diff}))
 
 
 def _sharded_load(model_dir: Path) -> torch.nn.Module:
@@ -80,7 +81,6 @@ def load(warmup_dir: Path, model_dir: Path, out: Path) -> None:
     """Load `warmup_dir` first (imports and lazy initialisation are not the load's memory), then measure."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
     _sharded_load(warmup_dir)
     before = _rss("VmRSS")
     _peak_rss_reset()
@@ -88,11 +88,13 @@ def load(warmup_dir: Path, model_dir: Path, out: Path) -> None:
     peak = _rss("VmHWM") - before
     assert not any(p.is_meta for p in model.parameters())
     out.with_suffix(f".{dist.get_rank()}.json").write_text(json.dumps({"peak_rss_growth": peak}))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "recipe":
-        recipe(Path(sys.argv[2]))
-    else:
-        load(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    out, warmup, model = map(Path, sys.argv[1:4])
+    recipe(out)
+    load(warmup, model, out)
+    dist.destroy_process_group()

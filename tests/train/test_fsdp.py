@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lorakit.cli.main import main
 from lorakit.train.config import load_config
 from lorakit.train.loop import train
 
@@ -63,8 +64,10 @@ def _assert_same_adapter(a: Path, b: Path, exact: bool = False) -> None:
 
 
 def test_fsdp_matches_one_process_and_saves_a_peft_adapter(config_writer, tmp_path, tiny_model_dir):
-    """4 steps, checkpoint at 2: same losses and adapter as one process; the adapter loads in PEFT; the
-    checkpoint is sharded; resuming it with another number of processes is refused before the model loads."""
+    """4 steps, checkpoint at 2: same losses and adapter as one process; the adapter loads in PEFT and
+    `lorakit merge` folds it into the base; the checkpoint is sharded, resuming it under FSDP gives the
+    uninterrupted run exactly, and resuming it with another number of processes is refused before the model
+    loads."""
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
@@ -81,50 +84,42 @@ def test_fsdp_matches_one_process_and_saves_a_peft_adapter(config_writer, tmp_pa
     ids = torch.randint(2, 400, (2, 12))
     ours = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(two)).eval()
     ref = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(two)).eval()
+    assert main(["merge", "--base", str(tiny_model_dir), "--adapter", str(two), "--out", str(tmp_path / "m")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+
+    resumed = tmp_path / "resumed"  # resume checkpoint-2 under FSDP: the uninterrupted run, bit for bit
+    resumed.mkdir()
+    shutil.copytree(ckpt, resumed / "checkpoint-2")
+    (resumed / ".tmp-checkpoint-4").mkdir()  # a half-written checkpoint, as a kill leaves it
+    training = {"max_steps": 4, "save_steps": 2, "per_device_train_batch_size": 2, "distributed": "fsdp"}
+    cfg = config_writer(tmp_path / "resumed.yaml", tiny_model_dir, resumed, lora=NO_DROPOUT, training=training)
+    _torchrun("-m", "lorakit.cli.main", "train", str(cfg), "--resume")
+    assert _losses(resumed) == {s: v for s, v in _losses(two).items() if s > 2}
+    _assert_same_adapter(two, resumed, exact=True)
 
     shutil.rmtree(two / "checkpoint-4")
-    cfg = load_config(tmp_path / "two.yaml", ["training.resume=true"])
     with pytest.raises(ValueError, match="world_size=2, this run has 1"):
-        train(cfg)
+        train(load_config(tmp_path / "two.yaml", ["training.resume=true"]))
 
 
 def test_fsdp_qlora_matches_one_process(config_writer, tmp_path, tiny_model_dir):
     """A 4-bit base (NF4, double quantization, packed bytes stored as bf16) sharded over 2 processes trains the
-    same adapter as the unsharded 4-bit model in one process."""
+    same adapter as the unsharded 4-bit model in one process; activation checkpointing composes with it."""
     quant = {"method": "nf4", "bnb_4bit_use_double_quant": True, "bnb_4bit_quant_storage": "bfloat16"}
-    one, two = _one_and_two(config_writer, tmp_path, tiny_model_dir, {"max_steps": 3}, quant)
+    training = {"max_steps": 3, "gradient_checkpointing": True}
+    one, two = _one_and_two(config_writer, tmp_path, tiny_model_dir, training, quant)
     for step, loss in _losses(one).items():
         assert _losses(two)[step] == pytest.approx(loss, rel=1e-5)
     _assert_same_adapter(one, two)
 
 
-def test_fsdp_resume_equals_uninterrupted_run(config_writer, tmp_path, tiny_model_dir):
-    """Resume a 2-process FSDP run from its sharded checkpoint-2: the same adapter, bit for bit."""
-    training = {"max_steps": 4, "save_steps": 2, "per_device_train_batch_size": 2, "distributed": "fsdp"}
-    full = tmp_path / "full"
-    cfg = config_writer(tmp_path / "full.yaml", tiny_model_dir, full, training=training)
-    _torchrun("-m", "lorakit.cli.main", "train", str(cfg))
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
-    cfg = config_writer(tmp_path / "resumed.yaml", tiny_model_dir, resumed, training={**training, "resume": True})
-    _torchrun("-m", "lorakit.cli.main", "train", str(cfg))
-    assert {s: v for s, v in _losses(resumed).items()} == {s: _losses(full)[s] for s in (3, 4)}
-    _assert_same_adapter(full, resumed, exact=True)
-
-
-def test_fully_shard_recipe_in_a_user_loop(tmp_path):
-    """README recipe: fully_shard on a get_peft_model model, plain AdamW loop == one process (2 steps)."""
-    out = tmp_path / "recipe.json"
-    _torchrun("-m", "tests.train.fsdp_worker", "recipe", str(out))
-    assert json.loads(out.read_text())["max_diff"] < 1e-5
-
-
-def test_sharded_load_peak_rss_below_the_model_size(tmp_path, tiny_model_dir):
-    """Each of 2 processes reads only its rows: its peak RSS growth while loading stays below one copy of the
-    model (a ~120 MB fp32 model; a whole-model load per process needs at least that)."""
+def test_user_loop_recipe_and_sharded_load_memory(tmp_path, tiny_model_dir):
+    """(1) README recipe: fully_shard on a get_peft_model model in a plain AdamW loop == one process (2 steps).
+    (2) Each of 2 processes reads only its rows: its peak RSS growth while loading stays below one copy of the
+    model (a ~120 MB fp32 model; a whole-model load per process needs at least that). One launch for both."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=16384, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
@@ -134,8 +129,9 @@ def test_sharded_load_peak_rss_below_the_model_size(tmp_path, tiny_model_dir):
     model.save_pretrained(tmp_path / "model")
     AutoTokenizer.from_pretrained(REPO / "examples" / "tiny_model").save_pretrained(tmp_path / "model")
     del model
-    out = tmp_path / "rss"
-    _torchrun("-m", "tests.train.fsdp_worker", "load", str(tiny_model_dir), str(tmp_path / "model"), str(out))
+    out = tmp_path / "out"
+    _torchrun("-m", "tests.train.fsdp_worker", str(out), str(tiny_model_dir), str(tmp_path / "model"))
+    assert json.loads(out.with_suffix(".recipe.json").read_text())["max_diff"] < 1e-5
     for rank in range(2):
         growth = json.loads(out.with_suffix(f".{rank}.json").read_text())["peak_rss_growth"]
         print(f"rank {rank}: peak RSS growth {growth / 2**20:.1f} MiB, model {size / 2**20:.1f} MiB")

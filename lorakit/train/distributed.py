@@ -146,8 +146,14 @@ class ShardedModel:
         self.root, self.peft = root, peft
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         base = peft.get_base_model()
+        cast = mp_policy.param_dtype
         for module in base.modules():
             if hasattr(module, "expose_quant_state"):  # Linear4bit: scales become parameters, sharded too
+                storage = module.quant_storage
+                if cast is not None and storage.is_floating_point and storage != cast:  # FSDP would cast the bytes
+                    raise ValueError(f"quantization.bnb_4bit_quant_storage={str(storage).removeprefix('torch.')} "
+                                     f"with training.bf16 under FSDP: the packed bytes would be cast to {cast}; "
+                                     "set bnb_4bit_quant_storage: bfloat16 (or uint8)")
                 module.expose_quant_state()
         for layer in decoder_layers(base):
             fully_shard(layer, mp_policy=mp_policy)

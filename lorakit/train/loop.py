@@ -1,8 +1,9 @@
 """The training loop of `lorakit train`: one function, read top to bottom.
 
 Runs on `accelerate.Accelerator`, so the same code runs on one CPU/GPU or under `torchrun` /
-`accelerate launch` with several processes (DDP). Every feature is switched by a field of
-`lorakit.train.config.TrainConfig` (named in brackets below).
+`accelerate launch` with several processes: DDP, or FSDP2 with ``training.distributed: fsdp``
+(`lorakit.train.distributed`: the model sharded, loaded and saved shard by shard). Every feature is switched
+by a field of `lorakit.train.config.TrainConfig` (named in brackets below).
 
 Loss normalization (token-level, not batch-level). One optimizer step sees the micro-batches
 ``m = 1..A`` (gradient_accumulation_steps) on each of the ``P`` processes. With ``N`` the number of label
@@ -139,7 +140,8 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
 
     Steps: (1) accelerator, seed and the run's plan (`lorakit.train.plan`: every refusal), (2) base model
     [quantization], (3) data of the method (`lorakit.train.method`; SFT: [packing, max_seq_length]),
-    (4) adapter [lora, model.adapter_name_or_path], [gradient_checkpointing], [fused_lora], (5) optimizer [optim,
+    (4) adapter [lora, model.adapter_name_or_path], [gradient_checkpointing], [fused_lora], [distributed] (fsdp:
+    meta base, then sharded and each process's rows read), (5) optimizer [optim,
     weight_decay, adam_*] and schedule [lr_scheduler_type, warmup_ratio/steps], (6) resume [resume],
     (7) exact match before training [evaluation.path], (8) the loop: unit-normalized loss over
     [gradient_accumulation_steps] and processes, autocast [bf16/fp16], [offload_activations], clipping

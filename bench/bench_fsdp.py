@@ -8,9 +8,11 @@ AdamW steps on random tokens in each mode, under torchrun:
   decoder layer one `fully_shard` group.
 
 Per process we report the bytes of the tensors it holds for model + optimizer (parameters, gradients and AdamW
-moments, local shards only under FSDP), its peak RSS growth from before the load to the end of the steps (after
-a warm-up load of a tiny model, so imports are not counted), and the median step time (forward, backward,
-optimizer step) after one warm-up step. Both modes run in one invocation, one after the other.
+moments, local shards only under FSDP), its peak RSS growth over the RSS before the load (after a warm-up load
+of a tiny model, so imports are not counted) during the load and during the steps, and the median step time
+(forward, backward, optimizer step) after one warm-up step. Both modes run in one invocation, one after the other.
+glibc keeps freed heap blocks resident after large frees (its mmap threshold rises), which inflates FSDP's RSS
+(a layer is all-gathered and freed per forward / backward); MALLOC_MMAP_THRESHOLD_=65536 fixes the threshold.
 
     python bench/bench_fsdp.py [--hidden 768] [--layers 6] [--steps 5] [--quant nf4]
 """
@@ -87,6 +89,8 @@ def worker(mode: str, warmup_dir: Path, model_dir: Path, steps: int, quant: str,
     before = _rss("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM)
     module, model = _build(mode, model_dir, quant)
+    load_peak = _rss("VmHWM") - before
+    Path("/proc/self/clear_refs").write_text("5")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     vocab = model.get_base_model().config.vocab_size
     ids = torch.randint(0, vocab, (2, 128), generator=torch.Generator().manual_seed(rank))  # (B, T) per rank
@@ -98,7 +102,7 @@ def worker(mode: str, warmup_dir: Path, model_dir: Path, steps: int, quant: str,
         tensors = _tensor_bytes(model, optimizer)  # grads still there: the step's high-water mark
         optimizer.zero_grad()
         times.append(time.perf_counter() - start)
-    result = {"tensor_bytes": tensors, "peak_rss_growth": _rss("VmHWM") - before,
+    result = {"tensor_bytes": tensors, "load_peak": load_peak, "train_peak": _rss("VmHWM") - before,
               "step_s": statistics.median(times[1:])}
     out.with_suffix(f".{mode}.{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
@@ -144,19 +148,16 @@ def main() -> None:
     print(f"torch {torch.__version__}, model fp32 {sizes['model'] / 2**20:.1f} MiB "
           f"(hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}), quantization {args.quant}, "
           f"LoRA r=16 all-linear, batch 2x128 tokens per process, 2 processes (gloo, 1 thread each)")
-    print("| mode | model+optimizer tensors / process (MiB) | peak RSS growth / process (MiB) | step (s) |")
-    print("|---|---|---|---|")
+    print("| mode | model+optimizer tensors (MiB) | peak RSS growth, load (MiB) | peak RSS growth, steps "
+          "(MiB) | step (s) |")
+    print("|---|---|---|---|---|")
     for mode, rows in results.items():
-        mib = [r["tensor_bytes"] / 2**20 for r in rows]
-        rss = [r["peak_rss_growth"] / 2**20 for r in rows]
-        step = max(r["step_s"] for r in rows)
-        print(f"| {mode} | {' / '.join(f'{m:.1f}' for m in mib)} | {' / '.join(f'{m:.1f}' for m in rss)} | "
-              f"{step:.3f} |")
+        cells = [" / ".join(f"{r[k] / 2**20:.1f}" for r in rows) for k in ("tensor_bytes", "load_peak", "train_peak")]
+        print(f"| {mode} | {' | '.join(cells)} | {max(r['step_s'] for r in rows):.3f} |")
     ddp, fsdp = results["ddp"], results["fsdp"]
-    t_ratio = max(r["tensor_bytes"] for r in fsdp) / max(r["tensor_bytes"] for r in ddp)
-    r_ratio = max(r["peak_rss_growth"] for r in fsdp) / max(r["peak_rss_growth"] for r in ddp)
-    s_ratio = max(r["step_s"] for r in fsdp) / max(r["step_s"] for r in ddp)
-    print(f"FSDP / DDP: tensors {t_ratio:.2f}x, peak RSS growth {r_ratio:.2f}x, step time {s_ratio:.2f}x")
+    ratios = {k: max(r[k] for r in fsdp) / max(r[k] for r in ddp)
+              for k in ("tensor_bytes", "load_peak", "train_peak", "step_s")}
+    print("FSDP / DDP (worst process of each): " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ class ShardedModel:
         from torch.distributed.fsdp import fully_shard
 
         self.root, self.peft = root, peft
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.rank = dist.get_rank()
         base = peft.get_base_model()
         cast = mp_policy.param_dtype
         for module in base.modules():
@@ -212,6 +212,7 @@ class ShardedModel:
             raise ValueError(f"weights missing from the checkpoint in {path}: {missing[:8]}")
 
     def _load_4bit(self, module: nn.Module, key: str, weight: torch.Tensor | None, dtype: torch.dtype) -> None:
+        from lorakit.quant.load import _release_free_memory
         from lorakit.quant.nf4 import quantize_4bit
 
         if weight is None:
@@ -219,6 +220,7 @@ class ShardedModel:
         packed, state = quantize_4bit(weight.to(dtype), module.blocksize, module.quant_type,
                                       module.compress_statistics, module.quant_storage)
         del weight
+        _release_free_memory()  # the full-precision tensor and quantization temporaries (lorakit.quant.load)
         _fill(module.weight, packed)
         _fill(module.weight_absmax, state.absmax if state.nested else state.absmax.view(torch.int32))
         if state.nested:

@@ -2,8 +2,8 @@
 
     python -m tests.train.fsdp_worker OUT WARMUP_MODEL MODEL
 
-1. the README's recipe: fully_shard on a get_peft_model model in a plain PyTorch loop; writes to ``OUT.recipe.json``
-   the largest difference to one unsharded process on the same global batch;
+1. the README's recipe: fully_shard on a get_peft_model model (16-bit, then 4-bit) in a plain PyTorch loop; writes
+   to ``OUT.recipe.json`` the largest differences to one unsharded process on the same global batch;
 2. lorakit's sharded load of MODEL (after one of WARMUP_MODEL, so imports and lazy initialisation are not counted);
    writes each process's peak RSS growth to ``OUT.<rank>.json``.
 """
@@ -30,20 +30,28 @@ def _rss(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def recipe(out: Path) -> None:
+def recipe(quantized: bool) -> float:
+    """The README recipe on a tiny Llama (4-bit NF4 base with `quantized`); returns the largest difference of
+    the trained adapter to one unsharded process on the whole batch."""
     import copy
 
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    from lorakit import LoraConfig, get_peft_model
+    from lorakit import BitsAndBytesConfig, LoraConfig, get_peft_model, quantize_model
     from tests.conftest import make_tiny_llama
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = get_peft_model(make_tiny_llama(seed=0).train(),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    base = make_tiny_llama(seed=0).train()
+    if quantized:
+        quantize_model(base, BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                bnb_4bit_quant_storage=torch.bfloat16))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
     reference = copy.deepcopy(model)  # one process, whole batch
-    # --- the recipe (README "FSDP2 in your own loop") ---
+    # --- the recipe (README "Sharded training") ---
+    for module in model.modules():
+        if hasattr(module, "expose_quant_state"):  # a 4-bit linear: its scales shard with the packed weight
+            module.expose_quant_state()
     for layer in model.base_model.model.model.layers:  # each decoder layer is one sharded group
         fully_shard(layer)
     fully_shard(model)  # the root: embeddings, final norm, LM head
@@ -60,9 +68,7 @@ def recipe(out: Path) -> None:
         ref_opt.step()
         ref_opt.zero_grad()
     ref = dict(reference.named_parameters())
-    diff = max((p.full_tensor() - ref[n]).abs().max().item() for n, p in model.named_parameters() if p.requires_grad)
-    if rank == 0:
-        out.with_suffix(".recipe.json").write_text(json.dumps({"max_diff": diff}))
+    return max((p.full_tensor() - ref[n]).abs().max().item() for n, p in model.named_parameters() if p.requires_grad)
 
 
 def _sharded_load(model_dir: Path) -> torch.nn.Module:
@@ -95,6 +101,8 @@ if __name__ == "__main__":
 
     dist.init_process_group("gloo")
     out, warmup, model = map(Path, sys.argv[1:4])
-    recipe(out)
+    diffs = {"max_diff": recipe(False), "max_diff_4bit": recipe(True)}
+    if dist.get_rank() == 0:
+        out.with_suffix(".recipe.json").write_text(json.dumps(diffs))
     load(warmup, model, out)
     dist.destroy_process_group()

@@ -117,7 +117,8 @@ def test_fsdp_qlora_matches_one_process(config_writer, tmp_path, tiny_model_dir)
 
 
 def test_user_loop_recipe_and_sharded_load_memory(tmp_path, tiny_model_dir):
-    """(1) README recipe: fully_shard on a get_peft_model model in a plain AdamW loop == one process (2 steps).
+    """(1) README recipe: fully_shard on a get_peft_model model (16-bit and 4-bit base) in a plain AdamW loop ==
+    one process (2 steps).
     (2) Each of 2 processes reads only its rows: its peak RSS growth while loading stays below one copy of the
     model (a ~120 MB fp32 model; a whole-model load per process needs at least that). One launch for both."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -131,7 +132,8 @@ def test_user_loop_recipe_and_sharded_load_memory(tmp_path, tiny_model_dir):
     del model
     out = tmp_path / "out"
     _torchrun("-m", "tests.train.fsdp_worker", str(out), str(tiny_model_dir), str(tmp_path / "model"))
-    assert json.loads(out.with_suffix(".recipe.json").read_text())["max_diff"] < 1e-5
+    recipe = json.loads(out.with_suffix(".recipe.json").read_text())
+    assert recipe["max_diff"] < 1e-5 and recipe["max_diff_4bit"] < 1e-5
     for rank in range(2):
         growth = json.loads(out.with_suffix(f".{rank}.json").read_text())["peak_rss_growth"]
         print(f"rank {rank}: peak RSS growth {growth / 2**20:.1f} MiB, model {size / 2**20:.1f} MiB")

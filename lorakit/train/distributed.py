@@ -101,6 +101,7 @@ def empty_base_model(name_or_path: str, torch_dtype: str, quantization: Any, att
                                   "training.distributed=ddp")
     dtype = _resolve_dtype(None if torch_dtype == "auto" else DTYPES[torch_dtype], config)
     model = _empty_model(config, dtype, attn_implementation, trust_remote_code)
+    model.tie_weights()  # a tied LM head is the input embeddings' parameter (read once from the file)
     if quantization.method != "none":
         qconfig = bnb_config(quantization)
         if qconfig.load_in_8bit:

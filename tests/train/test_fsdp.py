@@ -107,10 +107,20 @@ def test_fsdp_matches_one_process_and_saves_a_peft_adapter(config_writer, tmp_pa
 
 def test_fsdp_qlora_matches_one_process(config_writer, tmp_path, tiny_model_dir):
     """A 4-bit base (NF4, double quantization, packed bytes stored as bf16) sharded over 2 processes trains the
-    same adapter as the unsharded 4-bit model in one process; activation checkpointing composes with it."""
+    same adapter as the unsharded 4-bit model in one process; activation checkpointing composes with it. The
+    model ties its LM head to its input embeddings (as SmolLM2 / Qwen do): one weight, saved once."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.tie_word_embeddings = True
+    torch.manual_seed(1)
+    tied = AutoModelForCausalLM.from_config(config)
+    tied.save_pretrained(tmp_path / "tied")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "tied")
+    assert "lm_head.weight" not in load_file(tmp_path / "tied" / "model.safetensors")
     quant = {"method": "nf4", "bnb_4bit_use_double_quant": True, "bnb_4bit_quant_storage": "bfloat16"}
     training = {"max_steps": 3, "gradient_checkpointing": True}
-    one, two = _one_and_two(config_writer, tmp_path, tiny_model_dir, training, quant)
+    one, two = _one_and_two(config_writer, tmp_path, tmp_path / "tied", training, quant)
     for step, loss in _losses(one).items():
         assert _losses(two)[step] == pytest.approx(loss, rel=1e-5)
     _assert_same_adapter(one, two)

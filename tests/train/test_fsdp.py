@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 NO_DROPOUT = {"lora_dropout": 0.0}
+EVAL_FILE = REPO / "examples" / "data" / "second_word_prompt_completion_eval.jsonl"
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -176,13 +177,18 @@ def test_fsdp_refusals(config_writer, tmp_path, tiny_model_dir, capsys):
     base = {"distributed": "fsdp"}
     for extra, message in [({"lora": {"use_dora": True}}, "lora.use_dora=true is not implemented"),
                            ({"lora": {"init_lora_weights": "pissa"}}, "init_lora_weights='pissa' is not"),
-                           ({"quantization": {"method": "int8"}}, "quantization=int8 is not implemented")]:
+                           ({"quantization": {"method": "int8"}}, "quantization=int8 is not implemented"),
+                           ({"evaluation": {"path": str(EVAL_FILE)}}, "evaluation.path .* is not implemented")]:
         cfg = config_writer(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "run", training=base, **extra)
         with pytest.raises(NotImplementedError, match=message):
             prepare_run(load_config(cfg), world_size=2)
     cfg = config_writer(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "run1", training={**base, "max_steps": 1})
     train(load_config(cfg))
     assert "training.distributed=fsdp with one process: nothing to shard" in capsys.readouterr().out
+    model = {"name_or_path": str(tiny_model_dir), "adapter_name_or_path": str(tmp_path / "run1")}
+    cfg = config_writer(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "run2", training=base, model=model)
+    with pytest.raises(NotImplementedError, match="model.adapter_name_or_path .* is not implemented"):
+        prepare_run(load_config(cfg), world_size=2)
 
 
 @pytest.mark.slow

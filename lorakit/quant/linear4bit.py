@@ -20,8 +20,6 @@ from lorakit.quant.matmul import DequantLinearModule
 from lorakit.quant.nf4 import QuantState, dequantize_4bit, quantize_4bit, zeros_4bit
 
 _QUANT_STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
-# Per-block tensors of a QuantState held as frozen parameters once `expose_quant_state` ran (FSDP shards them)
-_EXPOSED = ("weight_absmax", "weight_nested_absmax")
 
 
 class Params4bit(nn.Parameter):
@@ -191,6 +189,9 @@ class Linear4bit(DequantLinearModule):
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Linear4bit:
         if "_exposed_state" in self.__dict__:  # plain parameters (FSDP moves / materializes them)
+            if fn(torch.empty(0, dtype=self.weight.dtype)).dtype != self.weight.dtype:
+                raise ValueError(f"a Linear4bit after expose_quant_state keeps its packed bytes in "
+                                 f"{self.weight.dtype}: change the model's dtype before exposing (moves are fine)")
             super()._apply(fn, recurse)
             meta = self.__dict__["_exposed_state"]
             device = self.weight.device

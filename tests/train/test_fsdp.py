@@ -168,6 +168,8 @@ def test_exposed_4bit_layer_computes_the_same():
         y2 = layer(x2)
         (gx2,) = torch.autograd.grad(y2.square().sum(), x2)
         assert torch.equal(y, y2) and torch.equal(gx, gx2)
+        with pytest.raises(ValueError, match="keeps its packed bytes in torch.bfloat16"):
+            layer.half()
 
 
 def test_fsdp_refusals(config_writer, tmp_path, tiny_model_dir, capsys):

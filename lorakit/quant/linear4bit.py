@@ -10,6 +10,7 @@ instead of saving it (``lorakit.quant.matmul``), so training does not keep a ful
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -143,9 +144,60 @@ class Linear4bit(DequantLinearModule):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dequantized weight ``(out_features, in_features)``."""
-        return dequantize_4bit(self.weight, self.weight.quant_state, dtype=dtype)
+        return dequantize_4bit(self.weight, self.weight_quant_state(), dtype=dtype)
+
+    def weight_quant_state(self) -> QuantState:
+        """The weight's :class:`QuantState`: ``weight.quant_state``, or after :meth:`expose_quant_state` one
+        rebuilt from the parameters ``weight_absmax`` (/ ``weight_nested_absmax``) and the constants kept aside."""
+        meta: QuantState | None = self.__dict__.get("_exposed_state")
+        if meta is None:
+            return self.weight.quant_state
+        absmax = self.weight_absmax
+        absmax = absmax if meta.nested else absmax.view(torch.float32)  # fp32 bits held as int32, see below
+        if not meta.nested:
+            return dataclasses.replace(meta, absmax=absmax)
+        nested = dataclasses.replace(meta.state2, absmax=self.weight_nested_absmax.view(torch.float32))
+        return dataclasses.replace(meta, absmax=absmax, state2=nested)
+
+    def expose_quant_state(self) -> None:
+        """Hold the packed weight and the per-block quant state as plain frozen parameters, for FSDP.
+
+        FSDP2 (``fully_shard``) replaces every parameter by a sharded one of the base ``Parameter`` class, which
+        drops ``Params4bit.quant_state``. Here the packed bytes stay ``weight`` (in ``quant_storage``) and the
+        per-block scales become ``weight_absmax`` (``weight_nested_absmax`` under double quantization), so each
+        rank shards both on dim 0 and they are all-gathered together, byte for byte, before each forward. fp32
+        scales are held as their int32 bits: FSDP's mixed precision casts floating-point parameters only, so the
+        scales stay exact whatever ``param_dtype`` is. The 16-entry code book, the nested code and offset, the
+        shape and the blocksize stay on the module (replicated, a few hundred bytes). State dicts of the exposed
+        form hold these parameters as they are (lorakit's FSDP checkpoints skip frozen parameters)."""
+        if "_exposed_state" in self.__dict__:
+            return
+        state = self.weight.quant_state
+        packed = self.weight.data
+        self.__dict__["_exposed_state"] = dataclasses.replace(state, absmax=state.absmax[:0])
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        absmax = state.absmax if state.nested else state.absmax.view(torch.int32)
+        self.weight_absmax = nn.Parameter(absmax, requires_grad=False)  # (nblocks,)
+        if state.nested:
+            nested = state.state2.absmax.view(torch.int32)  # (ceil(nblocks / 256),)
+            self.weight_nested_absmax = nn.Parameter(nested, requires_grad=False)
+
+    def set_exposed_quant_state(self, state: QuantState) -> None:
+        """Set the constants of the exposed form from `state` (a quantization of this layer's weight; its
+        per-block tensors go into ``weight_absmax`` / ``weight_nested_absmax`` separately)."""
+        self.__dict__["_exposed_state"] = dataclasses.replace(state, absmax=state.absmax[:0])
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Linear4bit:
+        if "_exposed_state" in self.__dict__:  # plain parameters (FSDP moves / materializes them)
+            if fn(torch.empty(0, dtype=self.weight.dtype)).dtype != self.weight.dtype:
+                raise ValueError(f"a Linear4bit after expose_quant_state keeps its packed bytes in "
+                                 f"{self.weight.dtype}: change the model's dtype before exposing (moves are fine)")
+            super()._apply(fn, recurse)
+            meta = self.__dict__["_exposed_state"]
+            device = self.weight.device
+            if not self.weight.is_meta and not meta.code.is_meta and meta.code.device != device:
+                meta.to(device)
+            return self
         # .to(dtype) / .half() must not touch the packed bytes (they may be stored as bf16): move devices only.
         weight = self._parameters.pop("weight")
         try:
@@ -160,6 +212,8 @@ class Linear4bit(DequantLinearModule):
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if "_exposed_state" in self.__dict__:
+            return
         for key, value in self.weight.quant_state.as_dict(packed=True).items():
             destination[f"{prefix}weight.{key}"] = value if keep_vars else value.detach()
 

@@ -8,6 +8,9 @@ A checkpoint folder ``output_dir/checkpoint-<step>`` holds::
     rng_state_<rank>.pt                               # python / numpy / torch (/ cuda) RNG of each process
     trainer_state.json                                # step, epoch, data position, metrics so far
 
+Under ``training.distributed=fsdp`` ``trainable.safetensors`` and ``optimizer.pt`` are replaced by ``sharded/``,
+each process's shards written by ``torch.distributed.checkpoint`` (``lorakit.train.distributed``).
+
 Rename is atomic on POSIX file systems, so a folder named ``checkpoint-<step>`` is always complete; a run
 killed while writing leaves only a ``.tmp-checkpoint-<step>`` folder, which is ignored and cleaned up by the next
 run (`clean_temporaries`). Rotation renames a checkpoint to a ``.tmp-`` name before deleting it, so a run killed
@@ -159,12 +162,13 @@ def clean_temporaries(output_dir: str | os.PathLike) -> None:
 
 def save(output_dir: Path, step: int, model: nn.Module, trainable: dict[str, torch.Tensor], optimizer: Any,
          scheduler: Any, state: dict[str, Any], rank: int, main: bool, barrier: Any,
-         save_total_limit: int | None = None) -> None:
+         save_total_limit: int | None = None, sharded: Any | None = None) -> None:
     """Write ``checkpoint-<step>`` of a run (every process calls it; `barrier` synchronizes them).
 
     Each process writes its RNG state; the main process the PEFT adapter of `model`, every `trainable` tensor
     as in memory, the optimizer and scheduler states and `state` (trainer_state.json, last), then renames the
-    folder into place and deletes the checkpoints past `save_total_limit`.
+    folder into place and deletes the checkpoints past `save_total_limit`. With `sharded` (a
+    `lorakit.train.distributed.ShardedModel`) every process takes part in writing the adapter and its shards.
     """
     from safetensors.torch import save_file
 
@@ -175,13 +179,18 @@ def save(output_dir: Path, step: int, model: nn.Module, trainable: dict[str, tor
     writing = f"rng_state_{rank}.pt"
     try:
         save_rng(tmp, rank)
+        if sharded is not None:
+            writing = "the adapter and sharded/"
+            sharded.save_adapter(tmp)
+            sharded.save_state(tmp, optimizer)
         if main:
-            writing = "adapter_model.safetensors"
-            model.save_pretrained(tmp)
-            writing = TRAINABLE_FILE
-            save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()}, tmp / TRAINABLE_FILE)
-            writing = "optimizer.pt"
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if sharded is None:
+                writing = "adapter_model.safetensors"
+                model.save_pretrained(tmp)
+                writing = TRAINABLE_FILE
+                save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()}, tmp / TRAINABLE_FILE)
+                writing = "optimizer.pt"
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             writing = "scheduler.pt"
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             fault_point("checkpoint-write", step)
@@ -200,11 +209,18 @@ def save(output_dir: Path, step: int, model: nn.Module, trainable: dict[str, tor
     barrier()
 
 
-def restore(path: Path, trainable: dict[str, torch.Tensor], optimizer: Any, scheduler: Any, rank: int) -> None:
+def restore(path: Path, trainable: dict[str, torch.Tensor], optimizer: Any, scheduler: Any, rank: int,
+            sharded: Any | None = None) -> None:
     """Load checkpoint `path` into the `trainable` tensors, the optimizer, the scheduler and this process's RNGs;
-    refuses a checkpoint whose trainable tensors differ in names or shapes."""
+    refuses a checkpoint whose trainable tensors differ in names or shapes. With `sharded` its ``sharded/``
+    folder is read instead (every process calls it)."""
     from safetensors.torch import load_file
 
+    if sharded is not None:
+        sharded.load_state(path, optimizer)
+        scheduler.load_state_dict(_load(path, "scheduler.pt"))
+        load_rng(path, rank)
+        return
     try:
         saved = load_file(path / TRAINABLE_FILE)
     except Exception as err:  # SafetensorError on a truncated file, OSError when missing

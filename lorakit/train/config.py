@@ -146,6 +146,10 @@ class TrainingConfig:
     use_chunked_loss: bool = True
     """Compute the LM-head cross-entropy in vocabulary chunks (no full logits tensor) when available."""
     disable_tqdm: bool = False
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """How several processes (torchrun / accelerate launch) share the work: "ddp" (every process holds the whole
+    model) or "fsdp" (FSDP2 ``fully_shard``: each decoder layer, the adapters and their optimizer state sharded
+    across processes; see ``lorakit.train.distributed``). One process trains the same either way."""
 
     def __post_init__(self) -> None:
         positive = ("per_device_train_batch_size", "per_device_eval_batch_size",

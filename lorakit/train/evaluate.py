@@ -84,17 +84,9 @@ def _load_base_model(AutoModelForCausalLM: Any, AutoTokenizer: Any, name_or_path
     from lorakit.quant.gguf_in import find_gguf, load_gguf
 
     if quantization is not None and quantization.method != "none":
-        from lorakit.quant.config import BitsAndBytesConfig
         from lorakit.quant.load import load_model
 
-        q = quantization
-        bnb = BitsAndBytesConfig(
-            load_in_4bit=q.method in ("nf4", "fp4"), load_in_8bit=q.method == "int8",
-            bnb_4bit_quant_type=q.method if q.method in ("nf4", "fp4") else "nf4",
-            bnb_4bit_compute_dtype=DTYPES[q.bnb_4bit_compute_dtype],
-            bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant, bnb_4bit_quant_storage=q.bnb_4bit_quant_storage,
-            llm_int8_threshold=q.llm_int8_threshold, llm_int8_skip_modules=q.llm_int8_skip_modules,
-        )
+        bnb = bnb_config(quantization)
         dtype = None if torch_dtype == "auto" else DTYPES[torch_dtype]
         model, tokenizer = load_model(name_or_path, quantization_config=bnb, torch_dtype=dtype, device=device,
                                       attn_implementation=attn_implementation, revision=revision,
@@ -116,6 +108,19 @@ def _load_base_model(AutoModelForCausalLM: Any, AutoTokenizer: Any, name_or_path
     if tokenizer.pad_token_id is None:  # common for base LMs: pad with EOS (padding never takes loss)
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def bnb_config(q: Any) -> Any:
+    """The `lorakit.quant.BitsAndBytesConfig` of a train.config.QuantizationConfig whose method is not "none"."""
+    from lorakit.quant.config import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=q.method in ("nf4", "fp4"), load_in_8bit=q.method == "int8",
+        bnb_4bit_quant_type=q.method if q.method in ("nf4", "fp4") else "nf4",
+        bnb_4bit_compute_dtype=DTYPES[q.bnb_4bit_compute_dtype],
+        bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant, bnb_4bit_quant_storage=q.bnb_4bit_quant_storage,
+        llm_int8_threshold=q.llm_int8_threshold, llm_int8_skip_modules=q.llm_int8_skip_modules,
+    )
 
 
 def label_tokens(labels: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,11 @@
 """The training loop of `lorakit train`: one function, read top to bottom.
 
 Runs on `accelerate.Accelerator`, so the same code runs on one CPU/GPU or under `torchrun` /
-`accelerate launch` with several processes (DDP). Every feature is switched by a field of
-`lorakit.train.config.TrainConfig` (named in brackets below). Refusals live in `lorakit.train.plan`, checkpoint
-files in `lorakit.train.checkpoint`, the loss in the training method (`lorakit.train.method`; SFT today).
+`accelerate launch` with several processes: DDP, or FSDP2 with ``training.distributed: fsdp``
+(`lorakit.train.distributed`: the model sharded, loaded and saved shard by shard). Every feature is switched by a
+field of `lorakit.train.config.TrainConfig` (named in brackets below). Refusals live in `lorakit.train.plan`,
+checkpoint files in `lorakit.train.checkpoint`, the loss in the training method (`lorakit.train.method`; SFT
+today).
 
 Loss normalization (unit-level, not batch-level; units are label tokens for SFT). One optimizer step sees the
 micro-batches ``m = 1..A`` (gradient_accumulation_steps) on each of the ``P`` processes. With ``N`` the number of
@@ -36,6 +38,7 @@ from torch import nn
 
 from lorakit.kernels.offload import offload_activations
 from lorakit.train import checkpoint as ckpt
+from lorakit.train import distributed as fsdp
 from lorakit.train.config import TrainConfig
 from lorakit.train.evaluate import exact_match, generation_examples, load_base_model, perplexity
 from lorakit.train.method import Row, TrainingMethod, build_method
@@ -152,13 +155,14 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     Steps: (1) accelerator, seed and the run's plan (`lorakit.train.plan`: every refusal, the output_dir's lock,
     stale temporary folders cleaned), (2) base model [quantization], (3) data of the method
     (`lorakit.train.method`; SFT: [packing, max_seq_length]), (4) adapter [lora, model.adapter_name_or_path],
-    [gradient_checkpointing], [fused_lora], (5) optimizer [optim, weight_decay, adam_*] and schedule
-    [lr_scheduler_type, warmup_ratio/steps], (6) resume [resume], (7) exact match before training
-    [evaluation.path], (8) the loop: unit-normalized loss over [gradient_accumulation_steps] and processes,
-    autocast [bf16/fp16], [offload_activations], clipping [max_grad_norm], a stop at a non-finite loss or gradient
-    norm [nonfinite_patience], logging [logging_steps], eval loss [eval_steps], checkpoints [save_steps,
-    save_total_limit], SIGINT / SIGTERM (finish the step, checkpoint, raise `TrainingInterrupted`), (9) final eval,
-    adapter, tokenizer, plot and summary, exact match after training (reloaded from disk).
+    [gradient_checkpointing], [fused_lora], [distributed] (fsdp: meta base, then sharded and each process's rows
+    read), (5) optimizer [optim, weight_decay, adam_*] and schedule [lr_scheduler_type, warmup_ratio/steps],
+    (6) resume [resume], (7) exact match before training [evaluation.path], (8) the loop: unit-normalized loss over
+    [gradient_accumulation_steps] and processes, autocast [bf16/fp16], [offload_activations], clipping
+    [max_grad_norm], a stop at a non-finite loss or gradient norm [nonfinite_patience], logging [logging_steps],
+    eval loss [eval_steps], checkpoints [save_steps, save_total_limit], SIGINT / SIGTERM (finish the step,
+    checkpoint, raise `TrainingInterrupted`), (9) final eval, adapter, tokenizer, plot and summary, exact match
+    after training (reloaded from disk).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -189,8 +193,12 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
     _say_notices(plan, say)
 
     # 2. base model, 3. data ----------------------------------------------------------------------------------
-    model, tokenizer = load_base_model(m.name_or_path, m.torch_dtype, cfg.quantization, m.attn_implementation,
-                                       m.revision, m.trust_remote_code, device=accelerator.device)
+    if plan.fsdp:  # parameters on meta: each process reads its shards after sharding (step 5)
+        model, tokenizer, model_path, load_dtype = fsdp.empty_base_model(
+            m.name_or_path, m.torch_dtype, cfg.quantization, m.attn_implementation, m.revision, m.trust_remote_code)
+    else:
+        model, tokenizer = load_base_model(m.name_or_path, m.torch_dtype, cfg.quantization, m.attn_implementation,
+                                           m.revision, m.trust_remote_code, device=accelerator.device)
     mask_dtype = next(model.parameters()).dtype if m.torch_dtype != "float32" else torch.float32
     method = build_method(cfg, tokenizer, mask_dtype if mask_dtype.is_floating_point else torch.float32)
     train_rows, eval_rows, data_stats = method.build_data(say)
@@ -206,6 +214,7 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
 
     # 4. adapter ----------------------------------------------------------------------------------------------
     model = _attach_adapter(model, plan)
+    adapter_values = fsdp.adapter_init_values(model, plan.lora.init_lora_weights) if plan.fsdp else {}
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     n_trainable = sum(p.numel() for p in trainable.values())
     n_all = sum(p.numel() for p in model.parameters())
@@ -213,18 +222,25 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
         f"trainable%: {100 * n_trainable / n_all:.4f}")
 
     # 5. optimizer and schedule -------------------------------------------------------------------------------
-    loss_module = method.loss_module(model)
+    loss_module, sharded = method.loss_module(model), None
+    if plan.fsdp:  # [distributed]: shard each decoder layer and the rest, then read this process's rows
+        sharded = fsdp.ShardedModel(loss_module, model, fsdp.mixed_precision_policy(t.bf16))
+        sharded.load(model_path, load_dtype, adapter_values, accelerator.device)
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(t.optim, param_groups(model, t.weight_decay), t.learning_rate,
                                 (t.adam_beta1, t.adam_beta2), t.adam_epsilon)
     scheduler = build_scheduler(optimizer, sched.total_steps, sched.warmup, t.lr_scheduler_type)
-    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+    if sharded is None:
+        loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+    else:
+        optimizer = accelerator.prepare(optimizer)
 
     # 6. resume -----------------------------------------------------------------------------------------------
     progress, resumed_from = Progress(), plan.resume_from
     if plan.resume and resumed_from is None:
         say(f"[lorakit] --resume: no complete checkpoint in {out_dir}; starting from step 0")
     if resumed_from is not None:
-        ckpt.restore(resumed_from, trainable, optimizer, scheduler, rank)
+        ckpt.restore(resumed_from, trainable, optimizer, scheduler, rank, sharded)
         progress = Progress.from_state(plan.state)
         say(f"[lorakit] resumed from {resumed_from} at step {progress.step}/{sched.total_steps}")
     start_step = progress.step
@@ -247,7 +263,8 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
                 for rows in step_rows(train_rows, sched, t.seed, step, rank)]
 
     def evaluate(step: int) -> float:
-        loss = _evaluate(accelerator, loss_module, method, eval_rows[rank::world], t.per_device_eval_batch_size)
+        loss = _evaluate(accelerator, loss_module, method, eval_rows[rank::world], t.per_device_eval_batch_size,
+                         filler=eval_rows[:1] if sharded else None)
         logger.log(step, {"eval_loss": loss, **({"eval_perplexity": perplexity(loss)}
                                                  if method.reports_perplexity else {})})
         return loss
@@ -257,7 +274,7 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
         state = {"epoch": step / sched.steps_per_epoch, "world_size": world, **sched.data_order, **progress.state(),
                  "metrics_records": len(logger.records)}
         ckpt.save(out_dir, step, accelerator.unwrap_model(loss_module).model, trainable, optimizer, scheduler,
-                  state, rank, main, accelerator.wait_for_everyone, t.save_total_limit)
+                  state, rank, main, accelerator.wait_for_everyone, t.save_total_limit, sharded)
         return ckpt.checkpoint_path(out_dir, step)
 
     # 8. the loop ---------------------------------------------------------------------------------------------
@@ -271,10 +288,11 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
             raise TrainingInterrupted(signum, start_step, None)
         for step in range(start_step, sched.total_steps):
             step_loss, n_units, n_tokens = _forward_backward(accelerator, loss_module, method, batches_of(step),
-                                                             t.offload_activations)
+                                                             t.offload_activations, sharded)
             grad_norm = None
             if t.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), t.max_grad_norm)
+                clip = accelerator.clip_grad_norm_ if sharded is None else sharded.clip_grad_norm_
+                grad_norm = clip(list(trainable.values()), t.max_grad_norm)
             progress.step = done = step + 1
             bad = _nonfinite(step_loss / max(n_units, 1), None if t.fp16 else grad_norm)  # fp16: scaler skips inf
             if bad is None:
@@ -328,9 +346,11 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
     accelerator.wait_for_everyone()
     summary: dict[str, Any] = {}
     last_train_loss = progress.last_train_loss
+    _check_finite(trainable, "the final adapter")
+    if sharded is not None:
+        sharded.save_adapter(out_dir)  # every process: the adapter's tensors are all-gathered
     if main:
-        _check_finite(trainable, "the final adapter")
-        _save_final(accelerator.unwrap_model(loss_module).model, tokenizer, out_dir)
+        _save_final(accelerator.unwrap_model(loss_module).model if sharded is None else None, tokenizer, out_dir)
         logger.plot(out_dir)
         summary = {
             "global_step": sched.total_steps, "train_steps_this_run": sched.total_steps - start_step,
@@ -380,7 +400,8 @@ def _divergence_message(bad: tuple[str, float], step: int, lr: float, start_step
 
 def _check_finite(trainable: dict[str, torch.Tensor], what: str) -> None:
     """Never save a non-finite adapter: refuse when a trainable tensor holds NaN / inf."""
-    bad = next((n for n, p in trainable.items() if not torch.isfinite(p).all()), None)
+    bad = next((n for n, p in trainable.items()  # a sharded (DTensor) tensor: this process's shard
+                if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()), None)
     if bad is not None:
         raise TrainingError(f"not saving {what}: the trainable tensor {bad} holds NaN or inf values (the run "
                             "diverged); lower training.learning_rate or check the lora settings")
@@ -394,10 +415,12 @@ def _stop_signal(accelerator: Any, signum: int | None) -> int:
     return int(accelerator.reduce(flag, "max").item())
 
 
-def _save_final(model: nn.Module, tokenizer: Any, out_dir: Path) -> None:
-    """The final adapter and tokenizer into `out_dir`; a full disk is one `CheckpointError` line."""
+def _save_final(model: nn.Module | None, tokenizer: Any, out_dir: Path) -> None:
+    """The final adapter (None: written already, shard by shard) and tokenizer into `out_dir`; a full disk is one
+    `CheckpointError` line."""
     try:
-        model.save_pretrained(out_dir)
+        if model is not None:
+            model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
     except Exception as err:
         if not ckpt.disk_full(err):
@@ -416,16 +439,21 @@ def _say_notices(plan: RunPlan, say: Any) -> None:
 
 
 def _forward_backward(accelerator: Any, loss_module: nn.Module, method: TrainingMethod,
-                      batches: list[tuple[dict[str, torch.Tensor], int]], offload: bool
-                      ) -> tuple[torch.Tensor, float, int]:
+                      batches: list[tuple[dict[str, torch.Tensor], int]], offload: bool,
+                      sharded: fsdp.ShardedModel | None = None) -> tuple[torch.Tensor, float, int]:
     """Forward and backward the micro-batches of one optimizer step; returns (summed loss over all processes,
     N, input tokens). Each process back-propagates ``P * loss_sum / N`` (N: units of the step over all
-    micro-batches and processes, counted before the first backward), as DDP averages gradients over P."""
+    micro-batches and processes, counted before the first backward), as DDP (and FSDP's reduce-scatter)
+    averages gradients over P."""
     counts = torch.tensor([[method.units(b), n] for b, n in batches]).sum(0)  # (units, tokens)
     n_global, n_tokens = accelerator.reduce(counts.to(accelerator.device), "sum").tolist()
     step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     for i, (batch, _) in enumerate(batches):
-        sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(loss_module)
+        last = i == len(batches) - 1
+        if sharded is not None:
+            sync = sharded.no_sync(not last)
+        else:
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(loss_module)
         with sync, accelerator.autocast(), offload_activations(enabled=offload):
             loss_sum = loss_module(**batch)  # summed over the units of this micro-batch
             accelerator.backward(loss_sum * accelerator.num_processes / max(1, n_global))
@@ -435,15 +463,23 @@ def _forward_backward(accelerator: Any, loss_module: nn.Module, method: Training
 
 @torch.no_grad()
 def _evaluate(accelerator: Any, loss_module: nn.Module, method: TrainingMethod, rows: list[Row],
-              batch_size: int) -> float:
-    """Mean loss per unit over this process's `rows` and all processes."""
+              batch_size: int, filler: list[Row] | None = None) -> float:
+    """Mean loss per unit over this process's `rows` and all processes. With `filler` (FSDP, where every
+    forward is collective) a process with fewer batches than another runs `filler` until they match, uncounted."""
     loss_module.eval()
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (sum loss, units)
-    for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(accelerator.device) for k, v in method.collate(rows[start : start + batch_size]).items()}
+    starts = list(range(0, len(rows), batch_size))
+    n_batches = len(starts)
+    if filler is not None:
+        n_batches = int(accelerator.gather(torch.tensor([n_batches], device=accelerator.device)).max())
+    for i in range(n_batches):
+        chunk = rows[starts[i] : starts[i] + batch_size] if i < len(starts) else filler
+        batch = {k: v.to(accelerator.device) for k, v in method.collate(chunk).items()}
         with accelerator.autocast():
-            total[0] += loss_module(**batch).double()
-        total[1] += method.units(batch)
+            loss = loss_module(**batch).double()
+        if i < len(starts):
+            total[0] += loss
+            total[1] += method.units(batch)
     loss_module.train()
     total = accelerator.reduce(total, "sum")
     return (total[0] / total[1].clamp(min=1)).item()

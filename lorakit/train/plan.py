@@ -8,7 +8,8 @@
   this run's inputs); ``--resume`` over a finished adapter that has no checkpoint;
 - a ``lora`` section that differs from the adapter of ``model.adapter_name_or_path``, or from the checkpoint;
 - a checkpoint written with another number of processes, or damaged; a missing or unreadable evaluation file;
-- with ``lock=True``, an output_dir another live run holds (`lorakit.train.lock`).
+- with ``lock=True``, an output_dir another live run holds (`lorakit.train.lock`);
+- what ``training.distributed=fsdp`` does not implement (`_check_fsdp`).
 
 Once the training rows are known (after tokenization), ``RunPlan.schedule(n_rows, fingerprint=...)`` resolves
 the step counts and refuses a checkpoint whose data order, optimizer, schedule or data content differ
@@ -156,6 +157,8 @@ class RunPlan:
     """Lines to print: switches that do nothing in this run, a stale lock taken over."""
     lock: RunLock | None = None
     """The output_dir's lock, held until `release` (main process, ``prepare_run(lock=True)``)."""
+    fsdp: bool = False
+    """Shard the model across the processes (training.distributed=fsdp with more than one process)."""
 
     def release(self) -> None:
         """Drop the output_dir's lock (idempotent)."""
@@ -192,6 +195,7 @@ class RunPlan:
                       "adam_betas": [t.adam_beta1, t.adam_beta2], "adam_epsilon": t.adam_epsilon,
                       "max_seq_length": t.max_seq_length, "packing": t.packing,
                       "train_on_inputs": data.train_on_inputs, "quantization": self.cfg.quantization.method,
+                      "distributed": "fsdp" if self.fsdp else "ddp",
                       "base_model": os.path.abspath(m.name_or_path) if os.path.exists(m.name_or_path)
                       else m.name_or_path}
         if fingerprint is not None:
@@ -319,9 +323,38 @@ def _check_run(plan: RunPlan) -> None:
         }, out_dir)
     if ev.path:  # a wrong eval file fails now, not after the model has loaded
         check_eval_file(ev.path, cfg.data, ev.prompt_field, ev.answer_field)
+    if t.distributed == "fsdp":
+        _check_fsdp(cfg, plan)
     if t.offload_activations and not torch.cuda.is_available():
         plan.notices.append("training.offload_activations=true does nothing here: it offloads CUDA activations "
                             "only, and this run is on CPU")
+
+
+def _check_fsdp(cfg: TrainConfig, plan: RunPlan) -> None:
+    """Refuse what sharded training (`lorakit.train.distributed`) does not implement; one process needs no
+    sharding (a notice says so)."""
+    if plan.world == 1:
+        plan.notices.append("training.distributed=fsdp with one process: nothing to shard, it trains as one "
+                            "process (launch with torchrun --nproc_per_node N or accelerate launch to shard)")
+        return
+    fix = "use training.distributed=ddp for it"
+    if cfg.model.adapter_name_or_path:
+        raise NotImplementedError(f"training.distributed=fsdp from model.adapter_name_or_path (an existing "
+                                  f"adapter) is not implemented; {fix}")
+    if cfg.evaluation.path:
+        raise NotImplementedError("training.distributed=fsdp with evaluation.path (exact match by generation on "
+                                  f"the sharded model) is not implemented; remove evaluation.path or {fix}")
+    if cfg.quantization.method == "int8":
+        raise NotImplementedError(f"training.distributed=fsdp with quantization=int8 is not implemented (4-bit "
+                                  f"bases shard: quantization=nf4 or fp4); or {fix}")
+    lora = plan.lora
+    if lora.use_dora or lora.init_lora_weights not in (True, False, "gaussian"):
+        what = "use_dora=true" if lora.use_dora else f"init_lora_weights={lora.init_lora_weights!r}"
+        raise NotImplementedError(f"training.distributed=fsdp with lora.{what} is not implemented (adapters are "
+                                  f"built on the meta device: init_lora_weights true, false or gaussian); {fix}")
+    if lora.modules_to_save:
+        raise NotImplementedError(f"training.distributed=fsdp with lora.modules_to_save is not implemented; {fix}")
+    plan.fsdp = True
 
 
 def _check_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None:

@@ -1,0 +1,379 @@
+"""Sharded training with PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``): ``training.distributed: fsdp``.
+
+Under DDP every one of the ``P`` processes holds the whole model. FSDP2 (ZeRO-3, Rajbhandari et al. 2020,
+https://arxiv.org/abs/1910.02054) shards every parameter on dim 0 across the processes, so per process::
+
+    base weights      Psi_base / P            (frozen: sharded, never gathered whole; 4-bit bases too)
+    adapter + grads   2 Psi_lora / P          (fp32)
+    Adam moments      2 Psi_lora / P          (fp32)
+    + one decoder layer's unsharded weights at a time (all-gathered before its forward / backward, freed after)
+
+Each decoder layer (found from the model: the classes transformers names in ``_no_split_modules``) is one
+``fully_shard`` group, untied input embeddings another, and the root module holds the rest (final norm, LM
+head; all-gathered for the whole step, as the chunked loss reads the head's weight directly). Gradients are
+reduce-scattered (averaged over the ``P`` processes, as DDP's all-reduce), so the loop's loss normalization is
+unchanged. On a GPU with ``training.bf16`` parameters are all-gathered in bf16 and gradients reduced in fp32
+(``MixedPrecisionPolicy``); on CPU (gloo) nothing is cast.
+
+Loading (``load_sharded``): the model is built on the meta device, sharded, then each process allocates and
+reads only its rows of each tensor from the safetensors files (a 4-bit layer: the full-precision tensor is read
+and quantized one tensor at a time, and the process keeps its rows of the packed bytes and of the scales), so a
+node's host memory holds about one copy of the model, not one per process. Adapters get the values a one-process
+run would give them (PEFT's init drawn from the same seed, in the same order).
+
+Saving: the adapter's tensors are all-gathered (only those) and rank 0 writes PEFT's layout; checkpoints hold
+the sharded trainable tensors and optimizer state (``torch.distributed.checkpoint``, frozen base weights
+skipped) and resume with the same number of processes (another is refused by ``lorakit.train.plan``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+SHARDED_DIR = "sharded"  # the torch.distributed.checkpoint folder inside a checkpoint
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules each wrapped by one ``fully_shard``: instances of the classes that transformers'
+    ``_no_split_modules`` names (outermost only), else the children of the longest ``nn.ModuleList`` whose
+    children share one class (the layer stack of a model without that attribute)."""
+    names: set[str] = set()
+    for module in model.modules():
+        names |= set(getattr(module, "_no_split_modules", None) or ())
+    layers: list[nn.Module] = []
+    inside: set[int] = set()
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        if type(module).__name__ in names or _fsdp_base_name(module) in names:
+            layers.append(module)
+            inside |= {id(m) for m in module.modules()}
+    if layers:
+        return layers
+    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
+              and len({type(c) for c in m}) == 1]
+    if not stacks:
+        raise ValueError(f"training.distributed=fsdp: found no decoder layers in {type(model).__name__} (no "
+                         "_no_split_modules and no nn.ModuleList of layers); use training.distributed=ddp")
+    return list(max(stacks, key=len))
+
+
+def _fsdp_base_name(module: nn.Module) -> str:
+    """The class name before ``fully_shard`` prefixed it with FSDP (``FSDPLlamaDecoderLayer``)."""
+    name = type(module).__name__
+    return name[4:] if name.startswith("FSDP") else name
+
+
+def mixed_precision_policy(bf16: bool) -> Any:
+    """bf16 all-gathers and fp32 gradient reduction on a CUDA GPU with training.bf16; no casts otherwise."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if bf16 and torch.cuda.is_available():
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def empty_base_model(name_or_path: str, torch_dtype: str, quantization: Any, attn_implementation: str | None,
+                     revision: str | None, trust_remote_code: bool) -> tuple[nn.Module, Any, Path, torch.dtype]:
+    """The base model with its parameters on the meta device (buffers real), 4-bit linears in place for a
+    quantized run; returns ``(model, tokenizer, local folder, the dtype tensors are loaded in)``."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lorakit.quant.load import _empty_model, _replace_linears, _resolve, _resolve_dtype
+    from lorakit.train.evaluate import DTYPES, bnb_config, model_path_errors
+
+    with model_path_errors(name_or_path):
+        path = _resolve(name_or_path, revision)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:  # as load_base_model: pad with EOS (padding never takes loss)
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(config, "quantization_config", None) is not None:
+        raise NotImplementedError(f"training.distributed=fsdp with an already quantized model ({name_or_path}): "
+                                  "give the full-precision model and quantization=nf4, or use "
+                                  "training.distributed=ddp")
+    dtype = _resolve_dtype(None if torch_dtype == "auto" else DTYPES[torch_dtype], config)
+    model = _empty_model(config, dtype, attn_implementation, trust_remote_code)
+    model.tie_weights()  # a tied LM head is the input embeddings' parameter (read once from the file)
+    if quantization.method != "none":
+        qconfig = bnb_config(quantization)
+        if qconfig.load_in_8bit:
+            raise NotImplementedError("training.distributed=fsdp with quantization=int8 (8-bit bases are not "
+                                      "sharded); use quantization=nf4 / fp4, or training.distributed=ddp")
+        _replace_linears(model, qconfig, device="meta")
+        model.config.quantization_config = qconfig.to_dict()
+        model.is_loaded_in_4bit = model.is_quantized = True
+    return model, tokenizer, path, dtype
+
+
+def adapter_init_values(model: nn.Module, init_lora_weights: bool | str) -> dict[int, dict[str, torch.Tensor]]:
+    """Initial values of every adapter of `model` (created on meta), drawn as a one-process run draws them:
+    ``reset_parameters(init_lora_weights)`` of each adapter in module order from the current RNG (loading the
+    base draws nothing). Returns ``{id(adapter): {parameter name: value}}``; the adapters stay on meta."""
+    from lorakit.layers import LoraAdapter, LoraEmbeddingAdapter
+
+    values: dict[int, dict[str, torch.Tensor]] = {}
+    for module in model.modules():
+        if isinstance(module, LoraEmbeddingAdapter):
+            raise NotImplementedError("training.distributed=fsdp with an adapter on an embedding layer is not "
+                                      "implemented; leave embeddings out of lora.target_modules or use "
+                                      "training.distributed=ddp")
+        if isinstance(module, LoraAdapter):
+            module.to_empty(device="cpu")
+            module.reset_parameters(init_lora_weights)
+            values[id(module)] = {n: p.detach().clone() for n, p in module.named_parameters()}
+            module.to("meta")
+    return values
+
+
+class ShardedModel:
+    """A model trained under FSDP2: shards it, loads its rows of the weights, and saves / restores it.
+
+    ``root`` is the module the loop calls (the loss module around the ``PeftModel`` `peft`); ``base`` the model
+    inside `peft` whose parameter names match the checkpoint's.
+    """
+
+    def __init__(self, root: nn.Module, peft: nn.Module, mp_policy: Any) -> None:
+        import torch.distributed as dist
+        from torch.distributed.fsdp import fully_shard
+
+        self.root, self.peft = root, peft
+        self.rank = dist.get_rank()
+        base = peft.get_base_model()
+        cast = mp_policy.param_dtype
+        for module in base.modules():
+            if hasattr(module, "expose_quant_state"):  # Linear4bit: scales become parameters, sharded too
+                storage = module.quant_storage
+                if cast is not None and storage.is_floating_point and storage != cast:  # FSDP would cast the bytes
+                    raise ValueError(f"quantization.bnb_4bit_quant_storage={str(storage).removeprefix('torch.')} "
+                                     f"with training.bf16 under FSDP: the packed bytes would be cast to {cast}; "
+                                     "set bnb_4bit_quant_storage: bfloat16 (or uint8)")
+                module.expose_quant_state()
+        for layer in decoder_layers(base):
+            fully_shard(layer, mp_policy=mp_policy)
+        embed, head = base.get_input_embeddings(), base.get_output_embeddings()
+        if head is None or embed.weight is not head.weight:  # untied: the input embeddings gather on their own
+            fully_shard(embed, mp_policy=mp_policy)
+        fully_shard(root, mp_policy=mp_policy)  # the rest: final norm, LM head (the chunked loss reads its weight)
+
+    # ---- loading -------------------------------------------------------------------------------------------
+    def load(self, path: str | Path, dtype: torch.dtype, adapters: dict[int, dict[str, torch.Tensor]],
+             device: torch.device) -> None:
+        """Allocate this process's shards on `device` and fill them: base rows from the safetensors files in
+        `path` (cast to `dtype`, then to the parameter's dtype, as a one-process load and
+        prepare_model_for_kbit_training do), adapter rows from `adapters` (`adapter_init_values`)."""
+        buffers = {n: b.detach().clone() for n, b in self.root.named_buffers()}  # to_empty leaves them empty
+        self.root.to_empty(device=device)
+        with torch.no_grad():
+            for name, buf in self.root.named_buffers():
+                buf.copy_(buffers[name])
+        files = SafetensorsRows(Path(path))
+        base = self.peft.get_base_model()
+        prefix = next(n for n, m in self.root.named_modules() if m is base)
+        prefix = f"{prefix}." if prefix else ""
+        owners = {id(p): (m, n) for m in self.root.modules() for n, p in m.named_parameters(recurse=False)}
+        adapter_of = {id(p): (adapters[id(m)], n) for m in self.root.modules() if id(m) in adapters
+                      for n, p in m.named_parameters()}
+        done: set[int] = set()
+        for fqn, param in self.root.named_parameters(remove_duplicate=False):
+            if id(param) in done:
+                continue
+            if id(param) in adapter_of:
+                values, name = adapter_of[id(param)]
+                _fill(param, values[name])
+                done.add(id(param))
+                continue
+            module, pname = owners[id(param)]
+            key = fqn[len(prefix):].replace(".base_layer.", ".") if fqn.startswith(prefix) else fqn
+            if hasattr(module, "expose_quant_state"):
+                if pname == "weight":  # quantize the whole tensor, keep this process's rows
+                    self._load_4bit(module, key, files.read(key), dtype)
+                    done |= {id(p) for p in module.parameters(recurse=False) if p is not module.bias}
+                if pname != "bias":
+                    continue  # weight_absmax / weight_nested_absmax: filled with the weight
+            start, length = _rows(param)
+            value = files.read(key, start, start + length)
+            if value is None:
+                continue  # e.g. a tied lm_head.weight, loaded under its other name
+            if value.is_floating_point():
+                value = value.to(dtype)
+            with torch.no_grad():
+                _local(param).copy_(value.reshape(_local(param).shape))
+            del value
+            done.add(id(param))
+        missing = [n for n, p in self.root.named_parameters() if id(p) not in done]
+        if missing:
+            raise ValueError(f"weights missing from the checkpoint in {path}: {missing[:8]}")
+
+    def _load_4bit(self, module: nn.Module, key: str, weight: torch.Tensor | None, dtype: torch.dtype) -> None:
+        from lorakit.quant.load import _release_free_memory
+        from lorakit.quant.nf4 import quantize_4bit
+
+        if weight is None:
+            raise ValueError(f"weights missing from the checkpoint: {key}")
+        packed, state = quantize_4bit(weight.to(dtype), module.blocksize, module.quant_type,
+                                      module.compress_statistics, module.quant_storage)
+        del weight
+        _release_free_memory()  # the full-precision tensor and quantization temporaries (lorakit.quant.load)
+        _fill(module.weight, packed)
+        _fill(module.weight_absmax, state.absmax if state.nested else state.absmax.view(torch.int32))
+        if state.nested:
+            _fill(module.weight_nested_absmax, state.state2.absmax.view(torch.int32))
+        device = _local(module.weight).device
+        module.set_exposed_quant_state(state.to(device))
+
+    # ---- training ------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def no_sync(self, enabled: bool) -> Iterator[None]:
+        """Skip the gradient reduce-scatter (gradient accumulation: all but the last micro-batch)."""
+        if not enabled:
+            yield
+            return
+        self.root.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.root.set_requires_gradient_sync(True)
+
+    @staticmethod
+    def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over sharded gradients: the global norm (the sum of squares over
+        every shard, all-reduced), then each shard scaled by ``min(1, max_norm / (norm + 1e-6))``."""
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm
+
+    # ---- saving --------------------------------------------------------------------------------------------
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The full tensors the PEFT adapter files hold, keyed as in `peft`'s state dict (all processes call
+        this: each tensor is all-gathered; the base weights are not)."""
+        from lorakit.io.adapter import adapter_key_map, saved_embedding_keys
+
+        keys: set[str] = set()
+        for name, config in self.peft.peft_config.items():
+            keys |= set(adapter_key_map(self.peft, name, config.bias).values())
+            keys |= set(saved_embedding_keys(self.peft, config, "auto").values())
+        state = self.peft.state_dict(keep_vars=True)
+        return {k: _full(state[k]).detach().cpu() for k in sorted(keys)}
+
+    def save_adapter(self, folder: str | Path) -> None:
+        """Write the adapter in PEFT's layout into `folder` (rank 0 writes; every process must call)."""
+        state = self.adapter_state()
+        if self.rank == 0:
+            self.peft.save_pretrained(folder, state_dict=state)
+
+    def _state_dicts(self, optimizer: Any) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model, optim = get_state_dict(self.root, _unwrap(optimizer),
+                                      options=StateDictOptions(ignore_frozen_params=True))
+        return {"model": model, "optim": optim}
+
+    def save_state(self, folder: Path, optimizer: Any) -> None:
+        """This process's shards of the trainable tensors and optimizer state into ``folder/sharded``."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._state_dicts(optimizer), checkpoint_id=folder / SHARDED_DIR)
+
+    def load_state(self, folder: Path, optimizer: Any) -> None:
+        """Inverse of `save_state` (same number of processes; checked before by the run's plan)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        if not (folder / SHARDED_DIR).is_dir():
+            raise ValueError(f"cannot resume from {folder}: it has no {SHARDED_DIR}/ folder (it was not written "
+                             "by a training.distributed=fsdp run); resume with the config of that run")
+        state = self._state_dicts(optimizer)
+        dcp.load(state, checkpoint_id=folder / SHARDED_DIR)
+        # strict=False: the frozen base is not in the checkpoint (dcp.load above fails on a missing trainable key)
+        set_state_dict(self.root, _unwrap(optimizer), model_state_dict=state["model"],
+                       optim_state_dict=state["optim"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+
+def _unwrap(optimizer: Any) -> Any:
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _rows(param: torch.Tensor) -> tuple[int, int]:
+    """(first row, row count) of this process's shard of a dim-0-sharded parameter (torch.chunk's split)."""
+    import torch.distributed as dist
+
+    local = _local(param)
+    if local is param or param.dim() == 0:
+        return 0, param.shape[0] if param.dim() else 0
+    size = -(-param.shape[0] // dist.get_world_size())
+    return min(dist.get_rank() * size, param.shape[0]), local.shape[0]
+
+
+def _fill(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this process's rows of the whole tensor `full` into its shard of `param`."""
+    start, length = _rows(param)
+    with torch.no_grad():
+        _local(param).copy_(full[start : start + length])
+
+
+class SafetensorsRows:
+    """Reads rows ``[start, stop)`` of the tensors of a model folder's safetensors files with plain reads (no
+    mmap: nothing stays mapped). Rows of a row-major tensor are one contiguous byte range of the file."""
+
+    def __init__(self, path: Path) -> None:
+        import json
+
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted({str(path / v) for v in json.loads(index.read_text())["weight_map"].values()})
+        elif (path / "model.safetensors").is_file():
+            files = [str(path / "model.safetensors")]
+        else:
+            raise FileNotFoundError(f"training.distributed=fsdp loads safetensors files: no model.safetensors or "
+                                    f"model.safetensors.index.json in {path}")
+        self.tensors: dict[str, tuple[str, int, dict[str, Any]]] = {}
+        for file in files:
+            with open(file, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_len))
+            header.pop("__metadata__", None)
+            for name, info in header.items():
+                self.tensors[name] = (file, 8 + header_len, info)
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor | None:
+        """Rows ``[start, stop)`` (all rows: stop None) of tensor `name`, or None if no file holds it."""
+        from lorakit.quant.load import _ST_DTYPES
+
+        if name not in self.tensors:
+            return None
+        file, base, info = self.tensors[name]
+        shape, dtype = list(info["shape"]), _ST_DTYPES[info["dtype"]]
+        if not shape:
+            start, stop, row_shape = 0, 1, []
+        else:
+            stop = shape[0] if stop is None else stop
+            row_shape = shape[1:]
+        row_bytes = math.prod(row_shape) * dtype.itemsize
+        buf = bytearray((stop - start) * row_bytes)
+        with open(file, "rb") as f:
+            f.seek(base + info["data_offsets"][0] + start * row_bytes)
+            f.readinto(buf)
+        out = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+        return out.reshape(shape if not shape else [stop - start, *row_shape])

@@ -1,0 +1,216 @@
+"""training.distributed=fsdp (FSDP2) on CPU: 2 processes under torchrun (gloo) against one process.
+
+Tolerance 1e-5 (fp32) as in the DDP test of test_loop.py: both runs sum the same per-token losses and gradients,
+in another order (reduce-scatter instead of one process's sums), which moves fp32 results by a few ulps per step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.cli.main import main
+from lorakit.train.config import load_config
+from lorakit.train.loop import train
+
+REPO = Path(__file__).resolve().parents[2]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+NO_DROPOUT = {"lora_dropout": 0.0}
+EVAL_FILE = REPO / "examples" / "data" / "second_word_prompt_completion_eval.jsonl"
+
+
+def _losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
+
+
+def _torchrun(*args: str) -> None:
+    proc = subprocess.run([*TORCHRUN, *args], capture_output=True, text=True, env=ENV, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _one_and_two(config_writer, tmp_path, model_dir, training, quantization=None) -> tuple[Path, Path]:
+    """The same run as 1 process x batch 4 (plain) and 2 processes x batch 2 (fsdp)."""
+    sections = {"quantization": quantization} if quantization else {}
+    one, two = tmp_path / "one", tmp_path / "two"
+    cfg = config_writer(tmp_path / "one.yaml", model_dir, one, lora=NO_DROPOUT,
+                        training={**training, "per_device_train_batch_size": 4}, **sections)
+    train(load_config(cfg))
+    cfg = config_writer(tmp_path / "two.yaml", model_dir, two, lora=NO_DROPOUT,
+                        training={**training, "per_device_train_batch_size": 2, "distributed": "fsdp"}, **sections)
+    _torchrun("-m", "lorakit.cli.main", "train", str(cfg))
+    return one, two
+
+
+def _assert_same_adapter(a: Path, b: Path, exact: bool = False) -> None:
+    wa, wb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert any(v.abs().max() > 0 for k, v in wb.items() if "lora_B" in k)  # trained away from B = 0
+    for k in wa:
+        if exact:
+            assert torch.equal(wa[k], wb[k]), k
+        else:
+            torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_fsdp_matches_one_process_and_saves_a_peft_adapter(config_writer, tmp_path, tiny_model_dir):
+    """4 steps, checkpoint at 2: same losses and adapter as one process; the adapter loads in PEFT and
+    `lorakit merge` folds it into the base; the checkpoint is sharded, resuming it under FSDP gives the
+    uninterrupted run exactly, and resuming it with another number of processes is refused before the model
+    loads."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import PeftModel
+
+    one, two = _one_and_two(config_writer, tmp_path, tiny_model_dir, {"max_steps": 4, "save_steps": 2})
+    for step, loss in _losses(one).items():
+        assert _losses(two)[step] == pytest.approx(loss, rel=1e-5)
+    _assert_same_adapter(one, two)
+    ckpt = two / "checkpoint-2"
+    assert (ckpt / "sharded").is_dir() and not (ckpt / "trainable.safetensors").exists()
+    assert json.loads((ckpt / "trainer_state.json").read_text())["distributed"] == "fsdp"
+
+    ids = torch.randint(2, 400, (2, 12))
+    ours = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(two)).eval()
+    ref = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(two)).eval()
+    assert main(["merge", "--base", str(tiny_model_dir), "--adapter", str(two), "--out", str(tmp_path / "m")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+
+    resumed = tmp_path / "resumed"  # resume checkpoint-2 under FSDP: the uninterrupted run, bit for bit
+    resumed.mkdir()
+    shutil.copytree(ckpt, resumed / "checkpoint-2")
+    (resumed / ".tmp-checkpoint-4").mkdir()  # a half-written checkpoint, as a kill leaves it
+    training = {"max_steps": 4, "save_steps": 2, "per_device_train_batch_size": 2, "distributed": "fsdp"}
+    cfg = config_writer(tmp_path / "resumed.yaml", tiny_model_dir, resumed, lora=NO_DROPOUT, training=training)
+    _torchrun("-m", "lorakit.cli.main", "train", str(cfg), "--resume")
+    assert _losses(resumed) == {s: v for s, v in _losses(two).items() if s > 2}
+    _assert_same_adapter(two, resumed, exact=True)
+
+    shutil.rmtree(two / "checkpoint-4")
+    with pytest.raises(ValueError, match="world_size=2, this run has 1"):
+        train(load_config(tmp_path / "two.yaml", ["training.resume=true"]))
+
+
+def test_fsdp_qlora_matches_one_process(config_writer, tmp_path, tiny_model_dir):
+    """A 4-bit base (NF4, double quantization, packed bytes stored as bf16) sharded over 2 processes trains the
+    same adapter as the unsharded 4-bit model in one process; activation checkpointing composes with it. The
+    model ties its LM head to its input embeddings (as SmolLM2 / Qwen do): one weight, saved once."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.tie_word_embeddings = True
+    torch.manual_seed(1)
+    tied = AutoModelForCausalLM.from_config(config)
+    tied.save_pretrained(tmp_path / "tied")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "tied")
+    assert "lm_head.weight" not in load_file(tmp_path / "tied" / "model.safetensors")
+    quant = {"method": "nf4", "bnb_4bit_use_double_quant": True, "bnb_4bit_quant_storage": "bfloat16"}
+    training = {"max_steps": 3, "gradient_checkpointing": True}
+    one, two = _one_and_two(config_writer, tmp_path, tmp_path / "tied", training, quant)
+    for step, loss in _losses(one).items():
+        assert _losses(two)[step] == pytest.approx(loss, rel=1e-5)
+    _assert_same_adapter(one, two)
+
+
+def test_user_loop_recipe_and_sharded_load_memory(tmp_path, tiny_model_dir):
+    """(1) README recipe: fully_shard on a get_peft_model model (16-bit and 4-bit base) in a plain AdamW loop ==
+    one process (2 steps).
+    (2) Each of 2 processes reads only its rows: its peak RSS growth while loading stays below one copy of the
+    model (a ~120 MB fp32 model; a whole-model load per process needs at least that). One launch for both."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=16384, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(REPO / "examples" / "tiny_model").save_pretrained(tmp_path / "model")
+    del model
+    out = tmp_path / "out"
+    _torchrun("-m", "tests.train.fsdp_worker", str(out), str(tiny_model_dir), str(tmp_path / "model"))
+    recipe = json.loads(out.with_suffix(".recipe.json").read_text())
+    assert recipe["max_diff"] < 1e-5 and recipe["max_diff_4bit"] < 1e-5
+    for rank in range(2):
+        growth = json.loads(out.with_suffix(f".{rank}.json").read_text())["peak_rss_growth"]
+        print(f"rank {rank}: peak RSS growth {growth / 2**20:.1f} MiB, model {size / 2**20:.1f} MiB")
+        assert growth < size, (growth, size)
+
+
+def test_exposed_4bit_layer_computes_the_same():
+    """Linear4bit.expose_quant_state (the form FSDP shards) gives the same outputs and gradients."""
+    from lorakit.quant.linear4bit import Linear4bit
+
+    torch.manual_seed(0)
+    for nested in (False, True):
+        layer = Linear4bit.from_linear(torch.nn.Linear(128, 64), compute_dtype=torch.float32,
+                                       compress_statistics=nested, quant_storage=torch.bfloat16)
+        x = torch.randn(3, 128, requires_grad=True)
+        y = layer(x)
+        (gx,) = torch.autograd.grad(y.square().sum(), x)
+        layer.expose_quant_state()
+        assert type(layer.weight) is torch.nn.Parameter and layer.weight_absmax.dtype in (torch.int32, torch.uint8)
+        x2 = x.detach().clone().requires_grad_(True)
+        y2 = layer(x2)
+        (gx2,) = torch.autograd.grad(y2.square().sum(), x2)
+        assert torch.equal(y, y2) and torch.equal(gx, gx2)
+        with pytest.raises(ValueError, match="keeps its packed bytes in torch.bfloat16"):
+            layer.half()
+
+
+def test_fsdp_refusals(config_writer, tmp_path, tiny_model_dir, capsys):
+    """What is not implemented is refused by name (with 2 processes); one process trains and says why."""
+    from lorakit.train.plan import prepare_run
+
+    base = {"distributed": "fsdp"}
+    for extra, message in [({"lora": {"use_dora": True}}, "lora.use_dora=true is not implemented"),
+                           ({"lora": {"init_lora_weights": "pissa"}}, "init_lora_weights='pissa' is not"),
+                           ({"quantization": {"method": "int8"}}, "quantization=int8 is not implemented"),
+                           ({"evaluation": {"path": str(EVAL_FILE)}}, "evaluation.path .* is not implemented")]:
+        cfg = config_writer(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "run", training=base, **extra)
+        with pytest.raises(NotImplementedError, match=message):
+            prepare_run(load_config(cfg), world_size=2)
+    cfg = config_writer(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "run1", training={**base, "max_steps": 1})
+    train(load_config(cfg))
+    assert "training.distributed=fsdp with one process: nothing to shard" in capsys.readouterr().out
+    model = {"name_or_path": str(tiny_model_dir), "adapter_name_or_path": str(tmp_path / "run1")}
+    cfg = config_writer(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "run2", training=base, model=model)
+    with pytest.raises(NotImplementedError, match="model.adapter_name_or_path .* is not implemented"):
+        prepare_run(load_config(cfg), world_size=2)
+
+
+@pytest.mark.slow
+def test_fsdp_resume_after_kill_9(config_writer, tmp_path, tiny_model_dir):
+    """Kill -9 a 2-process FSDP run after its first checkpoint, `--resume`: same adapter as a full run."""
+    training = {"max_steps": 8, "save_steps": 2, "per_device_train_batch_size": 2, "distributed": "fsdp"}
+    full = tmp_path / "full"
+    _torchrun("-m", "lorakit.cli.main", "train",
+              str(config_writer(tmp_path / "full.yaml", tiny_model_dir, full, training=training)))
+    out = tmp_path / "killed"
+    cfg = config_writer(tmp_path / "killed.yaml", tiny_model_dir, out, training=training)
+    cmd = [*TORCHRUN, "-m", "lorakit.cli.main", "train", str(cfg)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=REPO,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    while not (out / "checkpoint-2").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+    proc.wait()
+    assert not (out / "adapter_model.safetensors").exists(), "the run finished before it could be killed"
+    _torchrun("-m", "lorakit.cli.main", "train", str(cfg), "--resume")
+    assert _losses(out) == _losses(full)
+    _assert_same_adapter(full, out, exact=True)

@@ -6,14 +6,15 @@ autocast is slow on CPUs without bf16 matmul units), TRL's other defaults (SFT: 
 
 - SFT: ``lorakit.integrations.trl.SFTTrainer(peft_config=lorakit.LoraConfig)`` vs ``trl.SFTTrainer(peft_config=
   peft.LoraConfig)``; prompt/completion data, batch 8, max length 128, packing off; median wall time of the
-  training steps after the first two (a callback times each step).
+  training steps after the first two, wall and process CPU time (a callback times each step; CPU time is the
+  steadier figure on a machine shared with other jobs).
 - DPO: ``lorakit.integrations.trl.DPOTrainer`` vs ``trl.DPOTrainer``, each given a LoRA model (TRL then uses a
   frozen ``ref`` copy of the adapter as the reference; no second model on either side); peak RSS of the process
   and its growth from just before ``train()`` (the model is loaded by then).
 
 Each measurement runs in its own process (peak RSS only grows); the sides alternate, ``--rounds`` times.
 
-    python bench/bench_trl.py [--rounds 2] [--sft-steps 12] [--dpo-steps 3]
+    python bench/bench_trl.py [--rounds 2] [--sft-steps 12] [--dpo-steps 3] [--only sft|dpo]
 """
 
 from __future__ import annotations
@@ -74,11 +75,14 @@ def sft_worker(side: str, model_dir: str, steps: int, out: str) -> dict:
         def __init__(self) -> None:
             self.times: list[float] = []
 
+            self.cpu: list[float] = []
+
         def on_step_begin(self, *args, **kwargs):
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *args, **kwargs):
             self.times.append(time.perf_counter() - self.start)
+            self.cpu.append(time.process_time() - self.cpu_start)
 
     timer = StepTimer()
     args = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=8, max_length=128,
@@ -87,7 +91,8 @@ def sft_worker(side: str, model_dir: str, steps: int, out: str) -> dict:
     trainer = SFTTrainer(model=model_dir, args=args, train_dataset=data, peft_config=LoraConfig(**LORA),
                          callbacks=[timer])
     trainer.train()
-    return {"median_step_s": statistics.median(timer.times[2:]), "steps": len(timer.times)}
+    return {"median_step_s": statistics.median(timer.times[2:]), "median_step_cpu_s": statistics.median(timer.cpu[2:]),
+            "steps": len(timer.times)}
 
 
 def dpo_worker(side: str, model_dir: str, steps: int, out: str) -> dict:
@@ -117,6 +122,34 @@ def dpo_worker(side: str, model_dir: str, steps: int, out: str) -> dict:
             "train_s": time.perf_counter() - start}
 
 
+def forward_backward_cpu(repeats: int = 6) -> dict[str, float]:
+    """The SFT model's forward + backward (batch 8 x 128, activation checkpointing on) under lorakit and PEFT LoRA,
+    alternating in one process on ONE thread; median process CPU time after the first two: the training step's
+    model compute without TRL's data and optimizer work, and the steadiest figure on a shared machine."""
+    import peft
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lorakit
+
+    torch.set_num_threads(1)
+    config = LlamaConfig(vocab_size=444, tie_word_embeddings=False, **SFT_MODEL)
+    models = {}
+    for name, lib in (("lorakit", lorakit), ("peft", peft)):
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(config)
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        models[name] = lib.get_peft_model(base, lib.LoraConfig(**LORA)).train()
+    ids = torch.randint(0, config.vocab_size, (8, 128))  # (B, T)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            start = time.process_time()
+            model(input_ids=ids, labels=ids).loss.backward()
+            times[name].append(time.process_time() - start)
+    return {name: statistics.median(t[2:]) for name, t in times.items()}
+
+
 def run(kind: str, side: str, model_dir: Path, steps: int, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--side", side, "--model", str(model_dir),
            "--steps", str(steps), "--out", str(out / f"{kind}-{side}")]
@@ -130,6 +163,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--sft-steps", type=int, default=12)
     p.add_argument("--dpo-steps", type=int, default=3)
+    p.add_argument("--only", choices=["sft", "dpo", "fwd-bwd"], help="run one of the measurements")
     p.add_argument("--worker", choices=["sft", "dpo"])
     p.add_argument("--side", choices=["lorakit", "peft"])
     p.add_argument("--model")
@@ -147,29 +181,36 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
           f"peft {peft.__version__}; load average {os.getloadavg()[0]:.1f}")
+    table = ["| | TRL + lorakit | TRL + PEFT | ratio |", "|---|---:|---:|---:|"]
+    if args.only in (None, "fwd-bwd"):
+        fb = forward_backward_cpu()
+        table.append(f"| SFT model forward + backward, 1 thread, CPU time (s) | {fb['lorakit']:.3f} | "
+                     f"{fb['peft']:.3f} | {fb['lorakit'] / fb['peft']:.2f} |")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        build_model(SFT_MODEL, out / "sft_model")
-        build_model(DPO_MODEL, out / "dpo_model")
+        rounds = 0 if args.only == "fwd-bwd" else args.rounds
+        if rounds:
+            build_model(SFT_MODEL, out / "sft_model")
+            build_model(DPO_MODEL, out / "dpo_model")
         sft = {"lorakit": [], "peft": []}
         dpo = {"lorakit": [], "peft": []}
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             for side in ("lorakit", "peft"):
-                sft[side].append(run("sft", side, out / "sft_model", args.sft_steps, out))
-                dpo[side].append(run("dpo", side, out / "dpo_model", args.dpo_steps, out))
+                if args.only in (None, "sft"):
+                    sft[side].append(run("sft", side, out / "sft_model", args.sft_steps, out))
+                if args.only in (None, "dpo"):
+                    dpo[side].append(run("dpo", side, out / "dpo_model", args.dpo_steps, out))
     for side in sft:
         print(side, "sft", sft[side], "dpo", dpo[side])
-    step = {s: min(r["median_step_s"] for r in sft[s]) for s in sft}
-    peak = {s: min(r["peak_rss_mib"] for r in dpo[s]) for s in dpo}
-    growth = {s: min(r["growth_mib"] for r in dpo[s]) for s in dpo}
-    print("| | TRL + lorakit | TRL + PEFT | ratio |")
-    print("|---|---:|---:|---:|")
-    print(f"| SFTTrainer median step time (s) | {step['lorakit']:.3f} | {step['peft']:.3f} | "
-          f"{step['lorakit'] / step['peft']:.2f} |")
-    print(f"| DPOTrainer peak RSS (MiB) | {peak['lorakit']:.0f} | {peak['peft']:.0f} | "
-          f"{peak['lorakit'] / peak['peft']:.2f} |")
-    print(f"| DPOTrainer RSS growth during train() (MiB) | {growth['lorakit']:.0f} | {growth['peft']:.0f} | "
-          f"{growth['lorakit'] / growth['peft']:.2f} |")
+    rows = [("SFTTrainer median step time (s)", sft, "median_step_s"),
+            ("SFTTrainer median step CPU time (s, process)", sft, "median_step_cpu_s"),
+            ("DPOTrainer peak RSS (MiB)", dpo, "peak_rss_mib"),
+            ("DPOTrainer RSS growth during train() (MiB)", dpo, "growth_mib")]
+    for label, results, key in rows:
+        if results["lorakit"]:  # best (lowest) of the rounds on each side
+            lk, pf = (min(r[key] for r in results[s]) for s in ("lorakit", "peft"))
+            table.append(f"| {label} | {lk:.3f} | {pf:.3f} | {lk / pf:.2f} |")
+    print("\n".join(table))
 
 
 if __name__ == "__main__":

@@ -114,13 +114,11 @@ class _LorakitTRLMixin(LorakitTrainerMixin):
         arguments = bound.arguments
         built = isinstance(arguments.get("peft_config"), LoraConfig)
         peft_model = self._lorakit_policy(arguments)
-        if peft_model is not None:
-            arguments["model"] = peft_model.get_base_model()
-            self._prepare_reference(arguments, peft_model, built)
-        if peft_model is None:
+        if peft_model is None:  # a PEFT model / config or a plain model: TRL as it is
             parent(*bound.args, **bound.kwargs)
             return
-        base = peft_model.get_base_model()
+        base = arguments["model"] = peft_model.get_base_model()
+        self._prepare_reference(arguments, peft_model, built)
         # transformers refuses a quantized model unless `_hf_peft_config_loaded` says adapters are attached (set
         # on the PeftModel class; the transformers model gets it only while TRL's __init__ validates it)
         flagged = "_hf_peft_config_loaded" in vars(base)

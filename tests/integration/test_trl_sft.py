@@ -101,3 +101,14 @@ def test_sft_refuses_a_lorakit_model_with_a_peft_config(tmp_path) -> None:
     with pytest.raises(ValueError, match="merge_and_unload"):
         SFTTrainer(model=model, args=_config(tmp_path), peft_config=config, train_dataset=_prompt_completion(),
                    processing_class=_tokenizer())
+
+
+def test_sft_applies_a_lorakit_config_to_a_model_object(tmp_path) -> None:
+    from lorakit import LoraConfig, PeftModel
+
+    base = tiny_base(tied=False)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=base, args=_config(tmp_path), peft_config=config, train_dataset=_prompt_completion(),
+                         processing_class=_tokenizer())
+    assert isinstance(trainer.model, PeftModel) and trainer.model.get_base_model() is base
+    assert trainable_count(trainer.model) == 2 * 4 * (32 + 32) + 2 * 4 * (32 + 16)  # 2 layers x (q, v)

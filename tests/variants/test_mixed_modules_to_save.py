@@ -91,6 +91,13 @@ def test_mixed_batch_trains_each_copy_from_its_rows():
     check_grads_equal_per_row(model, torch.randint(0, 61, (len(ROWS), 5)), ROWS, TOL, nonzero=True)
 
 
+def test_mixed_batch_gradients_are_exact_in_fp64():
+    """The fp32 test above allows rounding (``check_grads_equal_per_row``); in fp64 the mixed batch and the per-row
+    runs must agree to 1e-10 (measured: 6e-14), so a wrong gradient cannot hide in that allowance."""
+    model = _causal_lm().train().double()
+    check_grads_equal_per_row(model, torch.randint(0, 61, (len(ROWS), 5)), ROWS, 1e-10, nonzero=True, rtol=1e-10)
+
+
 def test_generate_equals_perrow_logits():
     model = _causal_lm().eval()
     ids = torch.randint(1, 61, (len(ROWS), 4))

@@ -243,17 +243,16 @@ class LoraLinear(_LoraWrapper):
             out = adapters[0].fused_forward(x, self, weight, self.training)
             if out is not None:
                 return out
-        elif path == MIXED:
-            from lorakit.variants.mixed import mixed_linear_forward
-
+        elif path == MIXED:  # the call's MixedBatch (lorakit.variants.mixed) computes the rows' adapters
+            batch = MIXED_BATCH.get()
             base = self._modules["base_layer"]
             if not args and not kwargs and type(base) is nn.Linear and not has_hooks(base):
                 # what calling it runs, minus nn.Module.__call__; the output is then ours alone, so the adapters may
                 # be added into it in place (not under torch.func / forward AD, where the added term may be batched
                 # or dual while the base output is not)
                 plain = not (torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
-                return mixed_linear_forward(self, x, F.linear(x, base.weight, base.bias), own_result=plain)
-            return mixed_linear_forward(self, x, base(x, *args, **kwargs))
+                return batch.linear(self, x, F.linear(x, base.weight, base.bias), own_result=plain)
+            return batch.linear(self, x, base(x, *args, **kwargs))
         result = self.base_layer(x, *args, **kwargs)  # (..., out)
         for adapter in adapters:
             result = adapter.apply(x, result, self)
@@ -278,10 +277,9 @@ class LoraEmbedding(_LoraWrapper):
 
     def forward(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(ids, *args, **kwargs)  # (..., dim)
-        if MIXED_BATCH.get() is not None and not self.disabled:
-            from lorakit.variants.mixed import mixed_embedding_forward
-
-            return mixed_embedding_forward(self, ids, result)
+        batch = MIXED_BATCH.get()
+        if batch is not None and not self.disabled:
+            return batch.embedding(self, ids, result)
         for adapter in self._adapters_to_run():
             result = adapter.apply(ids, result, self)
         return result
@@ -332,10 +330,9 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if MIXED_BATCH.get() is not None and not self.disabled:
-            from lorakit.variants.mixed import mixed_modules_to_save_forward
-
-            return mixed_modules_to_save_forward(self, *args, **kwargs)
+        batch = MIXED_BATCH.get()
+        if batch is not None and not self.disabled:
+            return batch.modules_to_save(self, *args, **kwargs)
         return self.active_module(*args, **kwargs)
 
 

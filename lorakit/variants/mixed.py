@@ -276,6 +276,16 @@ class MixedBatch:
             )
         return tuple(n for n in self.key for _ in range(batch // len(self.key)))
 
+    # what the wrappers call in a mixed batch (``lorakit.layers``, which does not import this module)
+    def linear(self, wrapper: nn.Module, x: torch.Tensor, result: torch.Tensor, own_result: bool = False) -> Any:
+        return mixed_linear_forward(wrapper, x, result, own_result)
+
+    def embedding(self, wrapper: LoraEmbedding, ids: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        return mixed_embedding_forward(wrapper, ids, result)
+
+    def modules_to_save(self, wrapper: ModulesToSaveWrapper, *args: Any, **kwargs: Any) -> Any:
+        return mixed_modules_to_save_forward(wrapper, *args, **kwargs)
+
 
 @contextlib.contextmanager
 def mixed_batch(

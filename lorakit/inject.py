@@ -1,7 +1,7 @@
 """Target matching, adapter injection and ejection, and trainable-parameter marking.
 
-Matching follows PEFT's rules (``../shared/reference/peft-format.md``): a list matches a module whose full name
-equals an entry or ends with ``"." + entry``; a string is ``re.fullmatch``-ed against the full name;
+Matching follows PEFT's rules (``peft.tuners.tuners_utils.check_target_module_exists``): a list matches a module
+whose full name equals an entry or ends with ``"." + entry``; a string is ``re.fullmatch``-ed against the full name;
 ``"all-linear"`` takes every linear layer except the output layer; ``exclude_modules`` is checked first;
 modules in ``modules_to_save`` never get LoRA. Matching is linear in the number of modules: names are tested
 against a set of suffixes (O(depth) per module), never against every entry of the list.

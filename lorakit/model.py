@@ -153,6 +153,18 @@ class PeftModel(nn.Module):
         names = {m for config in self.peft_config.values() for m in config.modules_to_save or ()}
         return names or None
 
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """transformers >= 5's name of ``gradient_checkpointing_enable``, with its options, on the base model."""
+        base = self.get_base_model()
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
+        if hasattr(base, "enable_input_require_grads"):
+            base.enable_input_require_grads()
+        from lorakit.variants.mixed import install_checkpoint_rows
+
+        install_checkpoint_rows(base)  # recomputed layers see a mixed call's rows
+
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Enable checkpointing on the base model and make the (frozen) embeddings' output require grad."""
         base = self.get_base_model()

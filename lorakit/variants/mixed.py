@@ -303,6 +303,8 @@ def mixed_batch(
             f"adapter_names has unknown adapters {unknown} (not in {where}); available: {sorted(allowed)} or {BASE!r}."
         )
     if stack is not None:
+        if stack._model is not model:
+            raise ValueError("adapter_stack was built by another model's stack_adapters; build one for this model.")
         if not torch._C._are_functorch_transforms_active():
             stack.refresh(known)
         merged = stack.merged()

@@ -363,6 +363,29 @@ def test_mixed_batch_trains_under_gradient_checkpointing(reentrant):
     assert layer._gradient_checkpointing_func is own  # put back after the call
 
 
+def test_checkpointing_enabled_behind_the_peft_models_back_is_refused_in_mixed_training():
+    """Checkpointing switched on on the base model after the PeftModel was built has checkpoint functions that do
+    not carry the rows into the recompute: a mixed call with gradients refuses it (naming the fix) rather than
+    computing wrong gradients; the PeftModel's own activation_checkpointing_enable works."""
+    model = _model()
+    model.train()
+    ids = torch.randint(0, 61, (len(ROWS), 6))
+    model.get_base_model().activation_checkpointing_enable({"use_reentrant": False})
+    with pytest.raises(ValueError, match=r"peft_model.gradient_checkpointing_enable"):
+        model(ids, adapter_names=ROWS)
+    with torch.no_grad():
+        model(ids, adapter_names=ROWS)  # no gradients: no recompute, nothing to refuse
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    check_grads_equal_per_row(model, ids, ROWS, TOL, nonzero=True)
+
+
+def test_a_stack_serves_only_its_own_model():
+    one, other = _model(dora_c=False).eval(), _model(dora_c=False).eval()
+    stack = one.stack_adapters(["a", "b"])
+    with torch.no_grad(), pytest.raises(ValueError, match="another model"):
+        other(torch.randint(0, 61, (2, 1)), adapter_names=["a", "b"], adapter_stack=stack)
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_checkpointed_mixed_and_plain_calls_in_one_backward(reentrant):
     """A mixed call and a plain call (the active adapter on every row) before one backward, with dropout: each

@@ -80,19 +80,18 @@ def choose_path(
     merged, not disabled); ``extra_args``: the call passes more than ``x`` to the base layer; ``mlp``: asked for
     a projection of the fused SwiGLU MLP (``lorakit.fused``). The first rule that applies decides:
 
-    ==  ==========================================================================================  =========
-    #   condition                                                                                   path
-    ==  ==========================================================================================  =========
-    1   a mixed batch is running (``MIXED_BATCH``) and adapters are not disabled                     mixed
-    2   ``use_fused is False`` (``enable_fused_lora(False)``)                                        plain
-    3   ``use_fused is None`` (the default) and gradients are off (inference: lower per-call cost)   plain
-    4   extra arguments to the base layer; not exactly one adapter (MLP: at most one)                plain
-    5   hooks on the base layer (the fused path never calls it: accelerate's offload hooks)         plain
-    6   base weight or bias trainable, or a base that is neither quantized nor a float weight;      plain
-        MLP: a base other than ``nn.Linear`` / quantized, or ``fan_in_fan_out``
-    7   ``use_fused is None`` and the fused path would not equal the plain one (``_fuses_by_default``) plain
-    8   otherwise                                                                                    fused
-    ==  ==========================================================================================  =========
+    | # | condition                                                                          | path  |
+    |---|------------------------------------------------------------------------------------|-------|
+    | 1 | a mixed batch is running (``MIXED_BATCH``) and adapters are not disabled            | mixed |
+    | 2 | ``use_fused is False`` (``enable_fused_lora(False)``)                               | plain |
+    | 3 | ``use_fused is None`` (default) and gradients off (inference: lower per-call cost)  | plain |
+    | 4 | extra arguments to the base layer; not exactly one adapter (MLP: at most one)      | plain |
+    | 5 | hooks on the base layer (the fused path never calls it: accelerate's offload hooks) | plain |
+    | 6 | base weight or bias trainable; base neither quantized (lorakit) nor a float weight; | plain |
+    |   | MLP: a base other than ``nn.Linear`` / quantized, or ``fan_in_fan_out``             |       |
+    | 7 | ``use_fused is None`` and the fused path would not equal the plain one              | plain |
+    |   | (``_fuses_by_default``: dtype, autocast, base type, compile / torch.func / fwd AD)  |       |
+    | 8 | otherwise                                                                          | fused |
 
     "fused" runs ``adapter.fused_forward`` (MLP: ``adapter.projection``); an adapter without a fused form returns
     None there and the plain path runs. "mixed": ``lorakit.variants.mixed``; "plain": the base layer, then each

@@ -29,6 +29,29 @@ from lorakit.config import AdapterSpec
 _WRAPPER_NAMES = ("base_layer", "adapters", "modules_to_save", "original_module", "weight", "bias", "__base__")
 
 
+class AdapterParameter(nn.Parameter):
+    """An adapter tensor: an ``nn.Parameter`` that counts the accesses to its ``.data`` (``data_reads``).
+
+    An in-place write through ``.data`` (``p.data.mul_(2)``) changes the values without bumping ``p._version``
+    (``.data`` is a new tensor with its own version counter), so the version counter alone cannot tell a kept
+    mixed-batch stack (``lorakit.variants.mixed.AdapterStack``) that the values changed; a changed ``data_reads``
+    can (conservatively: a read counts too). Everything else is ``nn.Parameter``'s."""
+
+    @property
+    def data(self) -> torch.Tensor:
+        self.__dict__["data_reads"] = self.__dict__.get("data_reads", 0) + 1
+        return torch._C.TensorBase.data.__get__(self)
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        torch._C.TensorBase.data.__set__(self, value)
+
+
+def data_reads(tensor: torch.Tensor) -> int | None:
+    """How often ``tensor.data`` was read, for an ``AdapterParameter``; None for other tensors (not counted)."""
+    return tensor.__dict__.get("data_reads", 0) if isinstance(tensor, AdapterParameter) else None
+
+
 def _empty_linear(
     in_features: int, out_features: int, bias: bool, device: torch.device | None, dtype: torch.dtype
 ) -> nn.Linear:
@@ -38,8 +61,8 @@ def _empty_linear(
     linear = nn.Linear.__new__(nn.Linear)
     nn.Module.__init__(linear)
     linear.in_features, linear.out_features = in_features, out_features
-    linear.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
-    linear.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+    linear.weight = AdapterParameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+    linear.bias = AdapterParameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
     return linear
 
 
@@ -263,8 +286,8 @@ class LoraEmbeddingAdapter(Adapter):
             raise ValueError("lora_bias=True is not supported for embedding layers (PEFT does not support it).")
         # PEFT applies no dropout to embedding adapters; keep the attribute for a uniform interface.
         self.dropout = nn.Identity()
-        self.lora_embedding_A = nn.Parameter(torch.empty(spec.r, num_embeddings, device=device, dtype=dtype))
-        self.lora_embedding_B = nn.Parameter(torch.empty(embedding_dim, spec.r, device=device, dtype=dtype))
+        self.lora_embedding_A = AdapterParameter(torch.empty(spec.r, num_embeddings, device=device, dtype=dtype))
+        self.lora_embedding_B = AdapterParameter(torch.empty(embedding_dim, spec.r, device=device, dtype=dtype))
         self.reset_parameters(spec.init_lora_weights)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:

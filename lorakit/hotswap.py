@@ -69,7 +69,7 @@ def _grow_rank(ad: nn.Module, rank: int, use_rslora: bool) -> bool:
         new.narrow(rank_dim, 0, old.shape[rank_dim]).copy_(old)
         owner_path, _, attr = suffix.rpartition(".")
         owner = ad.get_submodule(owner_path) if owner_path else ad
-        setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+        setattr(owner, attr, type(old)(new, requires_grad=old.requires_grad))  # AdapterParameter stays one
     for sub in ad.children():  # the factors' nn.Linear holders (linear adapters) record the new rank
         if isinstance(sub, nn.Linear):
             sub.out_features, sub.in_features = sub.weight.shape

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.adapter import LoraAdapter, LoraEmbeddingAdapter, dropout_p
+from lorakit.adapter import AdapterParameter, LoraAdapter, LoraEmbeddingAdapter, dropout_p
 
 
 def dora_row_norm(
@@ -155,7 +155,7 @@ class DoraLinearAdapter(LoraAdapter):
 
     def __init__(self, in_features: int, out_features: int, *args, **kwargs) -> None:
         super().__init__(in_features, out_features, *args, **kwargs)
-        self.lora_magnitude_vector = nn.Parameter(
+        self.lora_magnitude_vector = AdapterParameter(
             torch.ones(out_features, device=self.lora_A.weight.device, dtype=self.lora_A.weight.dtype)
         )
         self._merged_norm: torch.Tensor | None = None
@@ -237,7 +237,7 @@ class DoraEmbeddingAdapter(LoraEmbeddingAdapter):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *args, **kwargs) -> None:
         super().__init__(num_embeddings, embedding_dim, *args, **kwargs)
-        self.lora_magnitude_vector = nn.Parameter(
+        self.lora_magnitude_vector = AdapterParameter(
             torch.ones(embedding_dim, device=self.lora_embedding_A.device, dtype=self.lora_embedding_A.dtype)
         )
         self._merged_norm: torch.Tensor | None = None

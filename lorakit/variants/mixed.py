@@ -6,8 +6,10 @@ layer the stacked factors and row -> slot indices, built on first use) and makes
 loops, serving), ``stack = peft_model.stack_adapters(names)`` is an ``AdapterStack`` the caller owns: the stacked
 factors of those adapters in every layer, passed as ``adapter_stack=stack``. Before each use the stack checks that
 nothing it was built from changed: the same adapter modules and tensors (identity and storage), the same version
-counters (in-place updates: optimizer steps, ``load_adapter``, hotswap) and scalings, and the same values (an
-in-place write through ``.data`` does not bump the version counter); if anything changed it rebuilds itself.
+counters (in-place updates: optimizer steps, ``load_adapter``, hotswap) and scalings, and no access to ``.data``
+(an in-place write through ``.data`` does not bump the version counter; adapter tensors are ``AdapterParameter``s,
+which count those accesses, and any other tensor a variant stacks is compared by value); if anything changed it
+rebuilds itself.
 
 With ``n`` adapters of ranks ``r_i`` padded to ``R = max r_i`` (zero rows of A and zero columns of B add nothing)
 and slot 0 all zeros for ``"__base__"``:
@@ -43,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.adapter import data_reads
 from lorakit.dispatch import MIXED_BATCH, mixed_batch_context
 from lorakit.layers import LORA_WRAPPERS, LoraEmbedding, ModulesToSaveWrapper
 
@@ -144,18 +147,21 @@ _DATA_PTR = torch.Tensor.data_ptr
 
 class _Watch(NamedTuple):
     """What a stack was built from: slots ``(dicts[i], keys[i])`` and the object each held (a module, a tensor or
-    None), the tensors' version counters and storage pointers (their storages held, so that no freed address comes
-    back under another tensor), the adapters' scalings, and one flat copy of every tensor's values."""
+    None), the tensors' version counters, ``.data`` read counts (``AdapterParameter``) and storage pointers (their
+    storages held, so that no freed address comes back under another tensor), the adapters' scalings, and one flat
+    copy of the values of the tensors whose ``.data`` is not counted (a variant's own plain ``nn.Parameter``)."""
 
     dicts: list[dict]
     keys: list[Any]
     values: list[Any]
     params: list[torch.Tensor]
     versions: list[int]
+    reads: list[int | None]
     pointers: list[int]
     storages: list[Any]
     adapters: list[nn.Module]
     scalings: list[float]
+    uncounted: list[torch.Tensor]
     snapshot: torch.Tensor | None
     scratch: torch.Tensor | None  # the buffer each check copies the current values into
 
@@ -173,24 +179,29 @@ def _watch(slots: list[tuple[dict, Any]], adapters: list[nn.Module]) -> _Watch:
     slots = slots + [slot for ad in adapters for slot in _tensor_slots(ad)]
     values = [d.get(k) for d, k in slots]
     params = [v for v in values if isinstance(v, torch.Tensor)]
-    snapshot = _flat(params)
+    reads = list(map(data_reads, params))
+    uncounted = [p for p, n in zip(params, reads, strict=True) if n is None]
+    snapshot = _flat(uncounted)
     return _Watch(
-        [d for d, _ in slots], [k for _, k in slots], values, params, list(map(_VERSION, params)),
+        [d for d, _ in slots], [k for _, k in slots], values, params, list(map(_VERSION, params)), reads,
         list(map(_DATA_PTR, params)), [p.untyped_storage() for p in params], list(adapters),
-        list(map(_SCALING, adapters)), snapshot, None if snapshot is None else torch.empty_like(snapshot),
+        list(map(_SCALING, adapters)), uncounted, snapshot, None if snapshot is None else torch.empty_like(snapshot),
     )
 
 
 def _unchanged(w: _Watch) -> bool:
-    """Whether every slot holds the same object, every tensor has the same version counter, storage and values,
-    and every scaling is the same. The identity, version and scaling checks are C-level maps; the values are one
-    ``cat`` and one ``equal`` (an in-place write through ``.data`` changes neither version nor storage)."""
+    """Whether every slot holds the same object, every tensor has the same version counter, ``.data`` read count
+    and storage, every scaling is the same, and the uncounted tensors hold the same values. An in-place write
+    through ``.data`` changes neither version nor storage: an ``AdapterParameter`` counts the ``.data`` access, any
+    other tensor is compared by value (one ``cat`` and one ``equal``). The other checks are C-level maps, run on
+    every call of a decode loop."""
     return (
         all(map(operator.is_, map(dict.get, w.dicts, w.keys), w.values))
         and list(map(_VERSION, w.params)) == w.versions
+        and list(map(data_reads, w.params)) == w.reads
         and list(map(_DATA_PTR, w.params)) == w.pointers
         and list(map(_SCALING, w.adapters)) == w.scalings
-        and (w.snapshot is None or torch.equal(_bits(_flat(w.params, w.scratch)), _bits(w.snapshot)))
+        and (w.snapshot is None or torch.equal(_bits(_flat(w.uncounted, w.scratch)), _bits(w.snapshot)))
     )
 
 

@@ -32,8 +32,6 @@ class InitMethod:
     """It folds part of the adapter out of the base weight (the base holds a residual afterwards)."""
     linear_only: bool = False
     """Embedding targets refuse it (LoftQ); otherwise they keep their default init, as in PEFT."""
-    config_field: str | None = None
-    """The config field holding its settings (``loftq_config``, ``eva_config``, ``corda_config``)."""
 
 
 _INIT = "lorakit.variants.init:"
@@ -46,9 +44,9 @@ INITS: dict[bool | str, InitMethod] = {
     "pissa": InitMethod(_INIT + "pissa_init", changes_base=True),
     "pissa_niter_": InitMethod(_INIT + "pissa_init", changes_base=True),
     "olora": InitMethod(_INIT + "olora_init", changes_base=True),
-    "loftq": InitMethod(_INIT + "loftq_init", changes_base=True, linear_only=True, config_field="loftq_config"),
-    "eva": InitMethod(_INIT + "eva_init", config_field="eva_config"),
-    "corda": InitMethod(_INIT + "corda_init", changes_base=True, config_field="corda_config"),
+    "loftq": InitMethod(_INIT + "loftq_init", changes_base=True, linear_only=True),  # settings: loftq_config
+    "eva": InitMethod(_INIT + "eva_init"),  # settings: eva_config
+    "corda": InitMethod(_INIT + "corda_init", changes_base=True),  # settings: corda_config
     "orthogonal": InitMethod(_INIT + "orthogonal_init"),
 }
 #: PEFT's other values, accepted by name and refused with ``NotImplementedError``.

@@ -37,9 +37,11 @@ class AdapterParameter(nn.Parameter):
     mixed-batch stack (``lorakit.variants.mixed.AdapterStack``) that the values changed; a changed ``data_reads``
     can (conservatively: a read counts too). Everything else is ``nn.Parameter``'s."""
 
+    data_reads = 0
+
     @property
     def data(self) -> torch.Tensor:
-        self.__dict__["data_reads"] = self.__dict__.get("data_reads", 0) + 1
+        self.__dict__["data_reads"] = self.data_reads + 1
         return torch._C.TensorBase.data.__get__(self)
 
     @data.setter
@@ -49,7 +51,7 @@ class AdapterParameter(nn.Parameter):
 
 def data_reads(tensor: torch.Tensor) -> int | None:
     """How often ``tensor.data`` was read, for an ``AdapterParameter``; None for other tensors (not counted)."""
-    return tensor.__dict__.get("data_reads", 0) if isinstance(tensor, AdapterParameter) else None
+    return tensor.data_reads if isinstance(tensor, AdapterParameter) else None
 
 
 def _empty_linear(

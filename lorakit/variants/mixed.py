@@ -140,6 +140,7 @@ def _tensor_slots(ad: nn.Module) -> list[tuple[dict, str]]:
 
 
 _VERSION = operator.attrgetter("_version")
+_READS = operator.attrgetter("data_reads")
 _SCALING = operator.attrgetter("scaling")
 _MERGED = operator.attrgetter("merged_adapters")
 _DATA_PTR = torch.Tensor.data_ptr
@@ -156,7 +157,8 @@ class _Watch(NamedTuple):
     values: list[Any]
     params: list[torch.Tensor]
     versions: list[int]
-    reads: list[int | None]
+    counted: list[torch.Tensor]  # the AdapterParameters among params
+    reads: list[int]
     pointers: list[int]
     storages: list[Any]
     adapters: list[nn.Module]
@@ -179,11 +181,12 @@ def _watch(slots: list[tuple[dict, Any]], adapters: list[nn.Module]) -> _Watch:
     slots = slots + [slot for ad in adapters for slot in _tensor_slots(ad)]
     values = [d.get(k) for d, k in slots]
     params = [v for v in values if isinstance(v, torch.Tensor)]
-    reads = list(map(data_reads, params))
-    uncounted = [p for p, n in zip(params, reads, strict=True) if n is None]
+    counted = [p for p in params if data_reads(p) is not None]
+    uncounted = [p for p in params if data_reads(p) is None]
     snapshot = _flat(uncounted)
     return _Watch(
-        [d for d, _ in slots], [k for _, k in slots], values, params, list(map(_VERSION, params)), reads,
+        [d for d, _ in slots], [k for _, k in slots], values, params, list(map(_VERSION, params)), counted,
+        list(map(_READS, counted)),
         list(map(_DATA_PTR, params)), [p.untyped_storage() for p in params], list(adapters),
         list(map(_SCALING, adapters)), uncounted, snapshot, None if snapshot is None else torch.empty_like(snapshot),
     )
@@ -198,7 +201,7 @@ def _unchanged(w: _Watch) -> bool:
     return (
         all(map(operator.is_, map(dict.get, w.dicts, w.keys), w.values))
         and list(map(_VERSION, w.params)) == w.versions
-        and list(map(data_reads, w.params)) == w.reads
+        and list(map(_READS, w.counted)) == w.reads
         and list(map(_DATA_PTR, w.params)) == w.pointers
         and list(map(_SCALING, w.adapters)) == w.scalings
         and (w.snapshot is None or torch.equal(_bits(_flat(w.uncounted, w.scratch)), _bits(w.snapshot)))

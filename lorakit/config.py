@@ -24,13 +24,45 @@ REQUIRED_KEYS = ("r", "lora_alpha", "target_modules")
 #: Version of PEFT whose on-disk format we write (``peft_version`` key); PEFT only reads it for display.
 PEFT_FORMAT_VERSION = "0.21.2"
 
-#: ``init_lora_weights`` values implemented here; PEFT's others are accepted by name and raise
-#: ``NotImplementedError`` naming themselves.
-INIT_METHODS_IMPLEMENTED = (
-    True, False, "gaussian", "pissa", "olora", "loftq", "eva", "corda", "orthogonal",
-)  # + "pissa_niter_<K>"
+@dataclass(frozen=True)
+class InitMethod:
+    """One ``init_lora_weights`` value: what it does and where its code is."""
+
+    function: str | None
+    """``"module:function"`` run on ``(wrapper, adapter, config)`` after the adapter's own init, or None: the
+    adapter's ``reset_parameters`` is the whole init (True, False, "gaussian")."""
+    changes_base: bool = False
+    """It folds part of the adapter out of the base weight (the base holds a residual afterwards)."""
+    linear_only: bool = False
+    """Embedding targets refuse it (LoftQ); otherwise they keep their default init, as in PEFT."""
+
+
+_INIT = "lorakit.variants.init:"
+#: The ``init_lora_weights`` registry: every value lorakit implements (``"pissa_niter_<K>"`` is ``"pissa_niter_"``
+#: with K subspace iterations). Config validation, injection, loading and saving read it.
+INITS: dict[bool | str, InitMethod] = {
+    True: InitMethod(None),
+    False: InitMethod(None),
+    "gaussian": InitMethod(None),
+    "pissa": InitMethod(_INIT + "pissa_init", changes_base=True),
+    "pissa_niter_": InitMethod(_INIT + "pissa_init", changes_base=True),
+    "olora": InitMethod(_INIT + "olora_init", changes_base=True),
+    "loftq": InitMethod(_INIT + "loftq_init", changes_base=True, linear_only=True),  # settings: loftq_config
+    "eva": InitMethod(_INIT + "eva_init"),  # settings: eva_config
+    "corda": InitMethod(_INIT + "corda_init", changes_base=True),  # settings: corda_config
+    "orthogonal": InitMethod(_INIT + "orthogonal_init"),
+}
+#: PEFT's other values, accepted by name and refused with ``NotImplementedError``.
 INIT_METHODS_PLANNED = ("mica", "lora_ga")
-_INIT_ALLOWED = ", ".join(map(repr, INIT_METHODS_IMPLEMENTED)) + ", 'pissa_niter_<K>'"
+_INIT_ALLOWED = ", ".join(repr(k) for k in INITS if k != "pissa_niter_") + ", 'pissa_niter_<K>'"
+
+
+def init_method(value: bool | str) -> InitMethod:
+    """The registry entry of a (validated) ``init_lora_weights`` value."""
+    if isinstance(value, str) and value.startswith("pissa_niter_"):
+        return INITS["pissa_niter_"]
+    return INITS[value]
+
 
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -118,6 +150,40 @@ class CordaConfig:
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     """``alpha / r`` (Hu et al. 2021), or ``alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023, arXiv 2312.03732)."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def pattern_value(patterns: dict, name: str, default: float) -> float:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the first key ``k`` with ``re.match(f"(.*\\.)?({k})$")``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Everything one module's adapter is built from, resolved for that module by ``LoraConfig.spec_for`` (rank and
+    alpha patterns applied). The adapter class is ``adapter_class(base kind, variant)`` (``lorakit.adapter``)."""
+
+    r: int
+    """Rank of ``B @ A``."""
+    lora_alpha: float
+    """Numerator of ``scaling``."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    use_rslora: bool = False
+    """``scaling = lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``."""
+    lora_bias: bool = False
+    """``lora_B`` has a bias."""
+    init_lora_weights: bool | str = True
+    """The adapter's own init: True, False or "gaussian" (other methods run after it, from ``INITS``)."""
+    variant: str = "lora"
+    """The adapter variant: "lora", "dora", or one registered in ``lorakit.adapter.ADAPTER_CLASSES``."""
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
 
 def _is_valid_regex(pattern: str) -> bool:
@@ -364,7 +430,7 @@ class LoraConfig(PeftConfig):
         init = self.init_lora_weights
         if isinstance(init, str):
             method = init.lower()
-            if method in INIT_METHODS_IMPLEMENTED:
+            if method in INITS and method != "pissa_niter_":
                 self.init_lora_weights = method
             elif method.startswith("pissa_niter_"):
                 if not method.removeprefix("pissa_niter_").isdigit():
@@ -448,6 +514,25 @@ class LoraConfig(PeftConfig):
     def scaling_for(self, r: int, alpha: float) -> float:
         """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
         return lora_scaling(r, alpha, self.use_rslora)
+
+    @property
+    def variant(self) -> str:
+        """The adapter variant this config asks for: "dora" with ``use_dora``, else "lora"."""
+        return "dora" if self.use_dora else "lora"
+
+    def spec_for(self, module_name: str) -> AdapterSpec:
+        """The adapter of module ``module_name``: ``rank_pattern`` / ``alpha_pattern`` applied (PEFT's lookup), the
+        adapter's own init (True for the methods of ``INITS`` that run after it)."""
+        own_init = self.init_lora_weights if init_method(self.init_lora_weights).function is None else True
+        return AdapterSpec(
+            r=int(pattern_value(self.rank_pattern, module_name, self.r)),
+            lora_alpha=pattern_value(self.alpha_pattern, module_name, self.lora_alpha),
+            lora_dropout=self.lora_dropout,
+            use_rslora=self.use_rslora,
+            lora_bias=self.lora_bias,
+            init_lora_weights=own_init,
+            variant=self.variant,
+        )
 
     # ---- serialization -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.dispatch import FUSED, choose_path, frozen_base, fused_weight, has_hooks
 from lorakit.kernels.lora_fused import LoraProjection, lora_mlp
 from lorakit.kernels.rms_norm import RMSNormWithKernel
-from lorakit.layers import LoraAdapter, LoraLinear, _has_hooks
-from lorakit.quant.matmul import DequantLinearModule
+from lorakit.layers import LoraLinear
 
 #: transformers MLP classes whose forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``.
 SWIGLU_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Olmo2MLP", "GraniteMLP"})
@@ -38,35 +38,19 @@ def _is_swiglu_mlp(module: nn.Module) -> bool:
 
 
 def _projection(layer: nn.Module, x: torch.Tensor) -> Any:
-    """The ``LoraProjection`` of one MLP projection, or None if it cannot take the fused path now (the fused MLP
-    calls neither the projection nor its base: any hook on them keeps the plain path)."""
-    if _has_hooks(layer):
+    """The ``LoraProjection`` of one MLP projection, or None if it cannot take the fused path now (the rules of
+    ``lorakit.dispatch.choose_path`` with ``mlp=True``; the fused MLP calls neither the projection nor its base,
+    so any hook on them keeps the plain path)."""
+    if has_hooks(layer):
         return None
-    if isinstance(layer, LoraLinear):
-        if layer.row_adapters is not None or layer.fan_in_fan_out:
-            return None
-        adapters = layer._adapters_to_run()
-        if len(adapters) > 1 or (adapters and type(adapters[0]) is not LoraAdapter):
-            return None
-        base = layer.base_layer
-        if _has_hooks(base):
-            return None
-    else:
-        adapters, base = [], layer
-    if isinstance(base, DequantLinearModule):
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        weight: Any = lambda: base.dequantize(dtype)  # noqa: E731 - dequantized in forward and backward
-    elif type(base) is nn.Linear and not base.weight.requires_grad:
-        weight = base.weight
-    else:
+    if not isinstance(layer, LoraLinear):  # a projection without adapters
+        return LoraProjection(fused_weight(layer, x, False), layer.bias) if frozen_base(layer, mlp=True) else None
+    adapters = layer._adapters_to_run()
+    if choose_path(layer, x, adapters, extra_args=False, mlp=True) != FUSED:
         return None
-    if base.bias is not None and base.bias.requires_grad:
-        return None
-    if not adapters:
-        return LoraProjection(weight, base.bias)
-    a = adapters[0]
-    p = a.dropout.p if isinstance(a.dropout, nn.Dropout) else 0.0
-    return LoraProjection(weight, base.bias, a.lora_A.weight, a.lora_B.weight, a.scaling, p, a.lora_B.bias)
+    base = layer.base_layer
+    weight = fused_weight(base, x, False)
+    return adapters[0].projection(weight, base.bias) if adapters else LoraProjection(weight, base.bias)
 
 
 class FusedLoraMLP(nn.Module):
@@ -116,12 +100,12 @@ def enable_fused(model: nn.Module, mlp: bool = True, norm_kernels: bool | None =
     for name, module in list(model.named_modules()):
         # modules with hooks (accelerate's offloading, user hooks) are kept: a replacement would drop the hooks
         if _is_rms_norm(module) and (norm_kernels or (norm_kernels is None and module.weight.is_cuda)) and not (
-            _has_hooks(module)
+            has_hooks(module)
         ):
             _replace(model, name, RMSNormWithKernel(module))
     if mlp:
         for name, module in list(model.named_modules()):
-            if _is_swiglu_mlp(module) and not _has_hooks(module) and any(
+            if _is_swiglu_mlp(module) and not has_hooks(module) and any(
                 isinstance(getattr(module, n), LoraLinear) for n in ("gate_proj", "up_proj", "down_proj")
             ):
                 _replace(model, name, FusedLoraMLP(module))

@@ -27,10 +27,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lorakit.config import LoraConfig
-from lorakit.inject import pattern_value
+from lorakit.config import LoraConfig, pattern_value
 from lorakit.io.adapter import embedding_key_map, load_adapter_weights
-from lorakit.layers import LORA_WRAPPERS, LoraEmbeddingAdapter
+from lorakit.layers import LORA_WRAPPERS
 
 
 def is_compiled(model: nn.Module) -> bool:
@@ -70,10 +69,10 @@ def _grow_rank(ad: nn.Module, rank: int, use_rslora: bool) -> bool:
         new.narrow(rank_dim, 0, old.shape[rank_dim]).copy_(old)
         owner_path, _, attr = suffix.rpartition(".")
         owner = ad.get_submodule(owner_path) if owner_path else ad
-        setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
-    if not isinstance(ad, LoraEmbeddingAdapter):
-        ad.lora_A.out_features = rank
-        ad.lora_B.in_features = rank
+        setattr(owner, attr, type(old)(new, requires_grad=old.requires_grad))  # AdapterParameter stays one
+    for sub in ad.children():  # the factors' nn.Linear holders (linear adapters) record the new rank
+        if isinstance(sub, nn.Linear):
+            sub.out_features, sub.in_features = sub.weight.shape
     ad.lora_alpha = ad.lora_alpha * (math.sqrt(rank / ad.r) if use_rslora else rank / ad.r)
     ad.r = rank
     return True
@@ -99,16 +98,13 @@ def _record_ranks(config: LoraConfig, adapters: dict[str, nn.Module], grown: set
 
 
 def _parts(ad: nn.Module, ratio: float) -> list[tuple[str, torch.Tensor, int, float]]:
-    """(file-key suffix, parameter, rank dimension or -1, factor) of each tensor of one adapter."""
-    if isinstance(ad, LoraEmbeddingAdapter):
-        parts = [("lora_embedding_A", ad.lora_embedding_A, 0, 1.0), ("lora_embedding_B", ad.lora_embedding_B, 1, ratio)]
-    else:
-        parts = [("lora_A.weight", ad.lora_A.weight, 0, 1.0), ("lora_B.weight", ad.lora_B.weight, 1, ratio)]
-        if ad.lora_B.bias is not None:
-            parts.append(("lora_B.bias", ad.lora_B.bias, -1, ratio))
-    if hasattr(ad, "lora_magnitude_vector"):
-        parts.append(("lora_magnitude_vector", ad.lora_magnitude_vector, -1, 1.0))
-    return parts
+    """(file-key suffix, parameter, rank dimension or -1, factor) of each tensor of one adapter: ``B`` and its
+    bias (the tensors ``scaling`` multiplies) take ``ratio``."""
+    b = ad.factors()[1]
+    return [
+        (suffix, p, dim, ratio if p is b or suffix.endswith("B.bias") else 1.0)
+        for suffix, p, dim in ad.named_tensors()
+    ]
 
 
 @torch.no_grad()
@@ -128,8 +124,11 @@ def hotswap_adapter(
         )
     config = LoraConfig.from_pretrained(model_name_or_path, **kwargs)
     current = peft_model.peft_config[adapter_name]
-    if config.use_dora != current.use_dora:
-        raise ValueError(f"hotswap: use_dora={config.use_dora} in the file, {current.use_dora} in the model.")
+    if config.variant != current.variant:
+        raise ValueError(
+            f"hotswap: use_dora={config.use_dora} in the file, {current.use_dora} in the model (variant "
+            f"{config.variant!r} vs {current.variant!r})."
+        )
     wrappers = [
         (name, w)
         for name, w in peft_model.named_modules()
@@ -195,11 +194,12 @@ def hotswap_adapter(
             dst.zero_()
             dst.narrow(rank_dim, 0, src.shape[rank_dim]).copy_(src)
     for wrapper, ad in zeroed:
-        for suffix, dst, _rank_dim, _factor in _parts(ad, 1.0):
-            if suffix != "lora_magnitude_vector":
-                dst.zero_()
-        if hasattr(ad, "init_magnitude"):  # DoRA: m = ||W|| makes the module compute the base output
-            ad.init_magnitude(wrapper)
+        for dst in ad.factors():
+            dst.zero_()
+        bias = dict((s, p) for s, p, _ in ad.named_tensors()).get("lora_B.bias")
+        if bias is not None:
+            bias.zero_()
+        ad.after_init(wrapper)  # e.g. DoRA: m = ||W|| makes the module compute the base output
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Target matching, adapter injection and ejection, and trainable-parameter marking.
 
-Matching follows PEFT's rules (``../shared/reference/peft-format.md``): a list matches a module whose full name
-equals an entry or ends with ``"." + entry``; a string is ``re.fullmatch``-ed against the full name;
+Matching follows PEFT's rules (``peft.tuners.tuners_utils.check_target_module_exists``): a list matches a module
+whose full name equals an entry or ends with ``"." + entry``; a string is ``re.fullmatch``-ed against the full name;
 ``"all-linear"`` takes every linear layer except the output layer; ``exclude_modules`` is checked first;
 modules in ``modules_to_save`` never get LoRA. Matching is linear in the number of modules: names are tested
 against a set of suffixes (O(depth) per module), never against every entry of the list.
@@ -9,6 +9,7 @@ against a set of suffixes (O(depth) per module), never against every entry of th
 
 from __future__ import annotations
 
+import importlib
 import re
 import warnings
 from collections.abc import Iterable
@@ -17,7 +18,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit import quant
-from lorakit.config import LoraConfig, TaskType
+from lorakit.adapter import Adapter
+from lorakit.config import LoraConfig, TaskType, init_method
 from lorakit.layers import LORA_WRAPPERS, LoraEmbedding, LoraLinear, ModulesToSaveWrapper, _LoraWrapper
 
 #: PEFT's default ``target_modules`` per transformers ``model_type`` (used when ``target_modules`` is None).
@@ -109,14 +111,6 @@ def _layer_index(name: str, layers_pattern: list[str] | str | None) -> int | Non
             if match:
                 break
     return int(match.group("idx")) if match else None
-
-
-def pattern_value(patterns: dict, name: str, default: float) -> float:
-    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the first key ``k`` with ``re.match(f"(.*\\.)?({k})$")``."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
 
 
 def _output_layer_names(model: nn.Module, config: LoraConfig) -> set[str]:
@@ -293,22 +287,8 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
             wrapper = LoraLinear(module, in_f, out_f, fan_in_fan_out=is_conv1d)
         if adapter_name in wrapper.adapters:
             raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}.")
-        r = int(pattern_value(config.rank_pattern, name, config.r))
-        alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
-        adapter = wrapper.add_adapter(
-            adapter_name,
-            r,
-            alpha,
-            config.lora_dropout,
-            config.use_rslora,
-            config.lora_bias,
-            config.init_lora_weights if config.init_lora_weights in (True, False, "gaussian") else True,
-            use_dora=config.use_dora,
-        )
-        if config.init_lora_weights not in (True, False, "gaussian"):
-            from lorakit.variants.init import init_adapter
-
-            init_adapter(wrapper, adapter_name, config, name)
+        adapter = wrapper.add_adapter(adapter_name, config.spec_for(name))
+        run_init(wrapper, adapter, config, name)
         adapter.requires_grad_(not config.inference_mode)
         if wrapper is not module:
             _set_submodule(model, name, wrapper, modules)
@@ -321,6 +301,26 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
             stacklevel=3,
         )
     return targets
+
+
+def run_init(wrapper: _LoraWrapper, adapter: Adapter, config: LoraConfig, module_name: str) -> None:
+    """Run ``config.init_lora_weights``' method from the ``INITS`` registry on ``adapter`` of ``wrapper``, after the
+    adapter's own init, then ``adapter.after_init``. An embedding adapter keeps its default init (A = 0,
+    B ~ N(0, 1)), as in PEFT: the methods decompose linear weights; a ``linear_only`` method (LoftQ, which
+    quantizes every target's base) refuses it."""
+    method = init_method(config.init_lora_weights)
+    if method.function is None:
+        return
+    if not isinstance(wrapper, LoraLinear):
+        if method.linear_only:
+            raise ValueError(
+                f"init_lora_weights={config.init_lora_weights!r} applies to linear layers only; {module_name!r} is "
+                f"{type(wrapper.base_layer).__name__}: exclude it (exclude_modules) or use init_lora_weights=True."
+            )
+        return
+    module, _, function = method.function.partition(":")
+    getattr(importlib.import_module(module), function)(wrapper, adapter, config)
+    adapter.after_init(wrapper)
 
 
 def add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str, trainable: bool) -> list[str]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, init_method
 from lorakit.inject import (
     TASK_HEAD_NAMES,
     add_modules_to_save,
@@ -23,10 +23,7 @@ from lorakit.inject import (
     recorded_target_modules,
     set_active_adapters,
 )
-from lorakit.layers import LORA_WRAPPERS, LoraLinear, ModulesToSaveWrapper, check_adapter_name
-
-#: Inits that fold part of the adapter out of the base weights (``pissa_niter_<K>`` too).
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+from lorakit.layers import LORA_WRAPPERS, LoraLinear, ModulesToSaveWrapper, check_adapter_name, forwarding_getattr
 
 
 class LoraModel(nn.Module):
@@ -50,13 +47,7 @@ class LoraModel(nn.Module):
                 param.requires_grad_(flag)
             raise
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
+    __getattr__ = forwarding_getattr("model")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -83,7 +74,7 @@ class LoraModel(nn.Module):
         saved_targets = recorded_target_modules(self.model, config)
         to_inject = config if initialize else dataclasses.replace(config, init_lora_weights=True)
         init = config.init_lora_weights
-        if not initialize and isinstance(init, str) and (init.startswith("pissa") or init in BASE_CHANGING_INITS):
+        if not initialize and init_method(init).changes_base:
             warnings.warn(
                 f"adapter {adapter_name!r} was made with init_lora_weights={init!r}, which changes the base weights. "
                 "lorakit loads it without re-running that init (PEFT re-runs it on load): load it onto the base "
@@ -158,9 +149,6 @@ class LoraModel(nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} not found; available: {sorted(self.peft_config)}.")
         eject_adapter(self.model, adapter_name)
-        from lorakit.variants.mixed import clear_mixed_caches
-
-        clear_mixed_caches(self.model)  # the last mixed call's plans would keep the deleted adapter alive
         del self.peft_config[adapter_name]
         remaining = [n for n in self.active_adapters if n != adapter_name]
         if not remaining and self.peft_config:
@@ -245,9 +233,6 @@ class LoraModel(nn.Module):
                 continue
             parent_name, _, child = name.rpartition(".")
             setattr(modules[parent_name] if parent_name else self.model, child, replacement)
-        from lorakit.variants.mixed import clear_mixed_caches
-
-        clear_mixed_caches(self.model)  # the last mixed call's plans hold the wrappers and adapters
         self.peft_config.clear()
         self.active_adapters = []
         self._active_adapter = []

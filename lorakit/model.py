@@ -10,6 +10,7 @@ import contextlib
 import copy
 import os
 import warnings
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,13 +31,12 @@ from lorakit.io.adapter import (
 )
 from lorakit.io.files import atomic_directory
 from lorakit.io.load import check_reload_compatible, remap_keys, split_load_kwargs
-from lorakit.layers import LORA_WRAPPERS, warn_if_in_prefix
+from lorakit.layers import LORA_WRAPPERS, forwarding_getattr, warn_if_in_prefix
 from lorakit.lora_model import LoraModel
 
 if TYPE_CHECKING:
     from lorakit.status import TunerLayerStatus, TunerModelStatus
-
-__all__ = ["LoraModel", "PeftModel"]  # LoraModel lives in lorakit.lora_model; importable from here as before
+    from lorakit.variants.mixed import AdapterStack
 
 
 class PeftModel(nn.Module):
@@ -74,31 +74,55 @@ class PeftModel(nn.Module):
             checkpointing = getattr(model, "is_gradient_checkpointing", False)
         if checkpointing and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # frozen embeddings + reentrant checkpointing need an input grad
+        if checkpointing:
+            from lorakit.variants.mixed import install_checkpoint_rows
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
+            install_checkpoint_rows(model)  # recomputed layers see a mixed call's rows
+
+    __getattr__ = forwarding_getattr("base_model")
 
     # ---- pass-through -------------------------------------------------------------------------------------
-    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        """The model's forward; ``adapter_names`` (one per row, ``"__base__"`` for none) mixes adapters in a batch."""
-        with self._mixed_batch(adapter_names):
+    def forward(
+        self, *args: Any, adapter_names: list[str] | None = None, adapter_stack: AdapterStack | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The model's forward; ``adapter_names`` (one per row, ``"__base__"`` for none) mixes adapters in a batch,
+        with the stacked factors of ``adapter_stack`` (``stack_adapters``) when given, else stacked for the call."""
+        with self._mixed_batch(adapter_names, adapter_stack):
             return self.get_base_model()(*args, **kwargs)
 
-    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        with self._mixed_batch(adapter_names):
+    def generate(
+        self, *args: Any, adapter_names: list[str] | None = None, adapter_stack: AdapterStack | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The model's ``generate``; ``adapter_names`` / ``adapter_stack`` as in ``forward``."""
+        with self._mixed_batch(adapter_names, adapter_stack):
             return self.get_base_model().generate(*args, **kwargs)
 
-    def _mixed_batch(self, adapter_names: list[str] | None) -> contextlib.AbstractContextManager[None]:
+    def stack_adapters(self, names: Sequence[str]) -> AdapterStack:
+        """The adapters ``names`` stacked for mixed batches (``lorakit.variants.mixed.AdapterStack``), for calls
+        with ``adapter_names=rows, adapter_stack=stack`` (rows: names of the stack or ``"__base__"``). The caller
+        owns it; it rebuilds itself before a call if any of its adapters' weights changed. Not part of PEFT's API."""
+        from lorakit.variants.mixed import AdapterStack
+
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = sorted(n for n in names if n not in self.peft_config)
+        if unknown or not names:
+            raise ValueError(
+                f"stack_adapters({names!r}): unknown adapters {unknown}; available: {sorted(self.peft_config)}."
+            )
+        return AdapterStack(self.get_base_model(), names)
+
+    def _mixed_batch(
+        self, adapter_names: list[str] | None, adapter_stack: AdapterStack | None
+    ) -> contextlib.AbstractContextManager[None]:
         if adapter_names is None:
+            if adapter_stack is not None:
+                raise ValueError("adapter_stack= is used with adapter_names= (one name of the stack per row).")
             return contextlib.nullcontext()
         from lorakit.variants.mixed import mixed_batch
 
-        return mixed_batch(self.get_base_model(), adapter_names, list(self.peft_config))
+        return mixed_batch(self.get_base_model(), adapter_names, list(self.peft_config), adapter_stack)
 
     def get_base_model(self) -> nn.Module:
         """The transformers model (adapted in place)."""
@@ -139,6 +163,9 @@ class PeftModel(nn.Module):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
         if hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
+        from lorakit.variants.mixed import install_checkpoint_rows
+
+        install_checkpoint_rows(base)  # recomputed layers see a mixed call's rows
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs: Any
                                         ) -> None:
@@ -150,6 +177,9 @@ class PeftModel(nn.Module):
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
         if hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
+        from lorakit.variants.mixed import install_checkpoint_rows
+
+        install_checkpoint_rows(base)  # recomputed layers see a mixed call's rows
 
     def enable_fused_lora(self, enabled: bool = True, mlp: bool = True) -> None:
         """Use the fused LoRA autograd (``lorakit.fused``) everywhere it applies: linear layers with one plain

@@ -166,3 +166,20 @@ def test_peft_config_of_another_method_names_it_and_says_lora_only(tmp_path) -> 
             reader.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="lorakit implements 'LORA'"):
         PeftConfig(peft_type="IA3")
+
+
+def test_every_init_in_the_registry_validates_and_runs_its_entry() -> None:
+    """Config validation reads the INITS registry: every entry is accepted, and its ``function`` resolves."""
+    import importlib
+
+    from lorakit.config import INITS, init_method
+
+    for key, entry in INITS.items():
+        value = "pissa_niter_2" if key == "pissa_niter_" else key
+        extra = {"loftq_config": {"loftq_bits": 4, "loftq_iter": 1}} if key == "loftq" else {}
+        config = LoraConfig(init_lora_weights=value, **extra)
+        assert init_method(config.init_lora_weights) is entry
+        if entry.function is not None:
+            module, _, name = entry.function.partition(":")
+            assert callable(getattr(importlib.import_module(module), name))
+    assert [k for k, e in INITS.items() if e.changes_base] == ["pissa", "pissa_niter_", "olora", "loftq", "corda"]

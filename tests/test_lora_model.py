@@ -10,12 +10,12 @@ from lorakit import LoraConfig, get_peft_model
 from .conftest import make_tiny_llama
 
 
-def test_lora_model_has_its_own_module_and_old_imports_still_work() -> None:
-    from lorakit.model import LoraModel
+def test_lora_model_has_its_own_module() -> None:
+    from lorakit.lora_model import LoraModel
 
-    assert LoraModel is lorakit.lora_model.LoraModel is lorakit.LoraModel
+    assert LoraModel is lorakit.LoraModel
     assert LoraModel.__module__ == "lorakit.lora_model"
-    assert "LoraModel" in lorakit.model.__all__
+    assert "__all__" not in vars(lorakit.model)  # no re-export of LoraModel from lorakit.model
 
 
 def test_peft_model_base_model_is_a_lora_model() -> None:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.config import AdapterSpec
 from lorakit.kernels.chunked_ce import chunked_lm_loss
 from lorakit.kernels.lora_fused import LoraProjection, lora_linear, lora_mlp
 from lorakit.layers import LoraLinear
@@ -61,7 +62,8 @@ def _measure(fn: Callable[[], torch.Tensor], device: torch.device, reps: int) ->
 def _lora_linear_module(d_in: int, d_out: int, r: int, dtype: torch.dtype, device: torch.device) -> LoraLinear:
     base = nn.Linear(d_in, d_out, bias=False, dtype=dtype, device=device).requires_grad_(False)
     layer = LoraLinear(base, d_in, d_out, fan_in_fan_out=False)
-    adapter = layer.add_adapter("default", r=r, lora_alpha=2 * r, lora_dropout=0.1, init_lora_weights=False)
+    spec = AdapterSpec(r=r, lora_alpha=2 * r, lora_dropout=0.1, init_lora_weights=False)
+    adapter = layer.add_adapter("default", spec)
     layer.set_active(["default"])
     adapter.train()
     return layer

@@ -270,17 +270,19 @@ def load_adapter_weights(path: str, subfolder: str | None = None, **hub_kwargs: 
     )
 
 
-#: File-key endings that name a part of a LoRA layer rather than a module (``_module_of`` strips them).
-_PART_SUFFIX = re.compile(
-    r"\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B|lora_magnitude_vector"
-    r"|(base_layer|original_module)\.[^.]+)$"
-)
+def _part_suffix() -> re.Pattern:
+    """File-key endings that name a part of a LoRA layer rather than a module (``_module_of`` strips them): every
+    registered adapter class's tensor suffixes, and base-layer / original-module tensors."""
+    from lorakit.adapter import tensor_suffixes
+
+    parts = "|".join(sorted(map(re.escape, tensor_suffixes())))
+    return re.compile(rf"\.({parts}|(base_layer|original_module)\.[^.]+)$")
 
 
 def _module_of(key: str) -> str:
     """The module a file key belongs to: ``m.lora_A.weight``, ``m.base_layer.bias``, ``m.weight`` -> ``m``."""
     key = key.removeprefix("base_model.model.")
-    stripped = _PART_SUFFIX.sub("", key)
+    stripped = _part_suffix().sub("", key)
     return stripped if stripped != key else key.rsplit(".", 1)[0]
 
 

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lorakit.layers import LORA_WRAPPERS, LoraEmbeddingAdapter, ModulesToSaveWrapper
+from lorakit.config import init_method
+from lorakit.layers import LORA_WRAPPERS, LoraEmbedding, ModulesToSaveWrapper
 
 if TYPE_CHECKING:
     from lorakit.lora_model import LoraModel
@@ -101,15 +102,13 @@ def combine_tensors(
 # ---- add_weighted_adapter ------------------------------------------------------------------------------------
 def _factors(adapter: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A (r, in), B (out, r))`` parameters of an adapter, linear or embedding (PEFT's orientation)."""
-    if isinstance(adapter, LoraEmbeddingAdapter):
-        return adapter.lora_embedding_A, adapter.lora_embedding_B
-    return adapter.lora_A.weight, adapter.lora_B.weight
+    return adapter.factors()
 
 
 def _delta_in_weight_layout(wrapper: torch.nn.Module, adapter: torch.nn.Module) -> torch.Tensor:
     """``s B A`` in the base weight's layout (PEFT's ``get_delta_weight``): (out, in), (in, out) for GPT-2 Conv1D,
     (vocab, dim) for embeddings. Random pruning draws its masks in this layout, as PEFT does."""
-    return wrapper._base_weight_delta_layout(adapter.delta_weight())
+    return wrapper.to_base_layout(adapter.delta_weight())
 
 
 def _write(target_a: torch.Tensor, target_b: torch.Tensor, a_new: torch.Tensor, b_new: torch.Tensor) -> None:
@@ -129,9 +128,9 @@ def _check(model: LoraModel, adapters: list[str], weights: list[float], combinat
         raise ValueError(f"got {len(adapters)} adapters but {len(weights)} weights; give one weight per adapter.")
     if combination_type not in COMBINATION_TYPES:
         raise ValueError(f"combination_type={combination_type!r}; allowed: {', '.join(COMBINATION_TYPES)}.")
-    dora = [a for a in adapters if model.peft_config[a].use_dora]
+    dora = [a for a in adapters if model.peft_config[a].variant == "dora"]
     if dora:
-        kept = "keeps DoRA but re-initialises" if model.peft_config[adapters[0]].use_dora else "is a plain LoRA without"
+        kept = "keeps DoRA but re-initialises" if dora[0] == adapters[0] else "is a plain LoRA without"
         warnings.warn(
             f"add_weighted_adapter: {dora} use DoRA. Only lora_A/lora_B are combined; the new adapter follows "
             f"{adapters[0]!r}'s config and {kept} lora_magnitude_vector (m = ||W + s B A||_c at injection), so the "
@@ -213,7 +212,7 @@ def add_weighted_adapter(
     if density is not None and density >= 1 and base_type in _NEEDS_DENSITY:
         warnings.warn(f"density={density} >= 1: nothing is pruned.", stacklevel=2)
     first = model.peft_config[adapters[0]]
-    init = first.init_lora_weights if first.init_lora_weights in (True, False, "gaussian") else True
+    init = first.init_lora_weights if init_method(first.init_lora_weights).function is None else True
     config = dataclasses.replace(
         first,
         r=new_rank,
@@ -240,7 +239,7 @@ def add_weighted_adapter(
                 b_cat = torch.cat([_factors(ad)[1] for ad, _ in present], dim=1)  # (out, sum r)
                 _write(target_a, target_b, a_cat, b_cat)
             elif combination_type.endswith("svd"):
-                transposed = isinstance(new, LoraEmbeddingAdapter) or getattr(wrapper, "fan_in_fan_out", False)
+                transposed = isinstance(wrapper, LoraEmbedding) or getattr(wrapper, "fan_in_fan_out", False)
                 a_new, b_new = _svd_combine(
                     [_delta_in_weight_layout(wrapper, ad) for ad, _ in present],
                     transposed,

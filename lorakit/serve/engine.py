@@ -116,10 +116,10 @@ class _Row:
 
 
 def stack_for(model: Any, names: list[str]) -> Any:
-    """The model's reusable stacked-adapter handle for ``names`` (``model.stack_adapters``, issue 13's explicit
-    mixed batch), passed as ``adapter_stack=`` beside ``adapter_names=``; None where the model has no such handle,
-    and then ``adapter_names=`` alone picks each row's adapter. Rebuilt whenever adapters load or unload, over every
-    adapter the model holds (one being unloaded stays until its last request leaves)."""
+    """The model's reusable stacked-adapter handle for ``names`` (``PeftModel.stack_adapters``), passed as
+    ``adapter_stack=`` beside ``adapter_names=``; None for a bare base model (no adapters yet). Rebuilt whenever
+    adapters load or unload, over every adapter the model holds (one being unloaded stays until its last request
+    leaves)."""
     if not hasattr(model, "stack_adapters") or not names:
         return None
     return model.stack_adapters(names)

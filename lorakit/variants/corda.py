@@ -47,7 +47,7 @@ def _targets(model: nn.Module, config: LoraConfig) -> Iterator[tuple[str, nn.Mod
 
 
 def _rank(config: LoraConfig, name: str) -> int:
-    from lorakit.inject import pattern_value
+    from lorakit.config import pattern_value
 
     return int(pattern_value(config.rank_pattern, name, config.r))
 

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.layers import LoraAdapter, LoraEmbeddingAdapter
+from lorakit.adapter import AdapterParameter, LoraAdapter, LoraEmbeddingAdapter, dropout_p
 
 
 def dora_row_norm(
@@ -106,7 +106,7 @@ class _RowSqCache:
 
 def _dora_weight(adapter: nn.Module, wrapper: nn.Module) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
     """The base weight, whether it is (in, out), and its cached ``||W_o||^2`` (None for quantized bases)."""
-    weight, transposed = wrapper.dora_weight()
+    weight, transposed = wrapper.base_weight()
     frozen = weight is getattr(wrapper.base_layer, "weight", None) and not weight.requires_grad
     return weight, transposed, adapter._row_sq.get(weight, transposed, frozen)
 
@@ -126,9 +126,7 @@ def _merge_delta(
     return w / g - delta - w
 
 
-def _signed_merge_delta(
-    adapter: nn.Module, weight: torch.Tensor, sign: float, wrapper: nn.Module, row_dim: int
-) -> torch.Tensor:
+def _signed_merge_delta(adapter: nn.Module, wrapper: nn.Module, sign: float, row_dim: int) -> torch.Tensor:
     """Merging (sign > 0) records the weight norm it used; unmerging (sign < 0) needs that same norm back.
 
     The norm is the forward's, ``||W + s B A||_c`` of the un-merged base weight ``W``: when other adapters are
@@ -141,6 +139,7 @@ def _signed_merge_delta(
     norm = adapter._merged_norm
     if sign < 0:
         adapter._merged_norm = None
+    weight = wrapper.base_weight_fp32()  # (out, in) / (vocab, dim)
     return _merge_delta(adapter, weight, adapter.delta_weight(), norm, sign, row_dim=row_dim)
 
 
@@ -152,12 +151,11 @@ def _before_merge(adapter: nn.Module, weight: torch.Tensor, row_dim: int) -> tor
 class DoraLinearAdapter(LoraAdapter):
     """A LoRA adapter with DoRA's magnitude ``lora_magnitude_vector`` (out,); see the module docstring."""
 
-    wraps_base_output = True
-    fusable = True  # lorakit.kernels.lora_fused.dora_linear
+    TENSOR_SUFFIXES = (*LoraAdapter.TENSOR_SUFFIXES, ("lora_magnitude_vector", -1))
 
     def __init__(self, in_features: int, out_features: int, *args, **kwargs) -> None:
         super().__init__(in_features, out_features, *args, **kwargs)
-        self.lora_magnitude_vector = nn.Parameter(
+        self.lora_magnitude_vector = AdapterParameter(
             torch.ones(out_features, device=self.lora_A.weight.device, dtype=self.lora_A.weight.dtype)
         )
         self._merged_norm: torch.Tensor | None = None
@@ -180,22 +178,28 @@ class DoraLinearAdapter(LoraAdapter):
         with torch.no_grad():
             self.lora_magnitude_vector.copy_(self.row_norm(wrapper))
 
+    after_init = init_magnitude
+
     def magnitude_scale(self, wrapper: nn.Module) -> torch.Tensor:
         """``g = m / ||W + s B A||_c`` (out,): differentiable in ``m``, the norm a constant (detached)."""
         return self.lora_magnitude_vector / self.row_norm(wrapper)
+
+    output_scale = magnitude_scale
+
+    def projection(self, weight: Any, bias: torch.Tensor | None) -> Any:
+        return None  # the fused SwiGLU MLP has no magnitude term
 
     def fused_forward(self, x: torch.Tensor, wrapper: nn.Module, weight: Any, training: bool) -> torch.Tensor:
         """``g * (x W^T + s B A d(x)) + b`` through ``lorakit.kernels.lora_fused.dora_linear`` (see
         ``LoraAdapter.fused_forward``)."""
         from lorakit.kernels.lora_fused import dora_linear
 
-        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
         return dora_linear(
             x, weight, wrapper.base_layer.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
-            self.magnitude_scale(wrapper), p, training, self.lora_B.bias,
+            self.magnitude_scale(wrapper), dropout_p(self), training, self.lora_B.bias,
         )
 
-    def forward_with_base(self, x: torch.Tensor, result: torch.Tensor, wrapper: nn.Module) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, result: torch.Tensor, wrapper: nn.Module) -> torch.Tensor:
         """``g * (result - b + s B A d(x)) + b`` with ``result = W x + b`` (..., out) from the base layer.
 
         Written as one matmul and one fused elementwise op on (..., out) tensors: ``g`` and ``s`` are folded into
@@ -217,9 +221,9 @@ class DoraLinearAdapter(LoraAdapter):
         h = F.linear(self.lora_A(self.dropout(x)), b_scaled, lora_bias)  # (..., out)
         return torch.addcmul(h.to(result.dtype), result, g.to(result.dtype))
 
-    def merge_delta(self, weight: torch.Tensor, sign: float, wrapper: nn.Module) -> torch.Tensor:
-        """Signed change of ``weight`` (out, in) for merging (sign > 0) or unmerging (sign < 0)."""
-        return _signed_merge_delta(self, weight, sign, wrapper, row_dim=1)
+    def merge_delta(self, wrapper: nn.Module, sign: float) -> torch.Tensor:
+        """Signed change of the base weight (out, in) for merging (sign > 0) or unmerging (sign < 0)."""
+        return _signed_merge_delta(self, wrapper, sign, row_dim=1)
 
     def before_merge(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` (out, in) as it was before this adapter was merged into it."""
@@ -229,11 +233,11 @@ class DoraLinearAdapter(LoraAdapter):
 class DoraEmbeddingAdapter(LoraEmbeddingAdapter):
     """An embedding adapter with DoRA's magnitude ``lora_magnitude_vector`` (dim,)."""
 
-    wraps_base_output = True
+    TENSOR_SUFFIXES = (*LoraEmbeddingAdapter.TENSOR_SUFFIXES, ("lora_magnitude_vector", -1))
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *args, **kwargs) -> None:
         super().__init__(num_embeddings, embedding_dim, *args, **kwargs)
-        self.lora_magnitude_vector = nn.Parameter(
+        self.lora_magnitude_vector = AdapterParameter(
             torch.ones(embedding_dim, device=self.lora_embedding_A.device, dtype=self.lora_embedding_A.dtype)
         )
         self._merged_norm: torch.Tensor | None = None
@@ -255,15 +259,21 @@ class DoraEmbeddingAdapter(LoraEmbeddingAdapter):
         with torch.no_grad():
             self.lora_magnitude_vector.copy_(self.row_norm(wrapper))
 
-    def forward_with_base(self, ids: torch.Tensor, result: torch.Tensor, wrapper: nn.Module) -> torch.Tensor:
+    after_init = init_magnitude
+
+    def output_scale(self, wrapper: nn.Module) -> torch.Tensor:
+        """``g = m / ||W + s B A||_c`` (dim,)."""
+        return self.lora_magnitude_vector / self.row_norm(wrapper)
+
+    def apply(self, ids: torch.Tensor, result: torch.Tensor, wrapper: nn.Module) -> torch.Tensor:
         """``g * (result + s embed(ids, A^T) B^T)`` (..., dim)."""
-        g = self.lora_magnitude_vector / self.row_norm(wrapper)  # (dim,)
+        g = self.output_scale(wrapper)  # (dim,)
         lora = self(ids, wrapper.base_layer).to(result.dtype)  # (..., dim)
         return (result + lora) * g.to(result.dtype)
 
-    def merge_delta(self, weight: torch.Tensor, sign: float, wrapper: nn.Module) -> torch.Tensor:
+    def merge_delta(self, wrapper: nn.Module, sign: float) -> torch.Tensor:
         """Signed change of the embedding weight (vocab, dim)."""
-        return _signed_merge_delta(self, weight, sign, wrapper, row_dim=0)
+        return _signed_merge_delta(self, wrapper, sign, row_dim=0)
 
     def before_merge(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` (vocab, dim) as it was before this adapter was merged into it."""

@@ -13,6 +13,7 @@ identical (q/k/v of one attention block) share one PCA. ``initialize_lora_eva_we
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import warnings
@@ -116,7 +117,7 @@ def get_eva_state_dict(
     """``{layer name: A}`` (k, in) for a lorakit ``PeftModel`` with an ``init_lora_weights="eva"`` adapter; k may
     differ from r (rank redistribution). Stops when every layer's kept components converged (``tau``), and
     raises after ``max_batches`` forward passes without convergence."""
-    from lorakit.inject import pattern_value
+    from lorakit.config import pattern_value
 
     config = peft_config or model.peft_config[adapter_name]
     eva = config.eva_config
@@ -227,7 +228,7 @@ def initialize_lora_eva_weights(
     scaled by k / r with ``adjust_scaling_factors``; the config's ``rank_pattern``/``alpha_pattern`` record the
     new values, so the saved adapter loads in PEFT. Adapted layers the state dict lacks (embeddings, which EVA does
     not initialise) keep their default init, with a warning, as in PEFT."""
-    from lorakit.inject import pattern_value
+    from lorakit.config import pattern_value
 
     config = model.peft_config[adapter_name]
     if config.init_lora_weights != "eva":
@@ -261,13 +262,11 @@ def initialize_lora_eva_weights(
         requires_grad = old.lora_A.weight.requires_grad
         wrapper.delete_adapter(adapter_name)
         if k > 0:
-            new = wrapper.add_adapter(
-                adapter_name, k, alpha, config.lora_dropout, config.use_rslora, config.lora_bias, True, config.use_dora
-            )
+            spec = dataclasses.replace(config.spec_for(short), r=k, lora_alpha=alpha, init_lora_weights=True)
+            new = wrapper.add_adapter(adapter_name, spec)
             new.lora_A.weight.copy_(a.to(new.lora_A.weight))
             new.lora_B.weight.zero_()
-            if config.use_dora:
-                new.init_magnitude(wrapper)
+            new.after_init(wrapper)
             new.requires_grad_(requires_grad)
             wrapper.set_active(active)
         if k > 0:

@@ -27,7 +27,7 @@ from lorakit.config import LoraConfig
 
 def _weight_oi(wrapper: nn.Module) -> torch.Tensor:
     """The base weight as (out, in) fp32 (dequantized for 4-bit/8-bit bases)."""
-    return wrapper.dora_weight_delta_layout()
+    return wrapper.base_weight_fp32()
 
 
 def _set_residual(wrapper: nn.Module, residual_oi: torch.Tensor) -> None:
@@ -49,11 +49,13 @@ def _set_factors(adapter: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor)
 
 
 @torch.no_grad()
-def pissa_init(wrapper: nn.Module, adapter: nn.Module, niter: int | None = None) -> None:
+def pissa_init(wrapper: nn.Module, adapter: nn.Module, config: LoraConfig | None = None) -> None:
     """PiSSA (Meng et al. 2024, https://arxiv.org/abs/2404.02948): the top-r singular triplets of ``W``,
     ``W ~ V_r S_r U_r^T``, split as ``B = V_r sqrt(S_r / s)``, ``A = sqrt(S_r / s) U_r^T``; the base keeps the minor
     components ``W - s B A``. ``niter``: ``torch.svd_lowrank`` with that many subspace iterations (fast, random;
     "pissa_niter_K") instead of the full SVD. Same float ops as PEFT's ``pissa_init``."""
+    method = config.init_lora_weights if config is not None else "pissa"
+    niter = int(method.removeprefix("pissa_niter_")) if method.startswith("pissa_niter_") else None
     weight = _weight_oi(wrapper)  # (out, in)
     r, s = adapter.r, adapter.scaling
     if niter is None:
@@ -69,7 +71,7 @@ def pissa_init(wrapper: nn.Module, adapter: nn.Module, niter: int | None = None)
 
 
 @torch.no_grad()
-def olora_init(wrapper: nn.Module, adapter: nn.Module) -> None:
+def olora_init(wrapper: nn.Module, adapter: nn.Module, config: LoraConfig | None = None) -> None:
     """OLoRA (Büyükakyüz 2024, https://arxiv.org/abs/2406.01775): QR of ``W = Q R``; ``B = Q[:, :r]`` (orthonormal
     columns), ``A = R[:r]``; the base keeps ``W - s B A``. Same float ops as PEFT's ``olora_init`` for (out, in)
     weights (for GPT-2 Conv1D the QR is taken of the (out, in) view, where PEFT's shapes would not fit)."""
@@ -131,7 +133,7 @@ def loftq_factors(
 
 
 @torch.no_grad()
-def loftq_init(wrapper: nn.Module, adapter: nn.Module, loftq_config: dict) -> None:
+def loftq_init(wrapper: nn.Module, adapter: nn.Module, config: LoraConfig) -> None:
     """LoftQ (Li et al. 2023, https://arxiv.org/abs/2310.08659): the base becomes the dequantized quantized weight
     ``Q`` and the adapter the top-r SVD of ``W - Q`` (``loftq_decompose``), so ``Q + s B A ~ W`` at init and the
     base can be quantized to ``loftq_bits`` without further loss. Apply it to a full-precision model (as in PEFT);
@@ -143,15 +145,16 @@ def loftq_init(wrapper: nn.Module, adapter: nn.Module, loftq_config: dict) -> No
             "init_lora_weights='loftq' quantizes the base itself: apply it to the full-precision model, not to one "
             "that is already quantized."
         )
+    loftq = config.loftq_config
     qweight, lora_a, lora_b = loftq_decompose(
-        _weight_oi(wrapper), adapter.r, adapter.scaling, loftq_config["loftq_bits"], loftq_config["loftq_iter"]
+        _weight_oi(wrapper), adapter.r, adapter.scaling, loftq["loftq_bits"], loftq["loftq_iter"]
     )
     _set_factors(adapter, lora_a, lora_b)
     _set_residual(wrapper, qweight)
 
 
 @torch.no_grad()
-def orthogonal_init(wrapper: nn.Module, adapter: nn.Module) -> None:
+def orthogonal_init(wrapper: nn.Module, adapter: nn.Module, config: LoraConfig | None = None) -> None:
     """Orthogonal init (Nimmaturi, "Rethinking LoRA initialisations",
     https://datta0.github.io/posts/rethink-lora-init/#orthogonal-initialisation; PEFT's ``orthogonal_init``): split
     the rows of a random orthogonal ``Q`` (r, r) into two halves that are orthogonal to each other,
@@ -180,7 +183,7 @@ def orthogonal_init(wrapper: nn.Module, adapter: nn.Module) -> None:
     _set_factors(adapter, lora_a.to(device), lora_b.to(device))
 
 
-def eva_init(wrapper: nn.Module, adapter: nn.Module) -> None:
+def eva_init(wrapper: nn.Module, adapter: nn.Module, config: LoraConfig | None = None) -> None:
     """EVA (Paischer et al. 2024, https://arxiv.org/abs/2410.07170) at injection: ``B = 0`` (A keeps its default
     init). The data-driven ``A`` comes later from ``lorakit.variants.eva.initialize_lora_eva_weights``."""
     with torch.no_grad():
@@ -188,7 +191,7 @@ def eva_init(wrapper: nn.Module, adapter: nn.Module) -> None:
 
 
 @torch.no_grad()
-def corda_init(wrapper: nn.Module, adapter: nn.Module) -> None:
+def corda_init(wrapper: nn.Module, adapter: nn.Module, config: LoraConfig | None = None) -> None:
     """CorDA (Yang et al. 2024, https://arxiv.org/abs/2406.05223): from the SVD ``W C = U S V^T`` of the weight
     times the input covariance (``lorakit.variants.corda.preprocess_corda``, which also keeps the r chosen
     components: the top ones for "ipm", the last ones for "kpm"),
@@ -207,41 +210,6 @@ def corda_init(wrapper: nn.Module, adapter: nn.Module) -> None:
     lora_b = u.mul(sv.sqrt())  # (out, r)
     _set_factors(adapter, lora_a, lora_b)
     _set_residual(wrapper, weight - adapter.scaling * adapter.lora_B.weight @ adapter.lora_A.weight)
-
-
-def init_adapter(wrapper: nn.Module, adapter_name: str, config: LoraConfig, module_name: str) -> None:
-    """Run ``config.init_lora_weights`` on adapter ``adapter_name`` of ``wrapper`` (called by injection). An
-    embedding adapter keeps its default init (A = 0, B ~ N(0, 1)), as in PEFT: the methods here decompose linear
-    weights, and the embedding's base stays untouched. LoftQ, which quantizes every target's base, refuses it."""
-    from lorakit.layers import LoraLinear
-
-    method = config.init_lora_weights
-    if not isinstance(wrapper, LoraLinear) and method != "loftq":
-        return
-    if not isinstance(wrapper, LoraLinear):
-        raise ValueError(
-            f"init_lora_weights={method!r} applies to linear layers only; {module_name!r} is "
-            f"{type(wrapper.base_layer).__name__}: exclude it (exclude_modules) or use init_lora_weights=True."
-        )
-    adapter = wrapper.adapters[adapter_name]
-    if method == "pissa":
-        pissa_init(wrapper, adapter)
-    elif method.startswith("pissa_niter_"):
-        pissa_init(wrapper, adapter, niter=int(method.removeprefix("pissa_niter_")))
-    elif method == "olora":
-        olora_init(wrapper, adapter)
-    elif method == "loftq":
-        loftq_init(wrapper, adapter, config.loftq_config)
-    elif method == "eva":
-        eva_init(wrapper, adapter)
-    elif method == "corda":
-        corda_init(wrapper, adapter)
-    elif method == "orthogonal":
-        orthogonal_init(wrapper, adapter)
-    else:
-        raise NotImplementedError(f"init_lora_weights={method!r} is not implemented in lorakit.")
-    if adapter.wraps_base_output:  # DoRA: the magnitude of the initialised weight
-        adapter.init_magnitude(wrapper)
 
 
 # ---- conversion to a plain LoRA on the original base ----------------------------------------------------------

@@ -179,8 +179,7 @@ def replace_lora_weights_loftq(
         lora_a, lora_b = loftq_factors(weight, qweight, adapter.r, adapter.scaling)
         before = _snapshot(adapter) if callback is not None else None
         _set_factors(adapter, lora_a, lora_b)
-        if adapter.wraps_base_output:  # DoRA: the magnitude of the new weight, as after lorakit's inits
-            adapter.init_magnitude(module)
+        adapter.after_init(module)  # e.g. DoRA: the magnitude of the new weight, as after lorakit's inits
         if before is not None and not callback(peft_model, name):
             _restore(adapter, before)
 

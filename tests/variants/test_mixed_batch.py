@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import lorakit
+from lorakit.dispatch import MIXED_BATCH
 
 from .common import check_generate_equals_per_row, check_grads_equal_per_row, row_logits, tiny_llama
 
@@ -65,7 +66,7 @@ def test_mixed_batch_equals_per_row_runs(tokens, rows, branch):
     with torch.no_grad():
         got = model(ids, adapter_names=rows).logits
         want = [row_logits(model, ids[i : i + 1], n) for i, n in enumerate(rows)]
-    assert all(w.row_adapters is None for w in model.modules() if hasattr(w, "row_adapters"))
+    assert MIXED_BATCH.get() is None  # the call's batch is dropped with it
     for i, w in enumerate(want):
         torch.testing.assert_close(got[i : i + 1], w, atol=TOL, rtol=TOL)
     assert (want[0] - want[-1]).abs().max() > 1e-3  # adapters change the outputs
@@ -79,6 +80,8 @@ VERY_SKEWED = ["a"] * 8 + ["b", "c", "d"]
 def test_decode_groups_only_while_the_padding_is_small(monkeypatch, rows, form):
     """One token per row: the grouped form pads every adapter's group to the largest, so a skewed batch takes
     the gathered form (no padding); either way each row equals its single-adapter run."""
+    from lorakit.variants import mixed
+
     model = _model().eval()
     model.add_adapter("d", lorakit.LoraConfig(r=3, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     ids = torch.randint(0, 61, (len(rows), 1))
@@ -90,7 +93,8 @@ def test_decode_groups_only_while_the_padding_is_small(monkeypatch, rows, form):
     monkeypatch.setattr(torch, "bmm", bmm)
     assert max(computed) <= len(rows)  # neither form computes pad rows here
     q = model.base_model.model.model.layers[0].self_attn.q_proj
-    assert q._mixed_slots[1].grouped == (form == "grouped")
+    present = tuple(n for n in dict.fromkeys(rows) if n in q.adapters)
+    assert mixed._Slots(tuple(rows), present, ids.device).grouped == (form == "grouped")
     with torch.no_grad():
         want = [row_logits(model, ids[i : i + 1], n) for i, n in enumerate(rows)]
     for i, w in enumerate(want):
@@ -182,53 +186,30 @@ def test_cached_plans_follow_storage_scaling_and_rows():
     assert (after_scaling[1] - after_data[1]).abs().max() > 1e-3  # b's rows changed with its scaling
 
 
-def test_clear_mixed_caches_drops_them_and_the_next_call_rebuilds():
-    """After delete_adapter, the kept stack would hold the deleted adapter's factors alive; clear_mixed_caches
-    drops every mixed-batch cache of a wrapper, and the next mixed call is still each row's single-adapter run."""
-    from lorakit.variants.mixed import clear_mixed_caches
-
-    model = _model(dora_c=False).eval()
-    ids = torch.randint(0, 61, (len(ROWS), 1))
-    with torch.no_grad():
-        model(ids, adapter_names=ROWS)
-    wrappers = [m for m in model.modules() if "_mixed_factors" in m.__dict__]
-    assert wrappers and all("_mixed_slots" in m.__dict__ for m in wrappers)
-    q = model.base_model.model.model.layers[0].self_attn.q_proj
-    deleted = weakref.ref(q.adapters["b"].lora_A.weight)
-    model.delete_adapter("b")  # drops the wrappers' stacks and the model's kept call (whose plans hold factors)
-    gc.collect()
-    assert deleted() is None
-    for m in model.modules():
-        clear_mixed_caches(m)
-    assert not [m for m in model.modules() if {"_mixed_factors", "_mixed_slots", "_mixed_call"} & m.__dict__.keys()]
-    rows = [n for n in ROWS if n != "b"]
-    with torch.no_grad():
-        got = model(ids[: len(rows)], adapter_names=rows).logits
-        want = [row_logits(model, ids[i : i + 1], n) for i, n in enumerate(rows)]
-    for i, w in enumerate(want):
-        torch.testing.assert_close(got[i : i + 1], w, atol=TOL, rtol=TOL)
+def _per_row(model, ids, rows):
+    return torch.cat([row_logits(model, ids[i : i + 1], n) for i, n in enumerate(rows)])
 
 
-def _kept_rows(model):
-    return model.get_base_model().__dict__["_mixed_call"].rows
-
-
-def test_calls_with_the_same_rows_reuse_the_plans_until_something_changes():
-    """Once the same row names come twice in a row, later calls with them reuse the plans (one check of the whole
-    model); each change between two such calls must be seen: a factor updated in place, a replaced adapter module,
-    a replaced lora_B submodule, a new scaling, and clear_mixed_caches after an update through ``.data``. A new
-    adapter that no row uses changes nothing and keeps the plans."""
-    from lorakit.variants.mixed import clear_mixed_caches
-
+def test_adapter_stack_is_reused_until_a_weight_changes_and_sees_every_change(tmp_path):
+    """An explicit stack is kept across calls while nothing changed (no rebuild), and every way an adapter's
+    weights can change between two calls is seen (rebuilt, never served stale): an in-place update (an optimizer
+    step), an in-place update through ``.data`` (no version bump), a new tensor assigned through ``.data``, a
+    replaced adapter module, a replaced lora_B submodule, a new scaling, ``load_adapter`` into the adapter,
+    ``hotswap_adapter``. A new adapter that no row uses changes nothing."""
     model = _model(dora_c=False).eval()
     attn = model.base_model.model.model.layers[0].self_attn
     ids = torch.randint(0, 61, (len(ROWS), 1))
+    stack = model.stack_adapters(["a", "b", "c"])
+    model.save_pretrained(tmp_path / "saved")
+    with torch.no_grad():  # a copy of adapter a with other weights, for load_adapter and hotswap
+        other = copy.deepcopy(model)
+        for n, p in other.named_parameters():
+            if ".adapters.a." in n:
+                p.mul_(-1.5)
+        other.save_pretrained(tmp_path / "other", selected_adapters=["a"])
 
     def mixed():
-        return model(ids, adapter_names=ROWS).logits
-
-    def want():
-        return torch.cat([row_logits(model, ids[i : i + 1], n) for i, n in enumerate(ROWS)])
+        return model(ids, adapter_names=ROWS, adapter_stack=stack).logits
 
     def negated_b(adapter):
         new = copy.deepcopy(adapter)
@@ -240,34 +221,73 @@ def test_calls_with_the_same_rows_reuse_the_plans_until_something_changes():
         new.weight.mul_(2)
         adapter.lora_B = new
 
+    def assign_data(p):
+        p.data = p.detach() * 3
+
     with torch.no_grad():
         first = mixed()
-        rows = _kept_rows(model)
-        mixed()
-        assert _kept_rows(model) is not rows  # the second call with these names takes the snapshot ...
-        rows = _kept_rows(model)
+        watch = stack._watch
         torch.testing.assert_close(mixed(), first)
-        assert _kept_rows(model) is rows  # ... and the third reuses its plans
-        model(ids[:2], adapter_names=ROWS[:2])  # other names: the kept call is replaced
-        mixed()
-        assert _kept_rows(model) is not rows
+        assert stack._watch is watch  # reused: nothing rebuilt
+        torch.testing.assert_close(first, _per_row(model, ids, ROWS), atol=TOL, rtol=TOL)
         steps = [  # (change, whether the rows' outputs change)
             (lambda: attn.v_proj.adapters["a"].lora_B.weight.add_(0.5), True),  # in place (an optimizer step)
+            (lambda: attn.v_proj.adapters["a"].lora_A.weight.data.mul_(2), True),  # through .data, no version bump
+            (lambda: assign_data(attn.v_proj.adapters["a"].lora_B.weight), True),
             (lambda: attn.v_proj.adapters.__setitem__("c", negated_b(attn.v_proj.adapters["c"])), True),
             (lambda: new_lora_b(attn.o_proj.adapters["b"]), True),  # (q_proj does nothing on 1 token)
             (lambda: setattr(attn.o_proj.adapters["b"], "scaling", attn.o_proj.adapters["b"].scaling * 3), True),
-            (lambda: (attn.v_proj.adapters["a"].lora_A.weight.data.mul_(2), clear_mixed_caches(attn.v_proj)), True),
+            (lambda: model.load_adapter(tmp_path / "other" / "a", "a"), True),
+            (lambda: lorakit.hotswap_adapter(model, tmp_path / "saved" / "a", "a"), True),
             (lambda: model.add_adapter("d", lorakit.LoraConfig(r=2, target_modules=["v_proj"])), False),
         ]
-        for change, changes_rows in steps:
-            mixed()
-            before = mixed()  # reusing kept plans
-            rows = _kept_rows(model)
+        for i, (change, changes_rows) in enumerate(steps):
+            before = mixed()
+            watch = stack._watch
             change()
+            model.eval()
             got = mixed()
-            assert (_kept_rows(model) is not rows) == changes_rows
-            torch.testing.assert_close(got, want(), atol=TOL, rtol=TOL)
-            assert ((got - before).abs().max() > 1e-4) == changes_rows
+            assert (stack._watch is not watch) == changes_rows, i
+            torch.testing.assert_close(got, _per_row(model, ids, ROWS), atol=TOL, rtol=TOL, msg=str(i))
+            assert ((got - before).abs().max() > 1e-4) == changes_rows, i
+
+
+def test_adapter_stack_refuses_deleted_adapters_and_rows_outside_it():
+    model = _model(dora_c=False).eval()
+    ids = torch.randint(0, 61, (len(ROWS), 1))
+    stack = model.stack_adapters(["a", "b"])
+    with torch.no_grad(), pytest.raises(ValueError, match=r"unknown adapters \['c'\].*adapter_stack"):
+        model(ids, adapter_names=ROWS, adapter_stack=stack)
+    with pytest.raises(ValueError, match="adapter_stack= is used with adapter_names="):
+        model(ids, adapter_stack=stack)
+    with pytest.raises(ValueError, match="unknown adapters"):
+        model.stack_adapters(["a", "x"])
+    rows = ["a", "b", "__base__"]
+    model.delete_adapter("b")
+    with torch.no_grad(), pytest.raises(ValueError, match=r"no longer has.*stack_adapters"):
+        model(ids[:3], adapter_names=rows, adapter_stack=stack)
+
+
+def test_adapter_stack_trains_and_serves_generate():
+    """With gradients the stack's kept factors are not used (the factors are stacked in the graph): gradients
+    equal the per-call path's; generate with a stack equals generate without."""
+    model = _model(dora_c=True)
+    model.train()
+    ids = torch.randint(0, 61, (len(ROWS), 3))
+    stack = model.stack_adapters(["a", "b", "c"])
+    grads = []
+    for kw in ({}, {"adapter_stack": stack}):
+        model.zero_grad()
+        model(ids, adapter_names=ROWS, **kw).logits.square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, msg=n)
+    model.eval()
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, adapter_names=ROWS, **kw)
+        got = model.generate(input_ids=ids, adapter_names=ROWS, adapter_stack=stack, **kw)
+    assert torch.equal(got, want)
 
 
 def test_unload_and_delete_free_what_mixed_calls_kept():
@@ -310,25 +330,6 @@ def test_kept_plans_after_inference_mode_serve_a_call_with_gradients():
         torch.testing.assert_close(g, grads[1][n], msg=n)
 
 
-def test_clear_mixed_caches_on_the_model_after_a_data_update():
-    """An in-place update through ``.data`` is not seen by the caches; clear_mixed_caches on the model (not only
-    on the layer) must then make the next call use the new values."""
-    from lorakit.variants.mixed import clear_mixed_caches
-
-    model = _model(dora_c=False).eval()
-    ids = torch.randint(0, 61, (len(ROWS), 1))
-    v = model.base_model.model.model.layers[0].self_attn.v_proj
-    with torch.no_grad():
-        for _ in range(3):
-            before = model(ids, adapter_names=ROWS).logits
-        v.adapters["a"].lora_B.weight.data.mul_(3)
-        clear_mixed_caches(model)
-        got = model(ids, adapter_names=ROWS).logits
-        want = torch.cat([row_logits(model, ids[i : i + 1], n) for i, n in enumerate(ROWS)])
-    assert (got - before).abs().max() > 1e-4
-    torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
-
-
 def test_mixed_batch_under_torch_func_grad_on_repeated_calls():
     """torch.func.grad over adapter factors: functorch-wrapped tensors have no storage, so nothing is snapshotted
     or kept, and every call (not only the first) gives autograd's gradients."""
@@ -360,6 +361,29 @@ def test_mixed_batch_trains_under_gradient_checkpointing(reentrant):
     own = layer._gradient_checkpointing_func
     check_grads_equal_per_row(model, torch.randint(0, 61, (len(ROWS), 6)), ROWS, TOL, nonzero=True)
     assert layer._gradient_checkpointing_func is own  # put back after the call
+
+
+def test_checkpointing_enabled_behind_the_peft_models_back_is_refused_in_mixed_training():
+    """Checkpointing switched on on the base model after the PeftModel was built has checkpoint functions that do
+    not carry the rows into the recompute: a mixed call with gradients refuses it (naming the fix) rather than
+    computing wrong gradients; the PeftModel's own activation_checkpointing_enable works."""
+    model = _model()
+    model.train()
+    ids = torch.randint(0, 61, (len(ROWS), 6))
+    model.get_base_model().activation_checkpointing_enable({"use_reentrant": False})
+    with pytest.raises(ValueError, match=r"peft_model.gradient_checkpointing_enable"):
+        model(ids, adapter_names=ROWS)
+    with torch.no_grad():
+        model(ids, adapter_names=ROWS)  # no gradients: no recompute, nothing to refuse
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    check_grads_equal_per_row(model, ids, ROWS, TOL, nonzero=True)
+
+
+def test_a_stack_serves_only_its_own_model():
+    one, other = _model(dora_c=False).eval(), _model(dora_c=False).eval()
+    stack = one.stack_adapters(["a", "b"])
+    with torch.no_grad(), pytest.raises(ValueError, match="another model"):
+        other(torch.randint(0, 61, (2, 1)), adapter_names=["a", "b"], adapter_stack=stack)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

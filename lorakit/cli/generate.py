@@ -56,19 +56,21 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
     the part before it has no path separator (`name=out/lr=1e-3`). A folder name holding '.' (`work/adapter-v1.5`)
     gives the name with '_' for '.' (`adapter-v1_5`); a NAME given with '.' is refused, naming the NAME=PATH form.
     """
-    from lorakit.layers import RESERVED_ADAPTER_NAMES
+    from lorakit.adapter import reserved_names
+
+    reserved = reserved_names()
 
     out = []
     for spec in specs:
         name, sep, path = spec.partition("=")
         if Path(spec).exists() or not sep or "/" in name or os.sep in name:
             name, path = "", spec
-        elif "." in name or name in RESERVED_ADAPTER_NAMES:
+        elif "." in name or name in reserved:
             raise ValueError(f"--adapter {spec!r}: the adapter name {name!r} (NAME in NAME=PATH) must not contain '.' "
-                             f"or be one of {sorted(RESERVED_ADAPTER_NAMES)}; e.g. --adapter v1_5=PATH")
+                             f"or be one of {sorted(reserved)}; e.g. --adapter v1_5=PATH")
         if not name:
             name = Path(path.rstrip("/")).name.replace(".", "_") or "default"
-            if name in RESERVED_ADAPTER_NAMES:
+            if name in reserved:
                 name = f"{name}_adapter"
         if name in {n for n, _ in out}:
             raise ValueError(f"two adapters named {name!r}: name them with NAME=PATH")

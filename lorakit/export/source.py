@@ -180,7 +180,7 @@ class AdapterMerge:
 
     def scaling(self, weight_name: str, r: int) -> float:
         """``alpha / r`` (or ``alpha / sqrt(r)``) of the module owning ``weight_name``; ``r`` from the tensors."""
-        from lorakit.inject import pattern_value
+        from lorakit.config import pattern_value
 
         module = weight_name.removesuffix(".weight")
         alpha = pattern_value(self.config.alpha_pattern, module, self.config.lora_alpha)

@@ -137,10 +137,12 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     """Fine-tune `cfg.model` with the LoRA adapter `cfg.lora` on `cfg.data`; write everything to output_dir.
 
     Steps: (1) accelerator, seed and the run's plan (`lorakit.train.plan`: every refusal), (2) base model
-    [quantization], (3) data of the method (`lorakit.train.method`; SFT: [packing, max_seq_length]),
+    [quantization], (3) data of the [method] (`lorakit.train.method`; SFT: [packing, max_seq_length]; dpo, orpo,
+    kto, simpo: `lorakit.train.preference` [preference.*]),
     (4) adapter [lora, model.adapter_name_or_path], [gradient_checkpointing], [fused_lora], (5) optimizer [optim,
     weight_decay, adam_*] and schedule [lr_scheduler_type, warmup_ratio/steps], (6) resume [resume],
-    (7) exact match before training [evaluation.path], (8) the loop: unit-normalized loss over
+    (7) exact match before training [evaluation.path], or the method's eval metrics before training (preference
+    accuracy), (8) the loop: unit-normalized loss over
     [gradient_accumulation_steps] and processes, autocast [bf16/fp16], [offload_activations], clipping
     [max_grad_norm], logging [logging_steps], eval loss [eval_steps], checkpoints [save_steps, save_total_limit],
     (9) final eval, adapter, tokenizer, plot and summary, exact match after training (reloaded from disk).
@@ -224,9 +226,18 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     def evaluate() -> float:
         return _evaluate(accelerator, loss_module, method, eval_rows[rank::world], t.per_device_eval_batch_size)
 
-    def log_eval(step: int, loss: float) -> None:
-        logger.log(step, {"eval_loss": loss, **({"eval_perplexity": perplexity(loss)}
-                                                 if method.reports_perplexity else {})})
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        return accelerator.reduce(t.to(accelerator.device), "sum")
+
+    def log_eval(step: int, loss: float, split: str = "eval") -> dict[str, float]:
+        record = {"eval_loss": loss, **({"eval_perplexity": perplexity(loss)} if method.reports_perplexity else {}),
+                  **method.pop_metrics(split, reduce)}
+        logger.log(step, record)
+        return record
+
+    if eval_rows and method.eval_before and resumed_from is None:  # [method]: e.g. preference accuracy at step 0
+        before = log_eval(0, evaluate(), "before")
+        say("[lorakit] held-out BEFORE training: " + ", ".join(f"{k} {v:.4g}" for k, v in before.items()))
 
     # 8. the loop ---------------------------------------------------------------------------------------------
     bar = tqdm(total=sched.total_steps, initial=start_step, disable=not main or t.disable_tqdm,
@@ -257,13 +268,16 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
                           "epoch": done / sched.steps_per_epoch, "tokens_per_s": tok_s}
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
+                record.update(method.pop_metrics("train", reduce))
                 logger.log(done, record)
                 bar.set_postfix(loss=f"{progress.last_train_loss:.4f}", lr=f"{record['learning_rate']:.2e}",
                                 tok_s=f"{tok_s:.0f}", mem=format_bytes(peak_memory_bytes()), refresh=False)
             if eval_rows and t.eval_steps and done % t.eval_steps == 0 and done != sched.total_steps:
                 eval_loss = evaluate()
-                log_eval(done, eval_loss)
-                say(f"\n[lorakit] step {done}: eval_loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}")
+                record = log_eval(done, eval_loss)
+                say(f"\n[lorakit] step {done}: eval_loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}"
+                    if method.reports_perplexity else
+                    f"\n[lorakit] step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()))
             if t.save_steps and done % t.save_steps == 0:
                 ckpt.save(out_dir, done, accelerator.unwrap_model(loss_module).model, trainable, optimizer,
                           scheduler, {"epoch": done / sched.steps_per_epoch, "world_size": world,
@@ -281,7 +295,9 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     # 9. final eval, adapter, tokenizer, plot, summary --------------------------------------------------------
     if eval_rows:
         eval_loss = evaluate()
-        log_eval(sched.total_steps, eval_loss)
+        record = log_eval(sched.total_steps, eval_loss)
+        if method.eval_before:
+            say("[lorakit] held-out AFTER training: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()))
     accelerator.wait_for_everyone()
     summary: dict[str, Any] = {}
     last_train_loss = progress.last_train_loss
@@ -293,7 +309,8 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
             "global_step": sched.total_steps, "train_steps_this_run": sched.total_steps - start_step,
             "train_time_s": round(train_time, 2), "tokens_per_s": round(run_tokens / max(train_time, 1e-9), 1),
             "peak_memory_bytes": peak_memory_bytes(), "final_train_loss": last_train_loss,
-            "final_eval_loss": eval_loss, "final_eval_perplexity": perplexity(eval_loss) if eval_loss else None,
+            "final_eval_loss": eval_loss,
+            "final_eval_perplexity": perplexity(eval_loss) if eval_loss and method.reports_perplexity else None,
             "world_size": world, "trainable_params": n_trainable, **method.summary(),
             "resumed_from": str(resumed_from) if resumed_from else None,
         }

@@ -47,7 +47,7 @@ def _lorakit_model(model_dir: Path, adapter_dir: Path):
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
-    """LoRA gradients keyed by PEFT's parameter names (lorakit: ``x.adapters.default.lora_A`` -> ``x.lora_A.default``)."""
+    """LoRA gradients by PEFT name (lorakit: ``x.adapters.default.lora_A`` -> ``x.lora_A.default``)."""
     out = {}
     for name, p in model.named_parameters():
         if p.requires_grad:

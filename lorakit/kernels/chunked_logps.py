@@ -50,6 +50,8 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             out[s : s + chunk_size] = z.gather(1, labels[s : s + chunk_size, None]).squeeze(1) - lse[s : s + chunk_size]
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.chunk_size, ctx.logit_softcap = chunk_size, logit_softcap
+        device = hidden.device.type  # the backward recomputes the logits under the forward's autocast state
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         return out
 
     @staticmethod
@@ -62,24 +64,33 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
         db = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_db else None
         grad = grad.float()
-        for s in range(0, hidden.shape[0], chunk):
-            h, y, g = hidden[s : s + chunk], labels[s : s + chunk], grad[s : s + chunk]  # (c, H), (c,), (c,)
-            z = F.linear(h, weight, bias).float()  # (c, V)
-            if cap is not None:
-                z = torch.tanh(z / cap).mul_(cap)
-                dcap = 1.0 - (z / cap).square_()
-            dz = z.sub_(lse[s : s + chunk, None]).exp_().mul_(-g[:, None])  # -g * softmax(z)
-            dz[torch.arange(dz.shape[0], device=dz.device), y] += g  # + g * onehot(y)
-            if cap is not None:
-                dz.mul_(dcap)
-            if dh is not None:
-                dh[s : s + chunk] = dz.to(hidden.dtype) @ weight
-            if dw is not None:
-                dw.addmm_(dz.t(), h.float())
-            if db is not None:
-                db += dz.sum(0)
+        device, dtype, enabled = ctx.autocast
+        with torch.autocast(device, dtype, enabled=enabled):
+            for s in range(0, hidden.shape[0], chunk):
+                _backward_chunk(hidden, weight, bias, labels, lse, grad, s, chunk, cap, dh, dw, db)
         return (dh, dw.to(weight.dtype) if dw is not None else None,
                 db.to(bias.dtype) if db is not None else None, None, None, None)
+
+
+def _backward_chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                    lse: torch.Tensor, grad: torch.Tensor, s: int, chunk: int, cap: float | None,
+                    dh: torch.Tensor | None, dw: torch.Tensor | None, db: torch.Tensor | None) -> None:
+    """Rows ``s : s + chunk`` of the backward: accumulate into dh, dw, db."""
+    h, y, g = hidden[s : s + chunk], labels[s : s + chunk], grad[s : s + chunk]  # (c, H), (c,), (c,)
+    z = F.linear(h, weight, bias).float()  # (c, V)
+    if cap is not None:
+        z = torch.tanh(z / cap).mul_(cap)
+        dcap = 1.0 - (z / cap).square_()
+    dz = z.sub_(lse[s : s + chunk, None]).exp_().mul_(-g[:, None])  # -g * softmax(z)
+    dz[torch.arange(dz.shape[0], device=dz.device), y] += g  # + g * onehot(y)
+    if cap is not None:
+        dz.mul_(dcap)
+    if dh is not None:
+        dh[s : s + chunk] = dz.to(hidden.dtype) @ weight  # (c, H); autocast casts as the forward's F.linear
+    if dw is not None:
+        dw.addmm_(dz.t(), h.float())
+    if db is not None:
+        db += dz.sum(0)
 
 
 def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

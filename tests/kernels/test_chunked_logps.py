@@ -37,3 +37,19 @@ def test_sequence_logps_chunked_equals_full_logits():
     full, n_full = sequence_logps(model, ids, labels, False, **kwargs)
     torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
     assert n.tolist() == n_full.tolist() == [4, 4, 2]  # labels[t+1] counted from position t
+
+
+def test_chunked_token_logps_under_bf16_autocast_backward_runs_and_is_close():
+    """The backward recomputes the logits under the forward's autocast (bf16 hidden, fp32 head)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(9, 16, generator=g, requires_grad=True)
+    w = torch.randn(40, 16, generator=g)
+    y = torch.randint(0, 40, (9,), generator=g)
+    with torch.autocast("cpu", torch.bfloat16):
+        hb = h * 1.0  # a bf16 activation, as a decoder under autocast returns
+        out = chunked_token_logps(hb.bfloat16(), w, y, chunk_size=4)
+        (grad,) = torch.autograd.grad(out.sum(), h)
+    ref = token_logps_reference(h, w, y)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), h)
+    torch.testing.assert_close(out, ref, rtol=0.05, atol=0.1)  # bf16 logits: ~3 significant digits
+    torch.testing.assert_close(grad, ref_grad, rtol=0.05, atol=0.05)

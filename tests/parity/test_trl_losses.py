@@ -37,6 +37,15 @@ KTO = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """TRL's trainers create accelerate's process-wide state; reset it so later tests build their own."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def _lorakit_model(model_dir: Path, adapter_dir: Path):
     from transformers import AutoModelForCausalLM
 
@@ -63,7 +72,7 @@ def _peft_config():
                            init_lora_weights=False)  # B != 0: the policy differs from the reference
 
 
-def _trl_step(trainer, records, n):
+def _trl_step(trainer, n):
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, batch)
@@ -87,16 +96,16 @@ def test_dpo_matches_trl_dpo_trainer(tiny_model_dir, tmp_path, loss_type):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from lorakit.train.preference import PAIR_METRICS, Preference
+    from lorakit.train.preference import PAIR_METRICS
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
     args = DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], beta=0.3, loss_type=[loss_type], use_cpu=True,
-                     per_device_train_batch_size=len(PAIRS))
+                     bf16=False, per_device_train_batch_size=len(PAIRS))
     trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
                          train_dataset=Dataset.from_list(PAIRS), processing_class=tok, peft_config=_peft_config())
     trainer.model.save_pretrained(tmp_path / "adapter")  # the adapter TRL created, before any step
-    trl_batch, trl_loss, trl_grads, trl_metrics = _trl_step(trainer, PAIRS, len(PAIRS))
+    trl_batch, trl_loss, trl_grads, trl_metrics = _trl_step(trainer, len(PAIRS))
 
     pref = PreferenceConfig(beta=0.3, loss_type=loss_type)
     rows = [tokenize_record(r, "dpo", tok, 64, DataConfig(path="x")) for r in PAIRS]
@@ -115,9 +124,7 @@ def test_dpo_matches_trl_dpo_trainer(tiny_model_dir, tmp_path, loss_type):
     assert grads.keys() == trl_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], trl_grads[name], **TOL, msg=name)
-    method = Preference.__new__(Preference)
-    method.name, method.stats = "dpo", stats
-    ours = method.pop_metrics("train")
+    ours = stats.pop(PAIR_METRICS)
     assert ours["rewards/margins"] != 0  # the policy is not the reference: a real comparison
     for key in PAIR_METRICS[:-1]:
         assert ours[key] == pytest.approx(trl_metrics[key], rel=1e-5, abs=1e-6), key
@@ -129,13 +136,13 @@ def test_kto_matches_trl_kto_trainer(tiny_model_dir, tmp_path):
     from trl import KTOConfig, KTOTrainer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    args = KTOConfig(output_dir=str(tmp_path / "trl"), report_to=[], beta=0.3, use_cpu=True,
+    args = KTOConfig(output_dir=str(tmp_path / "trl"), report_to=[], beta=0.3, use_cpu=True, bf16=False,
                      per_device_train_batch_size=len(KTO), desirable_weight=1.5, undesirable_weight=0.7,
                      train_sampling_strategy="sequential")
     trainer = KTOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
                          train_dataset=Dataset.from_list(KTO), processing_class=tok, peft_config=_peft_config())
     trainer.model.save_pretrained(tmp_path / "adapter")
-    _, trl_loss, trl_grads, trl_metrics = _trl_step(trainer, KTO, len(KTO))
+    _, trl_loss, trl_grads, trl_metrics = _trl_step(trainer, len(KTO))
 
     pref = PreferenceConfig(beta=0.3, desirable_weight=1.5, undesirable_weight=0.7)
     rows = [tokenize_record(r, "kto", tok, 64, DataConfig(path="x")) for r in KTO]

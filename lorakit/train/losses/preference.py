@@ -35,6 +35,8 @@ same model with the adapter disabled, or log-probs precomputed once), and the im
       desirable:    lambda_D (1 - sigma(beta (logp(y) - logp_ref(y) - z0)))
       undesirable:  lambda_U (1 - sigma(beta (z0 - logp(y) + logp_ref(y))))
 
+  (z0 comes from each process's micro-batch; TRL averages it over the processes of a step.)
+
 Every function returns per-example losses; the module sums them (the training loop divides by the pairs or
 examples of the whole optimizer step). Rewards and accuracies are TRL's (``rewards/accuracies`` counts ties as
 wrong, so it is 0 at step 0 when the policy still equals the reference).

@@ -55,6 +55,15 @@ def _preprocess(args: argparse.Namespace) -> int:
     with model_path_errors(cfg.model.name_or_path):
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
                                                   trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.method != "sft":  # preference pairs / KTO rows, each shown with its masks
+        from lorakit.train.preference_data import build_preference_datasets, format_pair_debug
+
+        rows, _, stats = build_preference_datasets(cfg.data, cfg.method, tokenizer, cfg.training.max_seq_length)
+        for key, value in stats.items():
+            print(f"{key:<28} {value}")
+        for i, row in enumerate(rows[: args.num_examples] if args.debug else []):
+            print(f"\n=== train record {i} ===\n{format_pair_debug(row, tokenizer)}")
+        return 0
     train_ex, eval_ex, stats = build_datasets(cfg.data, tokenizer, cfg.training.max_seq_length)
     for key, value in stats.items():
         print(f"{key:<28} {value}")

@@ -1,13 +1,15 @@
 """The YAML schema of `lorakit train`: typed sections, command-line overrides, schema checks.
 
-A config file has up to six top-level sections::
+A config file has a training method and up to seven top-level sections::
 
+    method:        sft | dpo | orpo | kto | simpo (default sft) # TrainConfig.method
     model:         {name_or_path, torch_dtype, ...}             # ModelConfig
     quantization:  nf4 | fp4 | int8 | none, or a mapping      # QuantizationConfig
     lora:          every field of lorakit.LoraConfig            # checked against LoraConfig itself
     data:          lorakit.train.data.DataConfig fields
     training:      TrainingArguments / TRL names              # TrainingConfig
     evaluation:    optional before/after exact-match check    # GenerationEvalConfig
+    preference:    beta, loss_type, ... of dpo/orpo/kto/simpo   # PreferenceConfig
 
 Overrides use dotted keys, values parsed as YAML: ``training.learning_rate=1e-4``,
 ``lora.target_modules=[q_proj,v_proj]``. Unknown keys are rejected with the closest valid name
@@ -36,6 +38,7 @@ QuantMethod = Literal["none", "nf4", "fp4", "int8"]
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 QuantStorage = Literal["uint8", "int8", "float16", "bfloat16", "float32", "int16", "int32"]
 Scheduler = Literal["cosine", "linear", "constant"]
+Method = Literal["sft", "dpo", "orpo", "kto", "simpo"]
 Optim = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
 
 
@@ -222,6 +225,59 @@ class GenerationEvalConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """Preference tuning (``method: dpo | orpo | kto | simpo``), named as in TRL's DPOConfig / CPOConfig / KTOConfig.
+
+    The data has ``prompt`` / ``chosen`` / ``rejected`` columns (KTO: ``prompt`` / ``completion`` / ``label``),
+    strings or message lists; see `lorakit.train.preference_data`. The losses are in
+    `lorakit.train.losses.preference`.
+    """
+
+    beta: float = 0.1
+    """DPO/IPO/KTO: strength of the pull towards the reference (IPO's tau); ORPO: weight lambda of the odds-ratio
+    term; SimPO: reward scale."""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """dpo only: sigmoid (DPO, Rafailov et al. 2023) or ipo (Azar et al. 2023), as TRL's DPOConfig.loss_type."""
+    label_smoothing: float = 0.0
+    """dpo (sigmoid) and simpo: probability eps that a pair's label is flipped (conservative DPO), in [0, 0.5)."""
+    simpo_gamma: float = 0.5
+    """simpo: target reward margin gamma (TRL's CPOConfig.simpo_gamma)."""
+    desirable_weight: float = 1.0
+    """kto: weight lambda_D of desirable completions."""
+    undesirable_weight: float = 1.0
+    """kto: weight lambda_U of undesirable completions."""
+    precompute_ref_log_probs: bool = False
+    """dpo/kto: compute the reference log-probs once before training (one no-grad pass) instead of a reference
+    forward at every step. Always on when the run starts from model.adapter_name_or_path: the reference is then
+    that adapter as loaded."""
+
+    def __post_init__(self) -> None:
+        for name in ("beta", "desirable_weight", "undesirable_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"preference.{name} must be a finite number > 0, got {value}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"preference.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if not math.isfinite(self.simpo_gamma):
+            raise ConfigError(f"preference.simpo_gamma must be a finite number, got {self.simpo_gamma}")
+
+    def check(self, method: str) -> None:
+        """Refuse settings that `method` would ignore (so a typo in the method is not silently a no-op)."""
+        default = PreferenceConfig()
+        uses = {"dpo": {"beta", "loss_type", "label_smoothing", "precompute_ref_log_probs"},
+                "orpo": {"beta"}, "simpo": {"beta", "simpo_gamma", "label_smoothing"},
+                "kto": {"beta", "desirable_weight", "undesirable_weight", "precompute_ref_log_probs"},
+                }.get(method, set())
+        if self.loss_type == "ipo" and self.label_smoothing:
+            raise ConfigError("preference.label_smoothing applies to loss_type 'sigmoid', not 'ipo'; remove it")
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) != getattr(default, f.name) and f.name not in uses:
+                raise ConfigError(f"preference.{f.name} does not apply to method: {method}"
+                                  + (f" (it applies to: {', '.join(sorted(uses))})" if uses else
+                                     " (the preference section is for dpo, orpo, kto and simpo)"))
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig
     data: DataConfig
@@ -230,9 +286,15 @@ class TrainConfig:
     lora: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of `lorakit.LoraConfig`, checked against its fields."""
     evaluation: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
+    method: Method = "sft"
+    """sft (next-token loss on the answers) or a preference method: dpo (loss_type sigmoid or ipo), orpo, kto,
+    simpo, tuned by the `preference` section."""
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "method": self.method,
+            "preference": dataclasses.asdict(self.preference),
             "model": dataclasses.asdict(self.model),
             "quantization": dataclasses.asdict(self.quantization),
             "lora": dict(self.lora),
@@ -272,8 +334,9 @@ _SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "training": TrainingConfig,
     "evaluation": GenerationEvalConfig,
+    "preference": PreferenceConfig,
 }
-_ALL_SECTIONS = ("model", "quantization", "lora", "data", "training", "evaluation")
+_ALL_SECTIONS = ("method", "model", "quantization", "lora", "data", "training", "evaluation", "preference")
 _SHORTHANDS = {"model": "name_or_path", "quantization": "method"}  # `model: path`, `quantization: nf4`
 
 
@@ -401,8 +464,18 @@ def build_config(raw: dict[str, Any]) -> TrainConfig:
     kwargs = {name: _build_section(name, cls, raw[name] if raw.get(name) is not None else {})
               for name, cls in _SECTIONS.items() if name in raw}
     lora = _check_lora(raw.get("lora") or {})
-    config = TrainConfig(lora=lora, **kwargs)
+    method = _check_value("method", raw.get("method") or "sft", Method)
+    config = TrainConfig(lora=lora, method=method, **kwargs)
     config.lora_config()  # validate the LoRA values now, not after the model and data have loaded
+    config.preference.check(method)
+    if method != "sft":
+        if config.training.packing:
+            raise ConfigError(f"training.packing does not apply to method: {method} (each chosen/rejected or KTO "
+                              "row is its own sequence); remove it")
+        if config.evaluation.path:
+            raise ConfigError(f"evaluation.path (exact match by generation) is for method: sft; a {method} run "
+                              "reports held-out preference accuracy before and after training on "
+                              "data.validation_path or data.val_set_size. Remove evaluation.path")
     return config
 
 
@@ -412,7 +485,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     key, value = text.split("=", 1)
     parts = key.strip().split(".")
-    if (len(parts) < 2 and parts[0] not in _SHORTHANDS) or not all(parts):
+    if (len(parts) < 2 and parts[0] not in (*_SHORTHANDS, "method")) or not all(parts):
         raise ConfigError(f"override {text!r}: the key must be section.key (e.g. training.learning_rate)")
     try:
         parsed = yaml.safe_load(value) if value.strip() else None

@@ -284,16 +284,7 @@ def tokenize_example(
     max_seq_length: int,
     train_on_inputs: bool = False,
 ) -> dict[str, Any]:
-    """Token ids and labels of one canonical record.
-
-    The text of all segments is tokenized in one call (so ids equal what the tokenizer gives for the whole
-    text, e.g. ``apply_chat_template(..., tokenize=True)`` for chats); a token is trained when any of its
-    characters lies in a trained segment (via the fast tokenizer's offset mapping), so a token that
-    straddles the prompt/answer boundary (``"Ġbear"`` after a prompt ending in a space) is trained, as TRL
-    trains the completion. Special tokens
-    the tokenizer adds itself (BOS) are masked. For every format except ``messages`` (whose template
-    closes turns itself) ``eos_token_id`` is appended, trained, unless the text already ends with it.
-    Sequences longer than ``max_seq_length`` keep their first ``max_seq_length`` tokens.
+    """Token ids and labels of one canonical record: ``tokenize_segments`` of its format's segments.
 
     Returns ``{"input_ids": list[int], "labels": list[int], "truncated": bool}``; ``labels[t]`` is
     ``input_ids[t]`` where loss is taken and -100 elsewhere.
@@ -305,14 +296,36 @@ def tokenize_example(
             "lorakit needs a fast tokenizer (tokenizers-backed) to map tokens to prompt/answer spans; "
             f"got {type(tokenizer).__name__}"
         )
-    segments = _segments(example, tokenizer, fmt)
+    return tokenize_segments(_segments(example, tokenizer, fmt), tokenizer, fmt == "messages", max_seq_length,
+                             train_on_inputs)
+
+
+def tokenize_segments(
+    segments: list[Segment],
+    tokenizer: Any,
+    chat: bool,
+    max_seq_length: int,
+    train_on_inputs: bool = False,
+) -> dict[str, Any]:
+    """Token ids and labels of ``(text, trained)`` segments (see ``lorakit.train.templates``).
+
+    The text of all segments is tokenized in one call (so ids equal what the tokenizer gives for the whole
+    text, e.g. ``apply_chat_template(..., tokenize=True)`` for chats); a token is trained when any of its
+    characters lies in a trained segment (via the fast tokenizer's offset mapping), so a token that
+    straddles the prompt/answer boundary (``"Ġbear"`` after a prompt ending in a space) is trained, as TRL
+    trains the completion. Special tokens
+    the tokenizer adds itself (BOS) are masked. Unless `chat` (a rendered chat template, which adds its own
+    special tokens and closes turns itself) the tokenizer's special tokens are added and ``eos_token_id`` is
+    appended, trained, unless the text already ends with it.
+    Sequences longer than ``max_seq_length`` keep their first ``max_seq_length`` tokens.
+    """
     text = "".join(s for s, _ in segments)
     trained_before = [0]  # trained_before[c]: trained characters in text[:c]
     for s, trained in segments:
         flag = int(trained or train_on_inputs)
         trained_before += [trained_before[-1] + flag * (i + 1) for i in range(len(s))]
     enc = tokenizer(
-        text, add_special_tokens=fmt != "messages", return_offsets_mapping=True, return_attention_mask=False
+        text, add_special_tokens=not chat, return_offsets_mapping=True, return_attention_mask=False
     )
     special = set(tokenizer.all_special_ids)
     input_ids: list[int] = list(enc["input_ids"])
@@ -325,7 +338,7 @@ def tokenize_example(
         trained = trained_before[end] > trained_before[min(start, end - 1)]
         labels.append(tok if trained else IGNORE_INDEX)
     eos = tokenizer.eos_token_id
-    if fmt != "messages" and eos is not None and (not input_ids or input_ids[-1] != eos):
+    if not chat and eos is not None and (not input_ids or input_ids[-1] != eos):
         input_ids.append(eos)
         labels.append(eos)
     truncated = len(input_ids) > max_seq_length

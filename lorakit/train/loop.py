@@ -153,11 +153,13 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     """Fine-tune `cfg.model` with the LoRA adapter `cfg.lora` on `cfg.data`; write everything to output_dir.
 
     Steps: (1) accelerator, seed and the run's plan (`lorakit.train.plan`: every refusal, the output_dir's lock,
-    stale temporary folders cleaned), (2) base model [quantization], (3) data of the method
-    (`lorakit.train.method`; SFT: [packing, max_seq_length]), (4) adapter [lora, model.adapter_name_or_path],
-    [gradient_checkpointing], [fused_lora], [distributed] (fsdp: meta base, then sharded and each process's rows
-    read), (5) optimizer [optim, weight_decay, adam_*] and schedule [lr_scheduler_type, warmup_ratio/steps],
-    (6) resume [resume], (7) exact match before training [evaluation.path], (8) the loop: unit-normalized loss over
+    stale temporary folders cleaned), (2) base model [quantization], (3) data of the [method]
+    (`lorakit.train.method`; SFT: [packing, max_seq_length]; dpo, orpo, kto, simpo: `lorakit.train.preference`
+    [preference.*]), (4) adapter [lora, model.adapter_name_or_path], [gradient_checkpointing], [fused_lora],
+    [distributed] (fsdp: meta base, then sharded and each process's rows read), (5) optimizer [optim,
+    weight_decay, adam_*] and schedule [lr_scheduler_type, warmup_ratio/steps], (6) resume [resume], (7) exact
+    match before training [evaluation.path], or the method's eval metrics before training (preference accuracy),
+    (8) the loop: unit-normalized loss over
     [gradient_accumulation_steps] and processes, autocast [bf16/fp16], [offload_activations], clipping
     [max_grad_norm], a stop at a non-finite loss or gradient norm [nonfinite_patience], logging [logging_steps],
     eval loss [eval_steps], checkpoints [save_steps, save_total_limit], SIGINT / SIGTERM (finish the step,
@@ -262,12 +264,16 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
         return [({k: v.to(accelerator.device) for k, v in method.collate(rows).items()}, method.tokens(rows))
                 for rows in step_rows(train_rows, sched, t.seed, step, rank)]
 
-    def evaluate(step: int) -> float:
+    def reduce(x: torch.Tensor) -> torch.Tensor:
+        return accelerator.reduce(x.to(accelerator.device), "sum")
+
+    def evaluate(step: int, split: str = "eval") -> dict[str, float]:
         loss = _evaluate(accelerator, loss_module, method, eval_rows[rank::world], t.per_device_eval_batch_size,
                          filler=eval_rows[:1] if sharded else None)
-        logger.log(step, {"eval_loss": loss, **({"eval_perplexity": perplexity(loss)}
-                                                 if method.reports_perplexity else {})})
-        return loss
+        record = {"eval_loss": loss, **({"eval_perplexity": perplexity(loss)} if method.reports_perplexity else {}),
+                  **method.pop_metrics(split, reduce)}
+        logger.log(step, record)
+        return record
 
     def save_checkpoint(step: int) -> Path:
         _check_finite(trainable, f"checkpoint-{step}")
@@ -276,6 +282,10 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
         ckpt.save(out_dir, step, accelerator.unwrap_model(loss_module).model, trainable, optimizer, scheduler,
                   state, rank, main, accelerator.wait_for_everyone, t.save_total_limit, sharded)
         return ckpt.checkpoint_path(out_dir, step)
+
+    if eval_rows and method.eval_before and resumed_from is None:  # [method]: e.g. preference accuracy at step 0
+        before = evaluate(0, "before")
+        say("[lorakit] held-out BEFORE training: " + ", ".join(f"{k} {v:.4g}" for k, v in before.items()))
 
     # 8. the loop ---------------------------------------------------------------------------------------------
     bar = tqdm(total=sched.total_steps, initial=start_step, disable=not main or t.disable_tqdm,
@@ -317,12 +327,16 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
                 lr = scheduler.get_last_lr()[0]
                 logger.log(done, {"train_loss": loss, "learning_rate": lr, "epoch": done / sched.steps_per_epoch,
                                   "tokens_per_s": tok_s, **({} if grad_norm is None else
-                                                           {"grad_norm": float(grad_norm)})})
+                                                           {"grad_norm": float(grad_norm)}),
+                                  **method.pop_metrics("train", reduce)})
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}",
                                 mem=format_bytes(peak_memory_bytes()), refresh=False)
             if eval_rows and t.eval_steps and done % t.eval_steps == 0 and done != sched.total_steps:
-                eval_loss = evaluate(done)
-                say(f"\n[lorakit] step {done}: eval_loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}")
+                record = evaluate(done)
+                eval_loss = record["eval_loss"]
+                say(f"\n[lorakit] step {done}: eval_loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}"
+                    if method.reports_perplexity else
+                    f"\n[lorakit] step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()))
             saved = bool(t.save_steps and done % t.save_steps == 0)
             if saved:
                 save_checkpoint(done)
@@ -342,7 +356,10 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
 
     # 9. final eval, adapter, tokenizer, plot, summary --------------------------------------------------------
     if eval_rows:
-        eval_loss = evaluate(sched.total_steps)
+        record = evaluate(sched.total_steps)
+        eval_loss = record["eval_loss"]
+        if method.eval_before:
+            say("[lorakit] held-out AFTER training: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()))
     accelerator.wait_for_everyone()
     summary: dict[str, Any] = {}
     last_train_loss = progress.last_train_loss
@@ -356,7 +373,8 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
             "global_step": sched.total_steps, "train_steps_this_run": sched.total_steps - start_step,
             "train_time_s": round(train_time, 2), "tokens_per_s": round(run_tokens / max(train_time, 1e-9), 1),
             "peak_memory_bytes": peak_memory_bytes(), "final_train_loss": last_train_loss,
-            "final_eval_loss": eval_loss, "final_eval_perplexity": perplexity(eval_loss) if eval_loss else None,
+            "final_eval_loss": eval_loss,
+            "final_eval_perplexity": perplexity(eval_loss) if eval_loss and method.reports_perplexity else None,
             "world_size": world, "trainable_params": n_trainable, **method.summary(),
             "resumed_from": str(resumed_from) if resumed_from else None,
         }

@@ -1,4 +1,4 @@
-"""A training method: what the loop of `lorakit.train.loop` asks of a loss (SFT today; preference losses next).
+"""A training method: what the loop of `lorakit.train.loop` asks of a loss (SFT; DPO, ORPO, KTO, SimPO).
 
 The loop owns everything a method shares: accelerator, base model and adapter, data order (a pure function of
 (seed, step)), token/pair-normalized accumulation over micro-batches and processes, clipping, optimizer and
@@ -29,6 +29,8 @@ class TrainingMethod(Protocol):
     name: str
     reports_perplexity: bool
     """Whether ``exp(eval_loss)`` means something (per-token cross-entropy); logged as eval_perplexity."""
+    eval_before: bool
+    """Whether the loop evaluates on the eval rows before training too (logged at step 0)."""
 
     def build_data(self, say: Callable[[str], None]) -> tuple[list[Row], list[Row], dict[str, Any]]:
         """(train rows, eval rows, stats logged as ``data_<key>`` at step 0); prints its report with `say`."""
@@ -50,13 +52,19 @@ class TrainingMethod(Protocol):
         """Input tokens of `rows` (throughput and ``tokens_seen``)."""
         ...
 
+    def pop_metrics(self, split: str, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+                    ) -> dict[str, float]:
+        """Method metrics of ``split`` ("train", "eval", or "before" for the evaluation before training) since the
+        last call, reduced over processes with `reduce` (every process calls it); logged beside the loss."""
+        ...
+
     def summary(self) -> dict[str, Any]:
         """Method-specific entries of summary.json."""
         ...
 
 
 def build_method(cfg: Any, tokenizer: Any, mask_dtype: torch.dtype) -> TrainingMethod:
-    """The method of `cfg` (``method:`` in the YAML once there are several; SFT until then)."""
+    """The method of `cfg` (``method:`` in the YAML)."""
     name = getattr(cfg, "method", "sft")
     if name not in METHODS:
         raise NotImplementedError(f"method: {name!r} is not implemented; available: {', '.join(METHODS)}")
@@ -69,5 +77,12 @@ def _sft(cfg: Any, tokenizer: Any, mask_dtype: torch.dtype) -> TrainingMethod:
     return SFT(cfg, tokenizer, mask_dtype)
 
 
-METHODS: dict[str, Callable[[Any, Any, torch.dtype], TrainingMethod]] = {"sft": _sft}
+def _preference(cfg: Any, tokenizer: Any, mask_dtype: torch.dtype) -> TrainingMethod:
+    from lorakit.train.preference import Preference
+
+    return Preference(cfg, tokenizer, mask_dtype)
+
+
+METHODS: dict[str, Callable[[Any, Any, torch.dtype], TrainingMethod]] = {
+    "sft": _sft, "dpo": _preference, "orpo": _preference, "kto": _preference, "simpo": _preference}
 """Method name -> constructor ``(TrainConfig, tokenizer, attention-mask dtype)``."""

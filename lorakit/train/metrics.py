@@ -97,7 +97,8 @@ class MetricsLogger:
             self._tb.close()
 
     def plot(self, output_dir: str | os.PathLike) -> Path | None:
-        """Train/eval loss and learning rate against step, as PNG (None when matplotlib is missing)."""
+        """Train/eval loss, learning rate and (preference methods) reward margins and accuracies against step, as PNG
+        (None when matplotlib is missing)."""
         if not self.enabled:
             return None
         try:
@@ -108,21 +109,32 @@ class MetricsLogger:
         except ImportError:
             print("[lorakit] matplotlib is not installed: no loss plot (`pip install matplotlib`).")
             return None
+        rewards = ("rewards/margins", "rewards/accuracies", "eval_rewards/accuracies", "preference_accuracy",
+                   "eval_preference_accuracy")  # preference methods: a third panel
         series = {name: [(r["step"], r[name]) for r in self.records if r.get(name) is not None]
-                  for name in ("train_loss", "eval_loss", "learning_rate")}
-        fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+                  for name in ("train_loss", "eval_loss", "learning_rate", *rewards)}
+        panels = 3 if series["rewards/margins"] else 2
+        fig, (ax_loss, ax_lr, *ax_reward) = plt.subplots(panels, 1, figsize=(7, 3 * panels), sharex=True)
+        for name in rewards if ax_reward else ():
+            if series[name]:
+                xs, ys = zip(*series[name], strict=True)
+                ax_reward[0].plot(xs, ys, marker="o" if name.startswith("eval_") else None, label=name)
+        if ax_reward:
+            ax_reward[0].set_ylabel("rewards / accuracy")
+            ax_reward[0].legend(fontsize="small")
+            ax_reward[0].grid(alpha=0.3)
         for name in ("train_loss", "eval_loss"):
             if series[name]:
                 xs, ys = zip(*series[name], strict=True)
                 ax_loss.plot(xs, ys, marker="o" if name == "eval_loss" else None, label=name)
-        ax_loss.set_ylabel("loss (per label token)")
+        ax_loss.set_ylabel("loss (per label token)" if panels == 2 else "loss (per pair / completion)")
         ax_loss.legend()
         ax_loss.grid(alpha=0.3)
         if series["learning_rate"]:
             xs, ys = zip(*series["learning_rate"], strict=True)
             ax_lr.plot(xs, ys, color="tab:green")
         ax_lr.set_ylabel("learning rate")
-        ax_lr.set_xlabel("optimizer step")
+        (ax_reward or [ax_lr])[-1].set_xlabel("optimizer step")
         ax_lr.grid(alpha=0.3)
         fig.tight_layout()
         path = Path(output_dir) / PLOT_FILE

@@ -58,6 +58,7 @@ class SFT:
 
     name = "sft"
     reports_perplexity = True
+    eval_before = False
 
     def __init__(self, cfg: Any, tokenizer: Any, mask_dtype: torch.dtype) -> None:
         self.cfg, self.tokenizer, self.mask_dtype = cfg, tokenizer, mask_dtype
@@ -93,6 +94,10 @@ class SFT:
 
     def tokens(self, rows: list[Row]) -> int:
         return sum(len(r["input_ids"]) for r in rows)
+
+    def pop_metrics(self, split: str, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+                    ) -> dict[str, float]:
+        return {}
 
     def summary(self) -> dict[str, Any]:
         return {"chunked_loss": self.chunked}

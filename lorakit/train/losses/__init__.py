@@ -1,0 +1,1 @@
+"""Training losses, one module per method family (``preference``: DPO, IPO, ORPO, KTO, SimPO)."""

@@ -106,3 +106,13 @@ def test_llama_cpp_generates_what_transformers_does(smollm2, tmp_path_factory):
     assert greedy_llama_cpp(llama, ids, 16) == want
     llama = llama_cpp.Llama(model_path=str(base_file), lora_path=str(lora_file), n_ctx=256, verbose=False, seed=0)
     assert greedy_llama_cpp(llama, ids, 16) == want
+
+
+def test_pre_tokenizer_hash_recognises_smollm(smollm2):
+    """The check text is llama.cpp's: SmolLM2's tokenizer hashes to the entry llama.cpp calls "smollm"."""
+    from transformers import AutoTokenizer
+
+    from lorakit.export.tokenizer import pre_tokenizer_name
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name)
+    assert pre_tokenizer_name(tokenizer) == "smollm"

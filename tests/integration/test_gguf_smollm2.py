@@ -116,3 +116,18 @@ def test_pre_tokenizer_hash_recognises_smollm(smollm2):
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name)
     assert pre_tokenizer_name(tokenizer) == "smollm"
+
+
+def test_f32_export_of_smollm2_loads_back_to_its_logits(smollm2, tmp_path):
+    """GGUF source on a real model (9 heads, 3 KV heads): Q4_1 dequantized, un-permuted, written F32, read back."""
+    from transformers import AutoModelForCausalLM
+
+    import lorakit
+    from lorakit.export import export_gguf
+
+    out = export_gguf(smollm2, tmp_path / "f32.gguf", outtype="f32", progress=False, echo=None)
+    ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = lorakit.load_model(smollm2)[0](ids).logits
+        got = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32)(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)  # same float32 weights; 1e-4: 30 layers of sums

@@ -197,7 +197,8 @@ class AdapterMerge:
             return self.full[name].float()
         bias_owner = name.removesuffix(".bias") + ".weight"
         if name.endswith(".bias") and "bias" in self.lora.get(bias_owner, {}):
-            return tensor + self.lora[bias_owner]["bias"]  # lora_bias: B's bias is added unscaled (PEFT)
+            parts = self.lora[bias_owner]  # lora_bias: PEFT merges scaling * B's bias into the base bias
+            return tensor + self.scaling(bias_owner, parts["A"].shape[0]) * parts["bias"]
         parts = self.lora.get(name)
         if parts is None:
             return tensor

@@ -70,7 +70,6 @@ def export_gguf_lora(
             shape = tuple(t.shape)
             plan.append((gname + suffix, shape, ggml_type(outtype, gname + suffix, shape)))
             tensors.append((gname + suffix, t))
-    merge.unused.clear()
     metadata: dict[str, Any] = {"general.type": "adapter", "adapter.type": "lora", "adapter.lora.alpha": alpha,
                                 "general.name": Path(os.fspath(adapter)).resolve().name,
                                 "general.file_type": FILE_TYPES[outtype], "general.quantization_version": 2}

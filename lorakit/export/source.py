@@ -61,20 +61,21 @@ class FolderSource(ModelSource):
     def __init__(self, path: Path) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
-        from lorakit.quant.load import _iter_checkpoint
-
         self.path = path
         self.config = AutoConfig.from_pretrained(path)
         if getattr(self.config, "quantization_config", None) is not None:
             raise ValueError(f"{path} holds a quantized model (quantization_config in config.json): export from the "
                              "full-precision base and the adapter")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self._iter = _iter_checkpoint
         self.shapes = {}
         index = path / "model.safetensors.index.json"
         files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
             "model.safetensors"]
         self.paths = tuple(path / f for f in files)
+        missing = [p.name for p in self.paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path} has no {', '.join(missing)}: export reads safetensors weights (save the "
+                                    "model with save_pretrained(..., safe_serialization=True))")
         for file in self.paths:
             with open(file, "rb") as f:
                 header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
@@ -83,8 +84,11 @@ class FolderSource(ModelSource):
                 self.shapes[name] = tuple(info["shape"])
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in self._iter(self.path):
-            yield name, tensor.float()
+        from lorakit.quant.load import iter_safetensors
+
+        for file in self.paths:
+            for name, tensor in iter_safetensors(file):
+                yield name, tensor.float()
 
 
 class GGUFSource(ModelSource):
@@ -193,7 +197,8 @@ class AdapterMerge:
             return self.full[name].float()
         bias_owner = name.removesuffix(".bias") + ".weight"
         if name.endswith(".bias") and "bias" in self.lora.get(bias_owner, {}):
-            return tensor + self.lora[bias_owner]["bias"]  # lora_bias: B's bias is added unscaled (PEFT)
+            parts = self.lora[bias_owner]  # lora_bias: PEFT merges scaling * B's bias into the base bias
+            return tensor + self.scaling(bias_owner, parts["A"].shape[0]) * parts["bias"]
         parts = self.lora.get(name)
         if parts is None:
             return tensor

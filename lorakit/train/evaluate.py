@@ -23,6 +23,9 @@ def load_base_model(name_or_path: str, torch_dtype: str = "float32", quantizatio
     """(model, tokenizer) for a causal LM; `quantization` is a train.config.QuantizationConfig or None."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lorakit.quant.gguf_in import find_gguf
+
+    find_gguf(name_or_path)  # a missing .gguf file fails here with its own message, not as a Hub id
     with model_path_errors(name_or_path):
         return _load_base_model(AutoModelForCausalLM, AutoTokenizer, name_or_path, torch_dtype, quantization,
                                 attn_implementation, revision, trust_remote_code, device)

@@ -187,3 +187,31 @@ def test_adapter_of_another_model_fails_without_a_partial_file(tiny_dir, tmp_pat
     with pytest.raises(ValueError, match="match no base model tensor"):
         export_gguf(tiny_dir, tmp_path / "out" / "m.gguf", adapter=adapter, outtype="f32", progress=False, echo=None)
     assert not (tmp_path / "out" / "m.gguf").exists() and not list((tmp_path / "out").glob(".tmp-*"))
+
+
+def test_qwen2_lora_bias_adapter_merges_like_peft(ids, tmp_path):
+    """lora_bias=True on a model with q/k/v biases: the bias of B is merged scaled (PEFT's merge)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    from lorakit import LoraConfig, PeftModel, get_peft_model
+    from tests.conftest import REPO
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "examples" / "tiny_model")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(  # 448 rows: Qwen2's tokenizer class adds <|endoftext|>
+        vocab_size=448, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False))
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"], lora_bias=True,
+                                            init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    peft.save_pretrained(tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    want = logits(PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload().eval(), ids)
+    out = export_gguf(tmp_path / "base", tmp_path / "q.gguf", adapter=tmp_path / "adapter", outtype="f32",
+                      progress=False, echo=None)
+    torch.testing.assert_close(logits(load_back(out), ids), want, atol=1e-5, rtol=0)

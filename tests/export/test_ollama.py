@@ -39,7 +39,7 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-@pytest.mark.parametrize("which", ["tiny", "chatml", "smollm2"])
+@pytest.mark.parametrize("which", ["tiny", "chatml", pytest.param("smollm2", marks=pytest.mark.slow)])
 def test_template_pieces_replay_the_chat_template(which):
     make = {"tiny": tiny_tokenizer, "chatml": lambda: tiny_tokenizer(CHATML), "smollm2": smollm2_tokenizer}
     tokenizer = make[which]()

@@ -50,7 +50,8 @@ def llama_cpp_module(tmp: Path):
     target = tmp / "llama_cpp_site"
     env = dict(os.environ, CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF")
     build = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-binary", "llama-cpp-python",
-                            "llama-cpp-python", "--target", str(target)], capture_output=True, text=True, env=env)
+                            "llama-cpp-python", "diskcache", "--target", str(target)],  # its one dep missing here
+                           capture_output=True, text=True, env=env)
     if build.returncode != 0:
         pytest.skip("could not build llama-cpp-python from its sdist: " + build.stderr.strip()[-300:])
     sys.path.insert(0, str(target))
@@ -75,6 +76,10 @@ def greedy_llama_cpp(llama, ids: list[int], n: int) -> list[int]:
 
 
 def test_llama_cpp_generates_what_transformers_does(smollm2, tmp_path_factory):
+    """Status 2026-12-05 (llama-cpp-python 0.3.36 built here): FAILS for this random adapter -- llama.cpp's greedy
+    tokens follow the base model's while transformers' merged model diverges at token 2 -- while for the adapter
+    trained by examples/smollm2.yaml the merged f32 export and base f32 + LoRA GGUF gave transformers' exact 8 greedy
+    tokens on 2 prompts, and the base f32 export matched too. Not yet explained; see the issue 16 report."""
     import lorakit
     from lorakit import LoraConfig, PeftModel, get_peft_model
     from lorakit.export import export_gguf, export_gguf_lora
@@ -83,11 +88,13 @@ def test_llama_cpp_generates_what_transformers_does(smollm2, tmp_path_factory):
     llama_cpp = llama_cpp_module(tmp)
     base, tokenizer = lorakit.load_model(smollm2)
     torch.manual_seed(0)
+    # random non-zero A and B, scaled down: at full size (or x5) the random update wrecks the model and its
+    # near-tied logits let float summation order pick the greedy token; a trained adapter matched either way
     peft = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
-    with torch.no_grad():  # a visible change: greedy text differs from the base model's
+    with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name:
-                p.mul_(5)
+                p.mul_(0.1)
     peft.save_pretrained(tmp / "adapter")
     merged = PeftModel.from_pretrained(lorakit.load_model(smollm2)[0], tmp / "adapter").merge_and_unload().eval()
 
@@ -106,3 +113,28 @@ def test_llama_cpp_generates_what_transformers_does(smollm2, tmp_path_factory):
     assert greedy_llama_cpp(llama, ids, 16) == want
     llama = llama_cpp.Llama(model_path=str(base_file), lora_path=str(lora_file), n_ctx=256, verbose=False, seed=0)
     assert greedy_llama_cpp(llama, ids, 16) == want
+
+
+def test_pre_tokenizer_hash_recognises_smollm(smollm2):
+    """The check text is llama.cpp's: SmolLM2's tokenizer hashes to the entry llama.cpp calls "smollm"."""
+    from transformers import AutoTokenizer
+
+    from lorakit.export.tokenizer import pre_tokenizer_name
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name)
+    assert pre_tokenizer_name(tokenizer) == "smollm"
+
+
+def test_f32_export_of_smollm2_loads_back_to_its_logits(smollm2, tmp_path):
+    """GGUF source on a real model (9 heads, 3 KV heads): Q4_1 dequantized, un-permuted, written F32, read back."""
+    from transformers import AutoModelForCausalLM
+
+    import lorakit
+    from lorakit.export import export_gguf
+
+    out = export_gguf(smollm2, tmp_path / "f32.gguf", outtype="f32", progress=False, echo=None)
+    ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = lorakit.load_model(smollm2)[0](ids).logits
+        got = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32)(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)  # same float32 weights; 1e-4: 30 layers of sums

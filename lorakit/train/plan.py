@@ -25,7 +25,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +198,9 @@ class RunPlan:
                       "distributed": "fsdp" if self.fsdp else "ddp",
                       "base_model": os.path.abspath(m.name_or_path) if os.path.exists(m.name_or_path)
                       else m.name_or_path}
+        data_order["method"] = self.cfg.method  # a checkpoint of another training method (or its settings) is refused
+        if self.cfg.method != "sft":
+            data_order["preference"] = asdict(self.cfg.preference)
         if fingerprint is not None:
             data_order["train_data_sha256"] = fingerprint
         if self.resume_from is not None:

@@ -155,3 +155,24 @@ def test_data_fingerprint_changes_with_any_token_label_or_order():
     assert data_fingerprint([{**rows[0], "labels": [5, 6, 7]}, rows[1]]) != base  # train_on_inputs
     assert data_fingerprint([{"input_ids": [5, 6], "labels": [-100, 6]}, {"input_ids": [7, 8, 9],
                                                                            "labels": [7, 8, 9]}]) != base  # split moved
+
+
+def test_resume_refuses_a_checkpoint_of_another_training_method(tmp_path):
+    """A DPO checkpoint resumed as SFT (or with another beta) would restore an optimizer and schedule of another
+    objective: refused, naming the setting."""
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+
+    def dpo(beta):
+        raw = {"model": str(tmp_path / "no-model-here"), "method": "dpo", "preference": {"beta": beta},
+               "data": {"path": str(tmp_path / "p.jsonl")}, "lora": {"r": 4, "target_modules": ["q_proj"]},
+               "training": {"output_dir": str(tmp_path / "out"), "max_steps": 4, "per_device_train_batch_size": 2}}
+        return build_config(raw)
+
+    sched = prepare_run(dpo(0.1)).schedule(10)
+    assert sched.data_order["method"] == "dpo"
+    _checkpoint(tmp_path / "out", 2, **sched.data_order)
+    with pytest.raises(ValueError, match="preference=.*this run has"):
+        prepare_run(dpo(0.5), resume=True).schedule(10)
+    with pytest.raises(ValueError, match="method='dpo', this run has 'sft'"):
+        prepare_run(_cfg(tmp_path), resume=True).schedule(10)
+    assert prepare_run(dpo(0.1), resume=True).schedule(10).total_steps == 4

@@ -160,7 +160,7 @@ def test_serialization_matches_bitsandbytes():
 
 
 def test_reference_vectors():
-    """Test vectors of /work/shared/reference/nf4-format.md (blocksize 64, input shape (1, 128))."""
+    """Test vectors of ../shared/reference/nf4-format.md (blocksize 64, input shape (1, 128))."""
     i = torch.arange(128, dtype=torch.float32)
     A = (torch.sin(0.37 * i + 0.1) * (1 + (i % 7) / 3)).reshape(1, 128)
     packed, state = quantize_4bit(A)

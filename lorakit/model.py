@@ -362,13 +362,14 @@ class PeftModel(nn.Module):
         """PEFT's: upload the adapter folder ``save_pretrained`` writes (config, weights, model card; other adapters
         in subfolders) to the Hub repo ``repo_id`` in one commit (``lorakit.io.hub``); ``kwargs`` go to
         ``save_pretrained``. After ``merge_and_unload()`` the result is a transformers model: its own
-        ``push_to_hub`` publishes the merged model. Offline, raises ``HubUnavailableError`` naming HF_HUB_OFFLINE."""
+        ``push_to_hub`` publishes the merged model. Offline, raises ``HubUnavailableError`` naming HF_HUB_OFFLINE.
+        ``max_shard_size`` is accepted and unused (an adapter is one file), as in PEFT."""
         from lorakit.io.hub import push_adapter_to_hub
 
         return push_adapter_to_hub(
-            self, repo_id, commit_message=commit_message, commit_description=commit_description, private=private,
-            token=token, revision=revision, create_pr=create_pr, max_shard_size=max_shard_size, tags=tags,
-            safe_serialization=safe_serialization, **kwargs,
+            self, repo_id, save_kwargs={"safe_serialization": safe_serialization, **kwargs}, tags=tags,
+            commit_message=commit_message, commit_description=commit_description, private=private, token=token,
+            revision=revision, create_pr=create_pr,
         )
 
     def load_adapter(

@@ -107,40 +107,18 @@ def upload_folder_to_hub(
 
 
 def push_adapter_to_hub(
-    model: Any,
-    repo_id: str,
-    *,
-    commit_message: str | None = None,
-    commit_description: str | None = None,
-    private: bool | None = None,
-    token: bool | str | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-    safe_serialization: bool = True,
-    tags: list[str] | None = None,
-    **save_kwargs: Any,
+    model: Any, repo_id: str, *, save_kwargs: dict[str, Any], tags: list[str] | None = None, **upload_kwargs: Any
 ) -> Any:
-    """``PeftModel.push_to_hub``: ``model.save_pretrained`` into a temporary folder (adapter config, weights, the
-    model card; other adapters in subfolders), ``tags`` added to the card, then ``upload_folder_to_hub``.
-    ``save_kwargs`` go to ``save_pretrained`` (``selected_adapters``, ``save_embedding_layers``, ...);
-    ``max_shard_size`` is accepted and unused (an adapter is one file), as in PEFT."""
-    save_kwargs.pop("max_shard_size", None)
+    """``PeftModel.push_to_hub``: ``model.save_pretrained(tmp, **save_kwargs)`` into a temporary folder (adapter
+    config, weights, the model card; other adapters in subfolders), ``tags`` added to the card, then
+    ``upload_folder_to_hub(tmp, repo_id, **upload_kwargs)`` (the commit options: message, private, token, ...)."""
     if _offline():
         raise _unavailable("push_to_hub")
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp, safe_serialization=safe_serialization, **save_kwargs)
+        model.save_pretrained(tmp, **save_kwargs)
         if tags:
             _add_tags(os.path.join(tmp, "README.md"), tags)
-        return upload_folder_to_hub(
-            tmp,
-            repo_id,
-            commit_message=commit_message,
-            commit_description=commit_description,
-            private=private,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
-        )
+        return upload_folder_to_hub(tmp, repo_id, **upload_kwargs)
 
 
 def _add_tags(card: str, tags: list[str]) -> None:

@@ -20,7 +20,7 @@ def inspect_model(name_or_path: str, ranks: Sequence[int] = (4, 8, 16, 32, 64),
     model = meta_model(name_or_path, trust_remote_code)
     n_params = sum(p.numel() for p in model.parameters())
     groups = linear_groups(model)
-    lines = [f"{name_or_path}: {type(model).__name__}, {n_params:,} parameters (from config.json, meta device)",
+    lines = [f"{name_or_path}: {type(model).__name__}, {n_params:,} parameters (from its config, meta device)",
              "", f"{'module':<20} {'count':>5}  {'in -> out':<16} {'attention':<9} example path"]
     for g in groups.values():
         shape = f"{g.shape[0]} -> {g.shape[1]}"

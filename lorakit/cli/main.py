@@ -47,14 +47,16 @@ def _train(args: argparse.Namespace) -> int:
 def _preprocess(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
+    from lorakit.quant.gguf_in import pretrained_args
     from lorakit.train.config import load_config
     from lorakit.train.data import build_datasets, format_debug, pack_examples
     from lorakit.train.evaluate import generation_examples, model_path_errors
 
     cfg = load_config(args.config, args.overrides)
+    source, gguf = pretrained_args(cfg.model.name_or_path)  # a .gguf model: its folder and gguf_file=
     with model_path_errors(cfg.model.name_or_path):
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
-                                                  trust_remote_code=cfg.model.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.model.revision,
+                                                  trust_remote_code=cfg.model.trust_remote_code, **gguf)
     if cfg.method != "sft":  # preference pairs / KTO rows, each shown with its masks
         from lorakit.train.preference_data import build_preference_datasets, format_pair_debug
 

@@ -56,7 +56,8 @@ def clean_killed_merge(out: Path) -> None:
 
 def merge_to_disk(base: str, adapter: str, out: str | os.PathLike, dtype: str = "float32",
                   max_shard_size: str | int = "2GB", overwrite: bool = False) -> Path:
-    """Load `base` in `dtype` (never quantized), apply `adapter`, merge, write `out` via a temporary folder.
+    """Load `base` in `dtype` (never quantized; a GGUF file is dequantized), apply `adapter`, merge, write `out`
+    via a temporary folder.
 
     The folder holds the merged model (sharded safetensors, config, generation config), the tokenizer
     (from the adapter folder when it has one, as `lorakit train` saves it there, else from the base) and
@@ -73,6 +74,7 @@ def merge_to_disk(base: str, adapter: str, out: str | os.PathLike, dtype: str = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lorakit import PeftModel
+    from lorakit.quant.gguf_in import find_gguf, load_gguf
     from lorakit.train.evaluate import model_path_errors
 
     if dtype not in DTYPES:
@@ -84,13 +86,18 @@ def merge_to_disk(base: str, adapter: str, out: str | os.PathLike, dtype: str = 
     out = Path(out).resolve()
     check_out_folder(out, {"base model": base, "adapter": adapter}, overwrite)
     clean_killed_merge(out)
+    gguf_file = find_gguf(base)
     with model_path_errors(base, "base model"):
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, DTYPES[dtype]))
+        if gguf_file is not None:  # dequantized to `dtype`, its tokenizer from the file's metadata
+            model, tokenizer = load_gguf(gguf_file, getattr(torch, DTYPES[dtype]))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, DTYPES[dtype]))
     with damaged_file_errors(adapter):
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    tok_source = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
-    with model_path_errors(tok_source, "tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(tok_source)
+    if (Path(adapter) / "tokenizer_config.json").is_file() or gguf_file is None:
+        tok_source = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
+        with model_path_errors(tok_source, "tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(tok_source)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = out.parent / f".tmp-{out.name}", out.parent / f".old-{out.name}"

@@ -135,12 +135,21 @@ def embedding_is_targeted(root: nn.Module, config: Any) -> bool:
 
 def _vocab_resized(root: nn.Module, config: Any) -> bool:
     """PEFT's check for ``save_embedding_layers="auto"``: the model's ``vocab_size`` differs from that of the base
-    model's ``config.json`` (``base_model_name_or_path``: a local folder, or the Hub unless ``HF_HUB_OFFLINE``)."""
+    model's ``config.json`` (``base_model_name_or_path``: a local folder, or the Hub unless ``HF_HUB_OFFLINE``; a
+    GGUF file: its metadata)."""
     model_config = getattr(root, "config", None)
     vocab_size = getattr(model_config, "vocab_size", None)
     model_id = config.base_model_name_or_path
     if not vocab_size or not model_id:
         return False
+    from lorakit.quant.gguf_in import is_gguf, pretrained_args
+
+    if is_gguf(model_id):  # a GGUF base: its config is in the file's metadata
+        try:
+            source, gguf = pretrained_args(model_id)
+        except (OSError, ValueError, ImportError):  # moved or unreadable since it was loaded: as PEFT, unchanged
+            return False
+        return vocab_size != type(model_config).from_pretrained(source, **gguf).vocab_size
     exists = os.path.exists(os.path.join(model_id, "config.json"))
     if not exists and os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes", "on"):
         from huggingface_hub import file_exists

@@ -45,6 +45,27 @@ def find_gguf(name_or_path: str | os.PathLike) -> Path | None:
     return files[0] if files else None
 
 
+def pretrained_args(name_or_path: str | os.PathLike) -> tuple[str, dict[str, str]]:
+    """``(first argument, keyword arguments)`` for any transformers ``from_pretrained`` (config, tokenizer,
+    model): a GGUF file, or a folder holding one, gives its folder and ``gguf_file=<name>`` (header checked by
+    `check_gguf`); anything else passes through unchanged.
+
+    Raises what `find_gguf` and `check_gguf` raise (missing file, several files, unsupported GGUF).
+    """
+    file = find_gguf(name_or_path)
+    if file is None:
+        return os.fspath(name_or_path), {}
+    check_gguf(file)
+    return str(file.parent), {"gguf_file": file.name}
+
+
+def is_gguf(name_or_path: str | os.PathLike) -> bool:
+    """Whether ``name_or_path`` names a GGUF model (a ``.gguf`` path, or a folder of one without config.json)."""
+    path = Path(os.path.expanduser(os.fspath(name_or_path)))
+    return path.suffix.lower() == GGUF_SUFFIX or (
+        path.is_dir() and not (path / "config.json").is_file() and any(path.glob("*" + GGUF_SUFFIX)))
+
+
 def supported_architectures() -> list[str]:
     """GGUF ``general.architecture`` values transformers' loader reads (legacy table plus the newer path)."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES

@@ -39,13 +39,16 @@ METHODS = ("full", "lora", "qlora")
 
 
 def meta_model(name_or_path: str, trust_remote_code: bool = False) -> nn.Module:
-    """Build the causal LM of `name_or_path` from its config.json on the meta device (no weights read)."""
+    """Build the causal LM of `name_or_path` from its config.json (a GGUF file: its metadata) on the meta device
+    (no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from lorakit.quant.gguf_in import pretrained_args
     from lorakit.train.evaluate import model_path_errors
 
+    source, gguf = pretrained_args(name_or_path)  # a .gguf model: its config from the file's metadata
     with model_path_errors(name_or_path), torch.device("meta"):
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf)
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 

@@ -340,7 +340,15 @@ def _check_fsdp(cfg: TrainConfig, plan: RunPlan) -> None:
         plan.notices.append("training.distributed=fsdp with one process: nothing to shard, it trains as one "
                             "process (launch with torchrun --nproc_per_node N or accelerate launch to shard)")
         return
+    from lorakit.quant.gguf_in import is_gguf
+
     fix = "use training.distributed=ddp for it"
+    if is_gguf(cfg.model.name_or_path):
+        raise NotImplementedError(
+            f"training.distributed=fsdp with a GGUF model ({cfg.model.name_or_path}) is not implemented (each process "
+            "reads its rows from safetensors files). Save it once as a model folder -- model, tokenizer = "
+            "lorakit.load_model(path); model.save_pretrained(folder); tokenizer.save_pretrained(folder) -- and give "
+            f"that folder, or {fix}")
     if cfg.model.adapter_name_or_path:
         raise NotImplementedError(f"training.distributed=fsdp from model.adapter_name_or_path (an existing "
                                   f"adapter) is not implemented; {fix}")

@@ -107,3 +107,59 @@ def test_path_errors(tiny, tmp_path):
         (tmp_path / name).write_bytes(tiny[1].read_bytes())
     with pytest.raises(ValueError, match="several GGUF files"):
         lorakit.load_model(tmp_path)
+
+
+def test_cli_commands_take_a_gguf_base(tiny, tmp_path, config_writer, capsys, monkeypatch):
+    """preprocess, inspect, estimate and merge accept a .gguf model as they accept a folder: merge dequantizes the
+    base, merges, and writes a plain folder whose logits are the merged model's (1e-5, float32)."""
+    import json
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import LoraConfig, PeftModel, get_peft_model
+    from lorakit.cli.main import main
+
+    folder, file = tiny
+    cfg = config_writer(tmp_path / "c.yaml", file, tmp_path / "run", fmt="messages")
+    assert main(["preprocess", str(cfg)]) == 0
+    assert "train_examples" in capsys.readouterr().out
+    assert main(["inspect", str(file)]) == 0
+    assert "LlamaForCausalLM, 47,008 parameters" in capsys.readouterr().out
+    assert main(["estimate", str(file), "--method", "lora", "--seq-len", "64", "--batch-size", "2"]) == 0
+    assert "total with gradient checkpointing" in capsys.readouterr().out
+
+    # an adapter saved on the GGUF base, Hub allowed: no warning (the vocabulary is compared with the file's
+    # metadata, not looked up on the Hub as "<path>.gguf/config.json")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    torch.manual_seed(0)
+    peft = get_peft_model(lorakit.load_model(file)[0], LoraConfig(r=4, target_modules="all-linear",
+                                                                  init_lora_weights=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        peft.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(file)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    want = logits(PeftModel.from_pretrained(lorakit.load_model(file)[0], tmp_path / "adapter").merge_and_unload(), IDS)
+    assert main(["merge", "--base", str(file), "--adapter", str(tmp_path / "adapter"), "--out",
+                 str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert getattr(merged.config, "quantization_config", None) is None
+    torch.testing.assert_close(logits(merged, IDS), want, atol=1e-5, rtol=0)
+    assert (want - logits(lorakit.load_model(folder)[0], IDS)).abs().max() > 1e-3  # the adapter is in it
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()  # from the GGUF's metadata
+
+    assert main(["merge", "--base", str(tmp_path / "nope.gguf"), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "m2")]) != 0
+    err = capsys.readouterr().err
+    assert "GGUF file" in err and "does not exist" in err
+
+
+def test_fsdp_refuses_a_gguf_base_by_name(tiny, tmp_path, config_writer):
+    from lorakit.train.config import load_config
+    from lorakit.train.plan import prepare_run
+
+    cfg = config_writer(tmp_path / "c.yaml", tiny[1], tmp_path / "run", training={"distributed": "fsdp"})
+    with pytest.raises(NotImplementedError, match=r"fsdp with a GGUF model .*model\.save_pretrained\(folder\)"):
+        prepare_run(load_config(cfg), world_size=2)

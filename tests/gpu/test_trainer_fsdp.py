@@ -3,7 +3,8 @@ model to the same adapter as one GPU with the same global batch, and saves it in
 
 accelerate turns FSDP on for accelerator devices only (accelerate 1.16 `state.py` leaves MULTI_CPU out of the
 FSDP switch), so this cannot run on the CPU machines of CI; the CPU reference of the same sharding is the
-`fully_shard` user-loop test in tests/train/test_fsdp.py. Status: written against transformers 5.25 / accelerate
+`fully_shard` user-loop test in tests/train/test_fsdp.py, and the same worker under DDP on CPU is
+tests/integration/test_trainer_ddp.py. Status: written against transformers 5.25 / accelerate
 1.16 and not yet run -- no GPU machine was lent to the sessions that wrote it.
 
 Tolerance 1e-5 / 1e-4 (fp32, TF32 off): the sharded run sums the same gradients in another order (reduce-scatter).
@@ -53,7 +54,7 @@ def test_trainer_with_accelerate_fsdp2_matches_one_gpu(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model_dir = make_tiny_model(tmp_path / "model")
-    worker = str(HERE / "trainer_fsdp_worker.py")
+    worker = str(HERE.parent / "integration" / "trainer_worker.py")
     _run([sys.executable, worker, str(model_dir), str(tmp_path / "one"), "4"])
     (tmp_path / "fsdp2.yaml").write_text(FSDP2_CONFIG)
     _run(["accelerate", "launch", "--config_file", str(tmp_path / "fsdp2.yaml"), worker, str(model_dir),

@@ -1,11 +1,13 @@
-"""One run of transformers' `Trainer` (lorakit's subclass) on a lorakit model, for tests/gpu/test_trainer_fsdp.py.
+"""One run of transformers' `Trainer` (lorakit's subclass) on a lorakit model, for tests/integration/test_trainer_ddp.py
+(CPU, DDP) and tests/gpu/test_trainer_fsdp.py (GPUs, accelerate's FSDP2):
 
-    python trainer_fsdp_worker.py MODEL_DIR OUT PER_DEVICE_BATCH                      # one GPU, no sharding
-    accelerate launch --config_file FSDP2.yaml trainer_fsdp_worker.py MODEL_DIR OUT PER_DEVICE_BATCH
+    python trainer_worker.py MODEL_DIR OUT PER_DEVICE_BATCH                          # one process
+    ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 trainer_worker.py ...        # DDP on CPU (gloo)
+    accelerate launch --config_file FSDP2.yaml trainer_worker.py ...                 # FSDP2 on GPUs
 
 Fixed-length random sequences (every row has the same number of label tokens, so a mean over 2 ranks of 2 rows is
-the mean over 4 rows), dropout 0, TF32 off: the sharded and the one-GPU runs do the same arithmetic up to order.
-The adapter is saved with a full (gathered) state dict, as transformers' docs advise for PEFT under FSDP.
+the mean over 4 rows), dropout 0, TF32 off: the multi-process and one-process runs do the same arithmetic up to
+order. Under FSDP the adapter is saved from a full (gathered) state dict, as transformers' docs advise for PEFT.
 """
 
 import sys

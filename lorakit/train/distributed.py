@@ -12,8 +12,8 @@ Each decoder layer (found from the model: the classes transformers names in ``_n
 ``fully_shard`` group, untied input embeddings another, and the root module holds the rest (final norm, LM
 head; all-gathered for the whole step, as the chunked loss reads the head's weight directly). Gradients are
 reduce-scattered (averaged over the ``P`` processes, as DDP's all-reduce), so the loop's loss normalization is
-unchanged. On a GPU with ``training.bf16`` parameters are all-gathered in bf16 and gradients reduced in fp32
-(``MixedPrecisionPolicy``); on CPU (gloo) nothing is cast.
+unchanged. With ``training.bf16`` parameters are all-gathered in bf16 and gradients reduced in fp32
+(``MixedPrecisionPolicy``), on a GPU or on CPU (gloo); the sharded parameters and AdamW state stay fp32.
 
 Loading (``load_sharded``): the model is built on the meta device, sharded, then each process allocates and
 reads only its rows of each tensor from the safetensors files (a 4-bit layer: the full-precision tensor is read
@@ -72,10 +72,10 @@ def _fsdp_base_name(module: nn.Module) -> str:
 
 
 def mixed_precision_policy(bf16: bool) -> Any:
-    """bf16 all-gathers and fp32 gradient reduction on a CUDA GPU with training.bf16; no casts otherwise."""
+    """bf16 all-gathers and fp32 gradient reduction with training.bf16 (any device); no casts otherwise."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if bf16 and torch.cuda.is_available():
+    if bf16:
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
 

@@ -170,7 +170,15 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     from accelerate.utils import set_seed
 
     # cpu=True on a machine without CUDA: accelerate only enters MULTI_CPU (gloo) mode under torchrun with it
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.training), cpu=not torch.cuda.is_available())
+    try:
+        accelerator = Accelerator(mixed_precision=mixed_precision(cfg.training), cpu=not torch.cuda.is_available())
+    except ValueError as err:  # accelerate keeps the first run's settings for the life of the process
+        if "already been initialized" not in str(err):
+            raise
+        raise ValueError(f"this Python process already trained with another precision (accelerate keeps one "
+                         f"mixed-precision setting per process); training.bf16={cfg.training.bf16} / "
+                         f"training.fp16={cfg.training.fp16} needs a new process: run `lorakit train CONFIG`, or "
+                         "restart the notebook kernel") from None
     set_seed(cfg.training.seed)
     main = accelerator.is_main_process
     plan = prepare_run(cfg, resume, accelerator.num_processes, main, lock=main)

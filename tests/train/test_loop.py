@@ -260,3 +260,14 @@ def test_exact_match_before_and_after_training(config_writer, tmp_path, tiny_mod
     summary = json.loads((out / "summary.json").read_text())
     assert 0.0 <= summary["exact_match_after"] <= 1.0 and summary["exact_match_before"] == result.summary[
         "exact_match_before"]
+
+
+def test_a_second_run_with_another_precision_in_one_process_is_refused_clearly(config_writer, tmp_path,
+                                                                                tiny_model_dir):
+    """accelerate keeps the first run's mixed precision for the life of the process (a notebook): the second run
+    with training.bf16 says to use a new process, instead of accelerate's advice about `Accelerator()`."""
+    train(load_config(config_writer(tmp_path / "a.yaml", tiny_model_dir, tmp_path / "a", training={"max_steps": 1})))
+    cfg = config_writer(tmp_path / "b.yaml", tiny_model_dir, tmp_path / "b", training={"max_steps": 1, "bf16": True})
+    with pytest.raises(ValueError, match=r"already trained with another precision .* `lorakit train CONFIG`"):
+        train(load_config(cfg))
+    assert not (tmp_path / "b" / "adapter_model.safetensors").exists()

@@ -166,19 +166,9 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
     checkpoint, raise `TrainingInterrupted`), (9) final eval, adapter, tokenizer, plot and summary, exact match
     after training (reloaded from disk).
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    # cpu=True on a machine without CUDA: accelerate only enters MULTI_CPU (gloo) mode under torchrun with it
-    try:
-        accelerator = Accelerator(mixed_precision=mixed_precision(cfg.training), cpu=not torch.cuda.is_available())
-    except ValueError as err:  # accelerate keeps the first run's settings for the life of the process
-        if "already been initialized" not in str(err):
-            raise
-        raise ValueError(f"this Python process already trained with another precision (accelerate keeps one "
-                         f"mixed-precision setting per process); training.bf16={cfg.training.bf16} / "
-                         f"training.fp16={cfg.training.fp16} needs a new process: run `lorakit train CONFIG`, or "
-                         "restart the notebook kernel") from None
+    accelerator = _accelerator(cfg.training)
     set_seed(cfg.training.seed)
     main = accelerator.is_main_process
     plan = prepare_run(cfg, resume, accelerator.num_processes, main, lock=main)
@@ -187,6 +177,22 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
             return _run(plan, accelerator, stop)
     finally:
         plan.release()
+
+
+def _accelerator(t: Any) -> Any:
+    """accelerate's `Accelerator` for training.bf16 / fp16; a clear error when this process already made one with
+    another precision (accelerate keeps the first run's settings for the life of the process: a notebook)."""
+    from accelerate import Accelerator
+
+    # cpu=True on a machine without CUDA: accelerate only enters MULTI_CPU (gloo) mode under torchrun with it
+    try:
+        return Accelerator(mixed_precision=mixed_precision(t), cpu=not torch.cuda.is_available())
+    except ValueError as err:
+        if "already been initialized" not in str(err):
+            raise
+        raise ValueError(f"this Python process already trained with another precision (accelerate keeps one "
+                         f"mixed-precision setting per process); training.bf16={t.bf16} / training.fp16={t.fp16} "
+                         "needs a new process: run `lorakit train CONFIG`, or restart the notebook kernel") from None
 
 
 def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:

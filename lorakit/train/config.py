@@ -208,7 +208,8 @@ class GenerationEvalConfig:
     max_new_tokens: int = 16
     batch_size: int = 16
     generate_samples: int = 3
-    """After training: reload the saved adapter and print this many generations."""
+    """After training: reload the saved adapter (FSDP: the trained model in memory) and print this many
+    generations."""
 
     def __post_init__(self) -> None:
         for name in ("max_examples", "max_new_tokens", "batch_size"):

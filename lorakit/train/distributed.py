@@ -71,6 +71,21 @@ def _fsdp_base_name(module: nn.Module) -> str:
     return name[4:] if name.startswith("FSDP") else name
 
 
+@contextlib.contextmanager
+def gathered_root(sharded: ShardedModel | None) -> Iterator[None]:
+    """The root group's parameters (final norm, LM head, ...) all-gathered for a call that does not go through the
+    root's forward (``generate`` on the model inside it); each decoder layer still gathers in its own forward.
+    Nothing to do without FSDP (`sharded` None)."""
+    if sharded is None:
+        yield
+        return
+    sharded.root.unshard()
+    try:
+        yield
+    finally:
+        sharded.root.reshard()
+
+
 def mixed_precision_policy(bf16: bool) -> Any:
     """bf16 all-gathers and fp32 gradient reduction with training.bf16 (any device); no casts otherwise."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -162,6 +177,15 @@ class ShardedModel:
         if head is None or embed.weight is not head.weight:  # untied: the input embeddings gather on their own
             fully_shard(embed, mp_policy=mp_policy)
         fully_shard(root, mp_policy=mp_policy)  # the rest: final norm, LM head (the chunked loss reads its weight)
+
+    @torch.no_grad()
+    def first_forward(self, batch: dict[str, torch.Tensor]) -> None:
+        """One forward of the root in eval mode, no gradient: FSDP2 sets up its groups (which one is the root) on
+        the root's first forward, so this must come before anything calls an inner module first (``generate``)."""
+        was_training = self.root.training
+        self.root.eval()
+        self.root(**batch)
+        self.root.train(was_training)
 
     # ---- loading -------------------------------------------------------------------------------------------
     def load(self, path: str | Path, dtype: torch.dtype, adapters: dict[int, dict[str, torch.Tensor]],

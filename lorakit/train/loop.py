@@ -270,9 +270,11 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
 
     # 7. exact match before training -------------------------------------------------------------------------
     gen_examples, before = None, None
-    if ev.path and main:
+    if ev.path and sharded is not None:  # every process generates its share; the root's forward comes first
+        sharded.first_forward({k: v.to(accelerator.device) for k, v in method.collate(train_rows[:1]).items()})
+    if ev.path and (main or sharded):
         gen_examples, before = _exact_match_before(cfg, model, tokenizer, data_stats.get("format"),
-                                                   resumed_from is None, say)
+                                                   resumed_from is None, say, sharded)
 
     def batches_of(step: int) -> list[tuple[dict[str, torch.Tensor], int]]:
         return [({k: v.to(accelerator.device) for k, v in method.collate(rows).items()}, method.tokens(rows))
@@ -393,8 +395,10 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
             "resumed_from": str(resumed_from) if resumed_from else None,
         }
     logger.close()
-    if main and gen_examples is not None:
-        summary.update(_exact_match_after(cfg, out_dir, gen_examples, before, accelerator.device, say))
+    if gen_examples is not None:
+        exact = _exact_match_after(cfg, out_dir, gen_examples, before, accelerator.device, say,
+                                   None if sharded is None else (model, tokenizer, sharded))
+        summary.update(exact if main else {})
     if main:
         (out_dir / SUMMARY_FILE).write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
         say(f"[lorakit] done: {sched.total_steps - start_step} steps in {train_time:.1f} s, "
@@ -518,8 +522,9 @@ def _evaluate(accelerator: Any, loss_module: nn.Module, method: TrainingMethod, 
 
 
 def _exact_match_before(cfg: TrainConfig, model: nn.Module, tokenizer: Any, fmt: str | None, measure: bool,
-                        say: Any) -> tuple[list, float | None]:
-    """The held-out exact-match prompts [evaluation.path] and, unless resuming, the base model's score."""
+                        say: Any, sharded: fsdp.ShardedModel | None = None) -> tuple[list, float | None]:
+    """The held-out exact-match prompts [evaluation.path] and, unless resuming, the base model's score (FSDP: every
+    process generates its share with its shards of `model`)."""
     ev, t = cfg.evaluation, cfg.training
     examples, skipped = generation_examples(ev.path, cfg.data, tokenizer, ev.max_examples, t.max_seq_length, fmt,
                                             ev.prompt_field, ev.answer_field)
@@ -528,23 +533,31 @@ def _exact_match_before(cfg: TrainConfig, model: nn.Module, tokenizer: Any, fmt:
             f"whose answer is cut off by training.max_seq_length={t.max_seq_length}")
     before = None
     if measure:
-        with model.disable_adapter():
-            before, _ = exact_match(model, tokenizer, examples, ev.max_new_tokens, ev.batch_size)
+        with model.disable_adapter(), fsdp.gathered_root(sharded):
+            before, _ = exact_match(model, tokenizer, examples, ev.max_new_tokens, ev.batch_size, bool(sharded))
         say(f"[lorakit] exact match BEFORE training: {before:.1%} on {len(examples)} held-out prompts")
     return examples, before
 
 
 def _exact_match_after(cfg: TrainConfig, out_dir: Path, examples: list, before: float | None,
-                       device: torch.device, say: Any) -> dict[str, float | None]:
+                       device: torch.device, say: Any,
+                       in_memory: tuple[nn.Module, Any, fsdp.ShardedModel] | None = None) -> dict[str, float | None]:
     """Reload base + saved adapter from disk (what a user would do), run the exact-match check, print the score
-    and [evaluation.generate_samples] generations; returns the summary entries."""
+    and [evaluation.generate_samples] generations; returns the summary entries. Under FSDP (`in_memory`: the
+    trained model, its tokenizer and its shards) every process generates its share with the model in memory, as
+    reloading would put the whole model on one process."""
     from lorakit import PeftModel
 
     m, ev = cfg.model, cfg.evaluation
-    base, tokenizer = load_base_model(m.name_or_path, m.torch_dtype, cfg.quantization, m.attn_implementation,
-                                      m.revision, m.trust_remote_code, device=device)
-    model = PeftModel.from_pretrained(base, str(out_dir))
-    after, pairs = exact_match(model, tokenizer, examples, ev.max_new_tokens, ev.batch_size)
+    if in_memory is not None:
+        model, tokenizer, sharded = in_memory
+        with fsdp.gathered_root(sharded):
+            after, pairs = exact_match(model, tokenizer, examples, ev.max_new_tokens, ev.batch_size, sharded=True)
+    else:
+        base, tokenizer = load_base_model(m.name_or_path, m.torch_dtype, cfg.quantization, m.attn_implementation,
+                                          m.revision, m.trust_remote_code, device=device)
+        model = PeftModel.from_pretrained(base, str(out_dir))
+        after, pairs = exact_match(model, tokenizer, examples, ev.max_new_tokens, ev.batch_size)
     say(f"[lorakit] exact match AFTER training:  {after:.1%} on {len(examples)} held-out prompts"
         + (f" (before: {before:.1%})" if before is not None else ""))
     for gen, exp in pairs[: ev.generate_samples]:

@@ -352,9 +352,6 @@ def _check_fsdp(cfg: TrainConfig, plan: RunPlan) -> None:
     if cfg.model.adapter_name_or_path:
         raise NotImplementedError(f"training.distributed=fsdp from model.adapter_name_or_path (an existing "
                                   f"adapter) is not implemented; {fix}")
-    if cfg.evaluation.path:
-        raise NotImplementedError("training.distributed=fsdp with evaluation.path (exact match by generation on "
-                                  f"the sharded model) is not implemented; remove evaluation.path or {fix}")
     if cfg.quantization.method == "int8":
         raise NotImplementedError(f"training.distributed=fsdp with quantization=int8 is not implemented (4-bit "
                                   f"bases shard: quantization=nf4 or fp4); or {fix}")

@@ -128,6 +128,26 @@ def test_fsdp_qlora_matches_one_process(config_writer, tmp_path, tiny_model_dir)
     _assert_same_adapter(one, two)
 
 
+def test_fsdp_exact_match_generates_what_one_process_does(config_writer, tmp_path, tiny_model_dir, capsys):
+    """evaluation.path under FSDP: each process generates its share of the prompts with its shards (synced
+    generate), before and after training; the printed generations and both scores are those of one process."""
+    evaluation = {"path": str(EVAL_FILE), "max_examples": 10, "batch_size": 4, "max_new_tokens": 6,
+                  "generate_samples": 10}
+    one, two = tmp_path / "one", tmp_path / "two"
+    training = {"max_steps": 3}
+    train(load_config(config_writer(tmp_path / "one.yaml", tiny_model_dir, one, lora=NO_DROPOUT, evaluation=evaluation,
+                                    training={**training, "per_device_train_batch_size": 4})))
+    want = [line for line in capsys.readouterr().out.splitlines() if line.startswith("    generated ")]
+    cfg = config_writer(tmp_path / "two.yaml", tiny_model_dir, two, lora=NO_DROPOUT, evaluation=evaluation,
+                        training={**training, "per_device_train_batch_size": 2, "distributed": "fsdp"})
+    got = [line for line in _torchrun("-m", "lorakit.cli.main", "train", str(cfg)).splitlines()
+           if line.startswith("    generated ")]
+    assert len(want) == 10 and got == want
+    summary = [json.loads((out / "summary.json").read_text()) for out in (one, two)]
+    for key in ("exact_match_before", "exact_match_after"):
+        assert summary[1][key] == summary[0][key] is not None
+
+
 def test_fsdp_bf16_mixed_precision_on_a_4bit_base(config_writer, tmp_path, tiny_model_dir):
     """training.bf16 under FSDP: parameters all-gathered in bf16, gradients reduced in fp32 (MixedPrecisionPolicy,
     on CPU as on a GPU), the packed 4-bit bytes and their scales gathered unchanged. The losses follow one process
@@ -205,8 +225,7 @@ def test_fsdp_refusals(config_writer, tmp_path, tiny_model_dir, capsys):
     base = {"distributed": "fsdp"}
     for extra, message in [({"lora": {"use_dora": True}}, "lora.use_dora=true is not implemented"),
                            ({"lora": {"init_lora_weights": "pissa"}}, "init_lora_weights='pissa' is not"),
-                           ({"quantization": {"method": "int8"}}, "quantization=int8 is not implemented"),
-                           ({"evaluation": {"path": str(EVAL_FILE)}}, "evaluation.path .* is not implemented")]:
+                           ({"quantization": {"method": "int8"}}, "quantization=int8 is not implemented")]:
         cfg = config_writer(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "run", training=base, **extra)
         with pytest.raises(NotImplementedError, match=message):
             prepare_run(load_config(cfg), world_size=2)

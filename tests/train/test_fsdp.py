@@ -148,6 +148,47 @@ def test_fsdp_exact_match_generates_what_one_process_does(config_writer, tmp_pat
         assert summary[1][key] == summary[0][key] is not None
 
 
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_fsdp_preference_training_matches_one_process(config_writer, tmp_path, tiny_model_dir, method):
+    """DPO (2 processes x 2 pairs = 1 x 4) and KTO under FSDP: the losses, TRL's metrics and the adapter of one
+    process. KTO's KL term pairs each row with the previous completion of its per-device batch (as TRL does), so
+    its one-process run keeps the per-device batch of 4 and accumulates 2 micro-batches instead."""
+    import yaml
+
+    from tests.conftest import DATA
+
+    pairs = [json.loads(line) for line in (DATA / "animal_preference_train.jsonl").read_text().splitlines()[:16]]
+    if method == "kto":
+        rows = [{"prompt": p["prompt"], "completion": p["chosen" if i % 3 else "rejected"], "label": bool(i % 3)}
+                for i, p in enumerate(pairs)]
+        one_batch, two_batch, accum = 4, 4, 2
+    else:
+        rows, one_batch, two_batch, accum = pairs, 4, 2, 1
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    outs = []
+    for name, extra in [("one", {"per_device_train_batch_size": one_batch, "gradient_accumulation_steps": accum}),
+                        ("two", {"per_device_train_batch_size": two_batch, "distributed": "fsdp"})]:
+        cfg = config_writer(tmp_path / f"{name}.yaml", tiny_model_dir, tmp_path / name, lora=NO_DROPOUT,
+                            data={"path": str(data), "validation_path": None, "max_examples": None},
+                            training={"max_steps": 3, **extra})
+        raw = yaml.safe_load(cfg.read_text())
+        raw["method"] = method
+        raw["data"].pop("max_examples")
+        cfg.write_text(yaml.safe_dump(raw))
+        if name == "one":
+            train(load_config(cfg))
+        else:
+            _torchrun("-m", "lorakit.cli.main", "train", str(cfg))
+        outs.append([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
+    logs = [[r for r in records if "train_loss" in r] for records in outs]
+    assert len(logs[0]) == len(logs[1]) == 3 and "rewards/chosen" in logs[1][0]
+    for a, b in zip(*logs, strict=True):
+        for key in ("train_loss", "grad_norm", "rewards/chosen", "logps/chosen"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    _assert_same_adapter(tmp_path / "one", tmp_path / "two")
+
+
 def test_fsdp_bf16_mixed_precision_on_a_4bit_base(config_writer, tmp_path, tiny_model_dir):
     """training.bf16 under FSDP: parameters all-gathered in bf16, gradients reduced in fp32 (MixedPrecisionPolicy,
     on CPU as on a GPU), the packed 4-bit bytes and their scales gathered unchanged. The losses follow one process

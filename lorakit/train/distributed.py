@@ -38,6 +38,10 @@ import torch
 from torch import nn
 
 SHARDED_DIR = "sharded"  # the torch.distributed.checkpoint folder inside a checkpoint
+FORWARD_METHODS = ("generate", "logps", "reference_logps")
+"""Methods of a loss module (`lorakit.train.method.LossModule`) that call the model outside ``forward``: FSDP2
+runs them under the root's pre/post-forward hooks (``register_fsdp_forward_method``), so the root's own
+parameters are gathered and its lazy set-up happens on whichever comes first."""
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -69,21 +73,6 @@ def _fsdp_base_name(module: nn.Module) -> str:
     """The class name before ``fully_shard`` prefixed it with FSDP (``FSDPLlamaDecoderLayer``)."""
     name = type(module).__name__
     return name[4:] if name.startswith("FSDP") else name
-
-
-@contextlib.contextmanager
-def gathered_root(sharded: ShardedModel | None) -> Iterator[None]:
-    """The root group's parameters (final norm, LM head, ...) all-gathered for a call that does not go through the
-    root's forward (``generate`` on the model inside it); each decoder layer still gathers in its own forward.
-    Nothing to do without FSDP (`sharded` None)."""
-    if sharded is None:
-        yield
-        return
-    sharded.root.unshard()
-    try:
-        yield
-    finally:
-        sharded.root.reshard()
 
 
 def mixed_precision_policy(bf16: bool) -> Any:
@@ -157,7 +146,7 @@ class ShardedModel:
 
     def __init__(self, root: nn.Module, peft: nn.Module, mp_policy: Any) -> None:
         import torch.distributed as dist
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         self.root, self.peft = root, peft
         self.rank = dist.get_rank()
@@ -177,15 +166,9 @@ class ShardedModel:
         if head is None or embed.weight is not head.weight:  # untied: the input embeddings gather on their own
             fully_shard(embed, mp_policy=mp_policy)
         fully_shard(root, mp_policy=mp_policy)  # the rest: final norm, LM head (the chunked loss reads its weight)
-
-    @torch.no_grad()
-    def first_forward(self, batch: dict[str, torch.Tensor]) -> None:
-        """One forward of the root in eval mode, no gradient: FSDP2 sets up its groups (which one is the root) on
-        the root's first forward, so this must come before anything calls an inner module first (``generate``)."""
-        was_training = self.root.training
-        self.root.eval()
-        self.root(**batch)
-        self.root.train(was_training)
+        for name in FORWARD_METHODS:  # model calls made through the root run under its hooks, as forward does
+            if callable(getattr(root, name, None)):
+                register_fsdp_forward_method(root, name)
 
     # ---- loading -------------------------------------------------------------------------------------------
     def load(self, path: str | Path, dtype: torch.dtype, adapters: dict[int, dict[str, torch.Tensor]],

@@ -243,6 +243,7 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
         sharded = fsdp.ShardedModel(loss_module, model, fsdp.mixed_precision_policy(t.bf16))
         sharded.load(model_path, load_dtype, adapter_values, accelerator.device)
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    method.precompute(loss_module, collective=sharded is not None)  # [method]: e.g. reference log-probs
     optimizer = build_optimizer(t.optim, param_groups(model, t.weight_decay), t.learning_rate,
                                 (t.adam_beta1, t.adam_beta2), t.adam_epsilon)
     scheduler = build_scheduler(optimizer, sched.total_steps, sched.warmup, t.lr_scheduler_type)
@@ -270,11 +271,9 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
 
     # 7. exact match before training -------------------------------------------------------------------------
     gen_examples, before = None, None
-    if ev.path and sharded is not None:  # every process generates its share; the root's forward comes first
-        sharded.first_forward({k: v.to(accelerator.device) for k, v in method.collate(train_rows[:1]).items()})
-    if ev.path and (main or sharded):
+    if ev.path and (main or sharded):  # FSDP: every process generates its share with its shards
         gen_examples, before = _exact_match_before(cfg, model, tokenizer, data_stats.get("format"),
-                                                   resumed_from is None, say, sharded)
+                                                   resumed_from is None, say, loss_module if sharded else None)
 
     def batches_of(step: int) -> list[tuple[dict[str, torch.Tensor], int]]:
         return [({k: v.to(accelerator.device) for k, v in method.collate(rows).items()}, method.tokens(rows))
@@ -397,7 +396,7 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
     logger.close()
     if gen_examples is not None:
         exact = _exact_match_after(cfg, out_dir, gen_examples, before, accelerator.device, say,
-                                   None if sharded is None else (model, tokenizer, sharded))
+                                   None if sharded is None else (loss_module, tokenizer))
         summary.update(exact if main else {})
     if main:
         (out_dir / SUMMARY_FILE).write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
@@ -522,9 +521,9 @@ def _evaluate(accelerator: Any, loss_module: nn.Module, method: TrainingMethod, 
 
 
 def _exact_match_before(cfg: TrainConfig, model: nn.Module, tokenizer: Any, fmt: str | None, measure: bool,
-                        say: Any, sharded: fsdp.ShardedModel | None = None) -> tuple[list, float | None]:
+                        say: Any, sharded_root: nn.Module | None = None) -> tuple[list, float | None]:
     """The held-out exact-match prompts [evaluation.path] and, unless resuming, the base model's score (FSDP: every
-    process generates its share with its shards of `model`)."""
+    process generates its share through `sharded_root`, the loss module around `model`)."""
     ev, t = cfg.evaluation, cfg.training
     examples, skipped = generation_examples(ev.path, cfg.data, tokenizer, ev.max_examples, t.max_seq_length, fmt,
                                             ev.prompt_field, ev.answer_field)
@@ -533,26 +532,26 @@ def _exact_match_before(cfg: TrainConfig, model: nn.Module, tokenizer: Any, fmt:
             f"whose answer is cut off by training.max_seq_length={t.max_seq_length}")
     before = None
     if measure:
-        with model.disable_adapter(), fsdp.gathered_root(sharded):
-            before, _ = exact_match(model, tokenizer, examples, ev.max_new_tokens, ev.batch_size, bool(sharded))
+        with model.disable_adapter():
+            before, _ = exact_match(sharded_root or model, tokenizer, examples, ev.max_new_tokens, ev.batch_size,
+                                    sharded=sharded_root is not None)
         say(f"[lorakit] exact match BEFORE training: {before:.1%} on {len(examples)} held-out prompts")
     return examples, before
 
 
 def _exact_match_after(cfg: TrainConfig, out_dir: Path, examples: list, before: float | None,
                        device: torch.device, say: Any,
-                       in_memory: tuple[nn.Module, Any, fsdp.ShardedModel] | None = None) -> dict[str, float | None]:
+                       in_memory: tuple[nn.Module, Any] | None = None) -> dict[str, float | None]:
     """Reload base + saved adapter from disk (what a user would do), run the exact-match check, print the score
     and [evaluation.generate_samples] generations; returns the summary entries. Under FSDP (`in_memory`: the
-    trained model, its tokenizer and its shards) every process generates its share with the model in memory, as
-    reloading would put the whole model on one process."""
+    sharded loss module and the tokenizer) every process generates its share with the trained model in memory,
+    as reloading would put the whole model on one process."""
     from lorakit import PeftModel
 
     m, ev = cfg.model, cfg.evaluation
     if in_memory is not None:
-        model, tokenizer, sharded = in_memory
-        with fsdp.gathered_root(sharded):
-            after, pairs = exact_match(model, tokenizer, examples, ev.max_new_tokens, ev.batch_size, sharded=True)
+        root, tokenizer = in_memory
+        after, pairs = exact_match(root, tokenizer, examples, ev.max_new_tokens, ev.batch_size, sharded=True)
     else:
         base, tokenizer = load_base_model(m.name_or_path, m.torch_dtype, cfg.quantization, m.attn_implementation,
                                           m.revision, m.trust_remote_code, device=device)

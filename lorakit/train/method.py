@@ -23,6 +23,21 @@ Row = dict[str, Any]
 """One training row as the method's data step produces it (SFT: ``{"input_ids", "labels", ...}``)."""
 
 
+class LossModule(nn.Module):
+    """Base of the loss modules: holds the (LoRA-wrapped) model, and lets code call its ``generate`` through the
+    loss module. Under FSDP the loss module is the root of the sharded model and `lorakit.train.distributed`
+    registers ``generate`` (and a subclass's other model calls, e.g. reference log-probs) as forward methods, so
+    that they run under the root's hooks (its parameters gathered) like ``forward`` does."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def generate(self, **kwargs: Any) -> torch.Tensor:
+        """``self.model.generate(**kwargs)``."""
+        return self.model.generate(**kwargs)
+
+
 class TrainingMethod(Protocol):
     """What the training loop asks of a method (see the module docstring)."""
 
@@ -42,6 +57,13 @@ class TrainingMethod(Protocol):
 
     def loss_module(self, model: nn.Module) -> nn.Module:
         """A module whose ``forward(**batch)`` returns the loss *summed* over the batch's units (a scalar)."""
+        ...
+
+    def precompute(self, module: nn.Module, collective: bool) -> None:
+        """Per-row values computed once from the model as loaded, before training and before a checkpoint is
+        restored (DPO/KTO's reference log-probs); nothing for most methods. With `collective` (FSDP) every process
+        calls it, computes its share of the rows with forwards that all processes run together, and the values
+        are exchanged."""
         ...
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:

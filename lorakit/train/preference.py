@@ -21,6 +21,7 @@ before training and at every evaluation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -67,43 +68,56 @@ class Preference:
         return collate_preference(rows, self.name, self.tokenizer.pad_token_id, self.mask_dtype)
 
     def loss_module(self, model: nn.Module) -> nn.Module:
-        """The loss module; first, where the reference is precomputed, the reference log-probs of every row
-        (the loop calls this before it restores a checkpoint, so the adapter is still the one the run started
-        from)."""
         self.chunked = self.cfg.training.use_chunked_loss and chunked_loss_available(model)
-        module = PreferenceLoss(model, self.name, self.cfg.preference, self.chunked, self.stats, self.eval_stats)
-        start_adapter = self.cfg.model.adapter_name_or_path is not None
-        if self.name not in REFERENCE_FREE and (self.cfg.preference.precompute_ref_log_probs or start_adapter):
-            self.reference = ("precomputed: model.adapter_name_or_path as loaded" if start_adapter
-                              else "precomputed: adapter disabled")
-            self._precompute(module, use_adapter=start_adapter)
-        return module
+        return PreferenceLoss(model, self.name, self.cfg.preference, self.chunked, self.stats, self.eval_stats)
 
     @torch.no_grad()
-    def _precompute(self, module: PreferenceLoss, use_adapter: bool) -> None:
-        """Store ``ref_logps`` (and KTO's ``ref_kl_logps``) in every train and eval row."""
-        was_training = module.model.training
-        module.model.eval()
-        device = next(module.model.parameters()).device
-        size = self.cfg.training.per_device_eval_batch_size
+    def precompute(self, module: nn.Module, collective: bool) -> None:
+        """Where the reference is precomputed, store ``ref_logps`` (and KTO's ``ref_kl_logps``) in every train and
+        eval row (the loop calls this before it restores a checkpoint, so the adapter is still the one the run
+        started from). With `collective` (FSDP) process r computes rows r, r + P, ... of each list, every process
+        runs as many batches as the busiest one (a filler batch, uncounted), and the values are all-gathered."""
+        import torch.distributed as dist
 
-        def ref(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        start_adapter = self.cfg.model.adapter_name_or_path is not None
+        if self.name in REFERENCE_FREE or not (self.cfg.preference.precompute_ref_log_probs or start_adapter):
+            return
+        self.reference = ("precomputed: model.adapter_name_or_path as loaded" if start_adapter
+                          else "precomputed: adapter disabled")
+        was_training = module.training
+        module.eval()
+        device = next(module.parameters()).device
+        size = self.cfg.training.per_device_eval_batch_size
+        rank, world = (dist.get_rank(), dist.get_world_size()) if collective else (0, 1)
+
+        def ref(batch: dict[str, torch.Tensor]) -> list[float]:
             rows = {k: batch[k].to(device) for k in ("input_ids", "labels", "attention_mask", "position_ids")}
-            return (module.logps(**rows)[0] if use_adapter else module.reference_logps(**rows)).cpu()
+            return (module.logps(**rows)[0] if start_adapter else module.reference_logps(**rows)).cpu().tolist()
 
         for rows in self.rows:
-            for start in range(0, len(rows), size):
-                chunk = rows[start : start + size]
-                batch = self.collate(chunk)
-                logps = ref(batch).tolist()
+            mine = list(range(rank, len(rows), world))
+            n_batches = math.ceil(len(mine) / size)
+            if collective:
+                count = torch.tensor([n_batches], device=device)
+                dist.all_reduce(count, op=dist.ReduceOp.MAX)
+                n_batches = int(count)
+            values: dict[int, Any] = {}
+            for i in range(n_batches):
+                index = mine[i * size : (i + 1) * size]
+                batch = self.collate([rows[j] for j in index] or rows[:1])  # a filler batch, not stored
+                logps = ref(batch)
                 if self.name == "kto":
-                    kl = ref({k.removeprefix("kl_"): v for k, v in batch.items() if k.startswith("kl_")}).tolist()
-                    for row, a, b in zip(chunk, logps, kl, strict=True):
-                        row["ref_logps"], row["ref_kl_logps"] = a, b
+                    kl = ref({k.removeprefix("kl_"): v for k, v in batch.items() if k.startswith("kl_")})
+                    values.update({j: {"ref_logps": logps[b], "ref_kl_logps": kl[b]} for b, j in enumerate(index)})
                 else:
-                    for i, row in enumerate(chunk):
-                        row["ref_logps"] = (logps[i], logps[len(chunk) + i])
-        module.model.train(was_training)
+                    values.update({j: {"ref_logps": (logps[b], logps[len(index) + b])} for b, j in enumerate(index)})
+            if collective:
+                parts: list[dict[int, Any]] = [{} for _ in range(world)]
+                dist.all_gather_object(parts, values)
+                values = {j: v for part in parts for j, v in part.items()}
+            for j, row in enumerate(rows):
+                row.update(values[j])
+        module.train(was_training)
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["desirable"].numel()) if self.name == "kto" else batch["input_ids"].shape[0] // 2

@@ -14,10 +14,10 @@ from torch import nn
 
 from lorakit.train.data import IGNORE_INDEX, build_datasets, collate, pack_examples
 from lorakit.train.evaluate import label_tokens
-from lorakit.train.method import Row
+from lorakit.train.method import LossModule, Row
 
 
-class CausalLMLoss(nn.Module):
+class CausalLMLoss(LossModule):
     """Wraps a (LoRA-wrapped) causal LM so that forward returns the *summed* token cross-entropy.
 
     DDP wraps this module, so the decoder-only path below still syncs gradients. With `chunked` the LM
@@ -26,8 +26,7 @@ class CausalLMLoss(nn.Module):
     """
 
     def __init__(self, model: nn.Module, chunked: bool) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.chunked = chunked
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
@@ -88,6 +87,9 @@ class SFT:
     def loss_module(self, model: nn.Module) -> nn.Module:
         self.chunked = self.cfg.training.use_chunked_loss and chunked_loss_available(model)
         return CausalLMLoss(model, self.chunked)
+
+    def precompute(self, module: nn.Module, collective: bool) -> None:
+        """Nothing: SFT needs no per-row values from the model."""
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return int(label_tokens(batch["labels"]))

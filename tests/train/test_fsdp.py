@@ -148,11 +148,14 @@ def test_fsdp_exact_match_generates_what_one_process_does(config_writer, tmp_pat
         assert summary[1][key] == summary[0][key] is not None
 
 
-@pytest.mark.parametrize("method", ["dpo", "kto"])
-def test_fsdp_preference_training_matches_one_process(config_writer, tmp_path, tiny_model_dir, method):
+@pytest.mark.parametrize(("method", "preference"), [("dpo", {}), ("kto", {}),
+                                                    ("dpo", {"precompute_ref_log_probs": True})],
+                         ids=["dpo", "kto", "dpo-precomputed-reference"])
+def test_fsdp_preference_training_matches_one_process(config_writer, tmp_path, tiny_model_dir, method, preference):
     """DPO (2 processes x 2 pairs = 1 x 4) and KTO under FSDP: the losses, TRL's metrics and the adapter of one
     process. KTO's KL term pairs each row with the previous completion of its per-device batch (as TRL does), so
-    its one-process run keeps the per-device batch of 4 and accumulates 2 micro-batches instead."""
+    its one-process run keeps the per-device batch of 4 and accumulates 2 micro-batches instead. With the
+    reference precomputed, each process computes its share of the rows' reference log-probs with its shards."""
     import yaml
 
     from tests.conftest import DATA
@@ -173,7 +176,7 @@ def test_fsdp_preference_training_matches_one_process(config_writer, tmp_path, t
                             data={"path": str(data), "validation_path": None, "max_examples": None},
                             training={"max_steps": 3, **extra})
         raw = yaml.safe_load(cfg.read_text())
-        raw["method"] = method
+        raw["method"], raw["preference"] = method, preference
         raw["data"].pop("max_examples")
         cfg.write_text(yaml.safe_dump(raw))
         if name == "one":
@@ -187,6 +190,8 @@ def test_fsdp_preference_training_matches_one_process(config_writer, tmp_path, t
         for key in ("train_loss", "grad_norm", "rewards/chosen", "logps/chosen"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
     _assert_same_adapter(tmp_path / "one", tmp_path / "two")
+    reference = json.loads((tmp_path / "two" / "summary.json").read_text())["reference"]
+    assert reference == ("precomputed: adapter disabled" if preference else "adapter disabled")
 
 
 def test_fsdp_bf16_mixed_precision_on_a_4bit_base(config_writer, tmp_path, tiny_model_dir):

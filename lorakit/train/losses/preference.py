@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.kernels.chunked_logps import sequence_logps
+from lorakit.train.method import LossModule
 
 PAIRED = ("dpo", "orpo", "simpo")
 """Methods trained on (prompt, chosen, rejected) pairs; KTO takes (prompt, completion, label)."""
@@ -145,7 +146,7 @@ class MetricSums:
         return {n: s / c for n, (s, c) in zip(names, table.tolist(), strict=True) if c > 0}
 
 
-class PreferenceLoss(nn.Module):
+class PreferenceLoss(LossModule):
     """Wraps a LoRA model so that ``forward(**batch)`` returns the preference loss *summed* over the batch.
 
     A paired batch holds chosen rows then rejected rows in one (2B, T) tensor (one forward for both); a KTO
@@ -156,8 +157,8 @@ class PreferenceLoss(nn.Module):
 
     def __init__(self, model: nn.Module, method: str, cfg: Any, chunked: bool, stats: MetricSums,
                  eval_stats: MetricSums) -> None:
-        super().__init__()
-        self.model, self.method, self.cfg, self.chunked = model, method, cfg, chunked
+        super().__init__(model)
+        self.method, self.cfg, self.chunked = method, cfg, chunked
         self.stats, self.eval_stats = stats, eval_stats
 
     def logps(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,

@@ -117,13 +117,17 @@ def empty_base_model(name_or_path: str, torch_dtype: str, quantization: Any, att
     return model, tokenizer, path, dtype
 
 
-def adapter_init_values(model: nn.Module, init_lora_weights: bool | str) -> dict[int, dict[str, torch.Tensor]]:
-    """Initial values of every adapter of `model` (created on meta), drawn as a one-process run draws them:
+def adapter_init_values(model: nn.Module, init_lora_weights: bool | str,
+                        saved: str | Path | None = None) -> dict[int, dict[str, torch.Tensor]]:
+    """Initial values of every adapter of `model` (created on meta): drawn as a one-process run draws them,
     ``reset_parameters(init_lora_weights)`` of each adapter in module order from the current RNG (loading the
-    base draws nothing). Returns ``{id(adapter): {parameter name: value}}``; the adapters stay on meta."""
+    base draws nothing); or, with `saved` (an adapter folder, ``model.adapter_name_or_path``), its tensors, copied
+    by the same code as ``PeftModel.load_adapter``. Returns ``{id(adapter): {parameter name: value}}``; the
+    adapters stay on meta."""
+    from lorakit.io.adapter import load_adapter_weights, set_peft_model_state_dict
     from lorakit.layers import LoraAdapter, LoraEmbeddingAdapter
 
-    values: dict[int, dict[str, torch.Tensor]] = {}
+    adapters = []
     for module in model.modules():
         if isinstance(module, LoraEmbeddingAdapter):
             raise NotImplementedError("training.distributed=fsdp with an adapter on an embedding layer is not "
@@ -131,9 +135,14 @@ def adapter_init_values(model: nn.Module, init_lora_weights: bool | str) -> dict
                                       "training.distributed=ddp")
         if isinstance(module, LoraAdapter):
             module.to_empty(device="cpu")
-            module.reset_parameters(init_lora_weights)
-            values[id(module)] = {n: p.detach().clone() for n, p in module.named_parameters()}
-            module.to("meta")
+            if saved is None:
+                module.reset_parameters(init_lora_weights)
+            adapters.append(module)
+    if saved is not None:
+        set_peft_model_state_dict(model, load_adapter_weights(str(saved)), model.active_adapter)
+    values = {id(m): {n: p.detach().clone() for n, p in m.named_parameters()} for m in adapters}
+    for module in adapters:
+        module.to("meta")
     return values
 
 

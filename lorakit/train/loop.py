@@ -230,7 +230,8 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
 
     # 4. adapter ----------------------------------------------------------------------------------------------
     model = _attach_adapter(model, plan)
-    adapter_values = fsdp.adapter_init_values(model, plan.lora.init_lora_weights) if plan.fsdp else {}
+    adapter_values = fsdp.adapter_init_values(model, plan.lora.init_lora_weights,
+                                              m.adapter_name_or_path) if plan.fsdp else {}
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     n_trainable = sum(p.numel() for p in trainable.values())
     n_all = sum(p.numel() for p in model.parameters())

@@ -349,14 +349,11 @@ def _check_fsdp(cfg: TrainConfig, plan: RunPlan) -> None:
             "reads its rows from safetensors files). Save it once as a model folder -- model, tokenizer = "
             "lorakit.load_model(path); model.save_pretrained(folder); tokenizer.save_pretrained(folder) -- and give "
             f"that folder, or {fix}")
-    if cfg.model.adapter_name_or_path:
-        raise NotImplementedError(f"training.distributed=fsdp from model.adapter_name_or_path (an existing "
-                                  f"adapter) is not implemented; {fix}")
     if cfg.quantization.method == "int8":
         raise NotImplementedError(f"training.distributed=fsdp with quantization=int8 is not implemented (4-bit "
                                   f"bases shard: quantization=nf4 or fp4); or {fix}")
-    lora = plan.lora
-    if lora.use_dora or lora.init_lora_weights not in (True, False, "gaussian"):
+    lora = plan.lora  # model.adapter_name_or_path: its saved config (its tensors are loaded, not initialized)
+    if lora.use_dora or (plan.new_adapter is not None and lora.init_lora_weights not in (True, False, "gaussian")):
         what = "use_dora=true" if lora.use_dora else f"init_lora_weights={lora.init_lora_weights!r}"
         raise NotImplementedError(f"training.distributed=fsdp with lora.{what} is not implemented (adapters are "
                                   f"built on the meta device: init_lora_weights true, false or gaussian); {fix}")

@@ -194,6 +194,42 @@ def test_fsdp_preference_training_matches_one_process(config_writer, tmp_path, t
     assert reference == ("precomputed: adapter disabled" if preference else "adapter disabled")
 
 
+def test_fsdp_dpo_after_sft_from_an_adapter_matches_one_process(config_writer, tmp_path, tiny_model_dir):
+    """model.adapter_name_or_path under FSDP: each process loads its rows of the saved adapter; DPO from the SFT
+    adapter (its log-probs precomputed as the reference, sharded) gives one process's losses and adapter."""
+    import yaml
+
+    from tests.conftest import DATA
+
+    sft = tmp_path / "sft"
+    train(load_config(config_writer(tmp_path / "sft.yaml", tiny_model_dir, sft, lora=NO_DROPOUT,
+                                    training={"max_steps": 2})))
+    data = {"path": str(DATA / "animal_preference_train.jsonl"), "max_examples": 16, "validation_path": None}
+    model = {"name_or_path": str(tiny_model_dir), "adapter_name_or_path": str(sft)}
+    for name, extra in [("one", {"per_device_train_batch_size": 4}),
+                        ("two", {"per_device_train_batch_size": 2, "distributed": "fsdp"})]:
+        cfg = config_writer(tmp_path / f"{name}.yaml", tiny_model_dir, tmp_path / name, model=model, data=data,
+                            lora=NO_DROPOUT, training={"max_steps": 3, **extra})
+        raw = yaml.safe_load(cfg.read_text())
+        raw["method"] = "dpo"
+        cfg.write_text(yaml.safe_dump(raw))
+        if name == "one":
+            train(load_config(cfg))
+        else:
+            _torchrun("-m", "lorakit.cli.main", "train", str(cfg))
+    logs = [[r for r in (json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines())
+             if "train_loss" in r] for n in ("one", "two")]
+    assert logs[1][0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # step 1: policy == reference (SFT)
+    for a, b in zip(*logs, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+    _assert_same_adapter(tmp_path / "one", tmp_path / "two")
+    start = load_file(sft / "adapter_model.safetensors")
+    assert any((load_file(tmp_path / "two" / "adapter_model.safetensors")[k] - v).abs().max() > 1e-4
+               for k, v in start.items())  # DPO moved the SFT adapter
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["reference"] == "precomputed: model.adapter_name_or_path as loaded"
+
+
 def test_fsdp_bf16_mixed_precision_on_a_4bit_base(config_writer, tmp_path, tiny_model_dir):
     """training.bf16 under FSDP: parameters all-gathered in bf16, gradients reduced in fp32 (MixedPrecisionPolicy,
     on CPU as on a GPU), the packed 4-bit bytes and their scales gathered unchanged. The losses follow one process
@@ -278,10 +314,6 @@ def test_fsdp_refusals(config_writer, tmp_path, tiny_model_dir, capsys):
     cfg = config_writer(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "run1", training={**base, "max_steps": 1})
     train(load_config(cfg))
     assert "training.distributed=fsdp with one process: nothing to shard" in capsys.readouterr().out
-    model = {"name_or_path": str(tiny_model_dir), "adapter_name_or_path": str(tmp_path / "run1")}
-    cfg = config_writer(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "run2", training=base, model=model)
-    with pytest.raises(NotImplementedError, match="model.adapter_name_or_path .* is not implemented"):
-        prepare_run(load_config(cfg), world_size=2)
 
 
 @pytest.mark.slow

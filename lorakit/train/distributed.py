@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,34 @@ def _fsdp_base_name(module: nn.Module) -> str:
     """The class name before ``fully_shard`` prefixed it with FSDP (``FSDPLlamaDecoderLayer``)."""
     name = type(module).__name__
     return name[4:] if name.startswith("FSDP") else name
+
+
+def map_in_lockstep(n_items: int, batch_size: int, run: Callable[[list[int]], dict[int, Any]], collective: bool,
+                    device: torch.device) -> dict[int, Any]:
+    """``{item: value}`` for items ``0 .. n_items - 1``, computed by `run` on batches of item indices.
+
+    Alone: every item, in order. With `collective` (FSDP, where every forward is collective) process r takes
+    items r, r + P, ...; every process calls `run` as many times as the busiest one, with an empty list once it
+    is out of items (`run` must still run its forward, on filler input, and return nothing); the values of all
+    processes are all-gathered, so every process returns all of them.
+    """
+    import torch.distributed as dist
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if collective else (0, 1)
+    mine = list(range(rank, n_items, world))
+    n_batches = math.ceil(len(mine) / batch_size)
+    if collective:
+        count = torch.tensor([n_batches], device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        n_batches = int(count)
+    values: dict[int, Any] = {}
+    for i in range(n_batches):
+        values.update(run(mine[i * batch_size : (i + 1) * batch_size]))
+    if collective:
+        parts: list[dict[int, Any]] = [{} for _ in range(world)]
+        dist.all_gather_object(parts, values)
+        values = {j: v for part in parts for j, v in part.items()}
+    return values
 
 
 def mixed_precision_policy(bf16: bool) -> Any:

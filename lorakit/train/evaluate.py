@@ -242,22 +242,14 @@ def exact_match(model: nn.Module, tokenizer: Any, examples: list[GenerationExamp
     generates examples r, r + P, ... with ``generate(synced_gpus=True)``, so that a process that is done keeps
     running the collective forwards until all are; the pairs are gathered on every process.
     """
-    import torch.distributed as dist
+    from lorakit.train.distributed import map_in_lockstep
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
-    mine = list(range(rank, len(examples), world))
-    n_batches = math.ceil(len(mine) / batch_size)
-    if sharded:  # every process runs as many generate calls as the busiest one
-        count = torch.tensor([n_batches], device=device)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        n_batches = int(count)
-    texts: dict[int, str] = {}
-    for i in range(n_batches):
-        index = mine[i * batch_size : (i + 1) * batch_size]
+
+    def generate(index: list[int]) -> dict[int, str]:
         chunk = [examples[j] for j in index] or examples[:1]  # a filler batch, not counted
         width = max(len(e.prompt_ids) for e in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (B, T) left-padded
@@ -268,12 +260,9 @@ def exact_match(model: nn.Module, tokenizer: Any, examples: list[GenerationExamp
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=pad, **({"synced_gpus": True} if sharded
                                                                                   else {}))
-        for b, j in enumerate(index):
-            texts[j] = tokenizer.decode(out[b, width:], skip_special_tokens=True)
-    if sharded:
-        parts: list[dict[int, str]] = [{} for _ in range(world)]
-        dist.all_gather_object(parts, texts)
-        texts = {j: text for part in parts for j, text in part.items()}
+        return {j: tokenizer.decode(out[b, width:], skip_special_tokens=True) for b, j in enumerate(index)}
+
+    texts = map_in_lockstep(len(examples), batch_size, generate, sharded, device)
     model.train(was_training)
     pairs = [(texts[j], e.expected) for j, e in enumerate(examples)]
     hits = sum(_normalize(gen, exp) == exp.strip() for gen, exp in pairs)

@@ -21,7 +21,6 @@ before training and at every evaluation.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -77,7 +76,7 @@ class Preference:
         eval row (the loop calls this before it restores a checkpoint, so the adapter is still the one the run
         started from). With `collective` (FSDP) process r computes rows r, r + P, ... of each list, every process
         runs as many batches as the busiest one (a filler batch, uncounted), and the values are all-gathered."""
-        import torch.distributed as dist
+        from lorakit.train.distributed import map_in_lockstep
 
         start_adapter = self.cfg.model.adapter_name_or_path is not None
         if self.name in REFERENCE_FREE or not (self.cfg.preference.precompute_ref_log_probs or start_adapter):
@@ -88,33 +87,22 @@ class Preference:
         module.eval()
         device = next(module.parameters()).device
         size = self.cfg.training.per_device_eval_batch_size
-        rank, world = (dist.get_rank(), dist.get_world_size()) if collective else (0, 1)
 
         def ref(batch: dict[str, torch.Tensor]) -> list[float]:
             rows = {k: batch[k].to(device) for k in ("input_ids", "labels", "attention_mask", "position_ids")}
             return (module.logps(**rows)[0] if start_adapter else module.reference_logps(**rows)).cpu().tolist()
 
         for rows in self.rows:
-            mine = list(range(rank, len(rows), world))
-            n_batches = math.ceil(len(mine) / size)
-            if collective:
-                count = torch.tensor([n_batches], device=device)
-                dist.all_reduce(count, op=dist.ReduceOp.MAX)
-                n_batches = int(count)
-            values: dict[int, Any] = {}
-            for i in range(n_batches):
-                index = mine[i * size : (i + 1) * size]
+
+            def compute(index: list[int], rows: list[Row] = rows) -> dict[int, dict[str, Any]]:
                 batch = self.collate([rows[j] for j in index] or rows[:1])  # a filler batch, not stored
                 logps = ref(batch)
                 if self.name == "kto":
                     kl = ref({k.removeprefix("kl_"): v for k, v in batch.items() if k.startswith("kl_")})
-                    values.update({j: {"ref_logps": logps[b], "ref_kl_logps": kl[b]} for b, j in enumerate(index)})
-                else:
-                    values.update({j: {"ref_logps": (logps[b], logps[len(index) + b])} for b, j in enumerate(index)})
-            if collective:
-                parts: list[dict[int, Any]] = [{} for _ in range(world)]
-                dist.all_gather_object(parts, values)
-                values = {j: v for part in parts for j, v in part.items()}
+                    return {j: {"ref_logps": logps[b], "ref_kl_logps": kl[b]} for b, j in enumerate(index)}
+                return {j: {"ref_logps": (logps[b], logps[len(index) + b])} for b, j in enumerate(index)}
+
+            values = map_in_lockstep(len(rows), size, compute, collective, device)
             for j, row in enumerate(rows):
                 row.update(values[j])
         module.train(was_training)

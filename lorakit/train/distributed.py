@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -199,8 +200,9 @@ class ShardedModel:
                 module.expose_quant_state()
         for layer in decoder_layers(base):
             fully_shard(layer, mp_policy=mp_policy)
-        embed, head = base.get_input_embeddings(), base.get_output_embeddings()
-        if head is None or embed.weight is not head.weight:  # untied: the input embeddings gather on their own
+        embed = base.get_input_embeddings()
+        uses = sum(p is embed.weight for _, p in root.named_parameters(remove_duplicate=False))
+        if uses == 1:  # untied (also from a modules_to_save head's frozen original): the embeddings gather alone
             fully_shard(embed, mp_policy=mp_policy)
         fully_shard(root, mp_policy=mp_policy)  # the rest: final norm, LM head (the chunked loss reads its weight)
         for name in FORWARD_METHODS:  # model calls made through the root run under its hooks, as forward does
@@ -220,6 +222,7 @@ class ShardedModel:
                 buf.copy_(buffers[name])
         files = SafetensorsRows(Path(path))
         base = self.peft.get_base_model()
+        tied = _tied_head_key(base)
         prefix = next(n for n, m in self.root.named_modules() if m is base)
         prefix = f"{prefix}." if prefix else ""
         owners = {id(p): (m, n) for m in self.root.modules() for n, p in m.named_parameters(recurse=False)}
@@ -235,7 +238,7 @@ class ShardedModel:
                 done.add(id(param))
                 continue
             module, pname = owners[id(param)]
-            key = fqn[len(prefix):].replace(".base_layer.", ".") if fqn.startswith(prefix) else fqn
+            key = checkpoint_key(fqn[len(prefix):]) if fqn.startswith(prefix) else fqn
             if hasattr(module, "expose_quant_state"):
                 if pname == "weight":  # quantize the whole tensor, keep this process's rows
                     self._load_4bit(module, key, files.read(key), dtype)
@@ -244,6 +247,8 @@ class ShardedModel:
                     continue  # weight_absmax / weight_nested_absmax: filled with the weight
             start, length = _rows(param)
             value = files.read(key, start, start + length)
+            if value is None and key in tied:  # a tied head, wrapped (modules_to_save): read the embeddings
+                value = files.read(tied[key], start, start + length)
             if value is None:
                 continue  # e.g. a tied lm_head.weight, loaded under its other name
             if value.is_floating_point():
@@ -345,6 +350,25 @@ class ShardedModel:
         set_state_dict(self.root, _unwrap(optimizer), model_state_dict=state["model"],
                        optim_state_dict=state["optim"],
                        options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+
+def _tied_head_key(base: nn.Module) -> dict[str, str]:
+    """``{output embedding key: input embedding key}`` for a model that ties them (the file holds the input one),
+    else empty."""
+    if not getattr(getattr(base, "config", None), "tie_word_embeddings", False):
+        return {}
+    names = {id(m): n for n, m in base.named_modules()}
+    head, embed = base.get_output_embeddings(), base.get_input_embeddings()
+    if head is None or id(head) not in names or id(embed) not in names:
+        return {}
+    return {f"{names[id(head)]}.weight": f"{names[id(embed)]}.weight"}
+
+
+def checkpoint_key(name: str) -> str:
+    """The base model's checkpoint key of parameter `name` of the LoRA-wrapped base: a wrapped layer's
+    ``base_layer``, and both the frozen original and the trainable copy of a ``modules_to_save`` module, read the
+    original tensor (``lm_head.modules_to_save.default.weight`` -> ``lm_head.weight``)."""
+    return re.sub(r"\.(base_layer|original_module|modules_to_save\.[^.]+)\.", ".", name)
 
 
 def _unwrap(optimizer: Any) -> Any:

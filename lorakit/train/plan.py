@@ -357,8 +357,6 @@ def _check_fsdp(cfg: TrainConfig, plan: RunPlan) -> None:
         what = "use_dora=true" if lora.use_dora else f"init_lora_weights={lora.init_lora_weights!r}"
         raise NotImplementedError(f"training.distributed=fsdp with lora.{what} is not implemented (adapters are "
                                   f"built on the meta device: init_lora_weights true, false or gaussian); {fix}")
-    if lora.modules_to_save:
-        raise NotImplementedError(f"training.distributed=fsdp with lora.modules_to_save is not implemented; {fix}")
     if cfg.training.bf16:
         plan.notices.append("training.bf16 under FSDP: parameters are all-gathered in bf16 and gradients reduced "
                             "in fp32; the sharded adapters and their AdamW state stay fp32")

@@ -255,6 +255,40 @@ def test_fsdp_bf16_mixed_precision_on_a_4bit_base(config_writer, tmp_path, tiny_
         one / "adapter_model.safetensors").keys()
 
 
+def test_fsdp_modules_to_save_on_a_tied_head_matches_one_process_and_resumes(config_writer, tmp_path, tiny_model_dir):
+    """lora.modules_to_save=[lm_head] on a model whose head is tied to its input embeddings: the trainable copy and
+    the frozen original are read from the embeddings' tensor, the embeddings stay in the group of the tie; same
+    losses and adapter (head copy included, PEFT's key) as one process; a resume from the sharded checkpoint gives
+    the uninterrupted run exactly."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.tie_word_embeddings = True
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tied")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "tied")
+    lora = {**NO_DROPOUT, "modules_to_save": ["lm_head"]}
+    runs = {}
+    for name, extra in [("one", {"per_device_train_batch_size": 4}),
+                        ("two", {"per_device_train_batch_size": 2, "distributed": "fsdp"})]:
+        runs[name] = config_writer(tmp_path / f"{name}.yaml", tmp_path / "tied", tmp_path / name, lora=lora,
+                                   training={"max_steps": 3, "save_steps": 2, **extra})
+    train(load_config(runs["one"]))
+    _torchrun("-m", "lorakit.cli.main", "train", str(runs["two"]))
+    for step, loss in _losses(tmp_path / "one").items():
+        assert _losses(tmp_path / "two")[step] == pytest.approx(loss, rel=1e-5)
+    _assert_same_adapter(tmp_path / "one", tmp_path / "two")
+    assert "base_model.model.lm_head.weight" in load_file(tmp_path / "two" / "adapter_model.safetensors")
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "two" / "checkpoint-2", resumed / "checkpoint-2")
+    cfg = config_writer(tmp_path / "resumed.yaml", tmp_path / "tied", resumed, lora=lora,
+                        training={"max_steps": 3, "save_steps": 2, "per_device_train_batch_size": 2,
+                                  "distributed": "fsdp"})
+    _torchrun("-m", "lorakit.cli.main", "train", str(cfg), "--resume")
+    _assert_same_adapter(tmp_path / "two", resumed, exact=True)
+
+
 def test_user_loop_recipe_and_sharded_load_memory(tmp_path, tiny_model_dir):
     """(1) README recipe: fully_shard on a get_peft_model model (16-bit and 4-bit base) in a plain AdamW loop ==
     one process (2 steps).

@@ -46,6 +46,8 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     """The layer's weight dequantized to fp32, shape ``(out_features, in_features)``."""
     kind = _kind(module)
     if kind == "4bit":
+        if getattr(module, "quant_state_exposed", False):  # lorakit's, its state in parameters (FSDP)
+            return module.dequantize(torch.float32)
         state = _bnb_cpu_layout_restored(module)
         return dequantize_4bit(module.weight, state, dtype=torch.float32)
     if kind == "8bit":
@@ -130,7 +132,7 @@ def _kind(module: nn.Module) -> str | None:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return None
-    if getattr(weight, "quant_state", None) is not None:
+    if getattr(weight, "quant_state", None) is not None or getattr(module, "quant_state_exposed", False):
         return "4bit"
     if weight.dtype == torch.int8 and _scb(module) is not None:
         return "8bit"

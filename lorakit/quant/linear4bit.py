@@ -159,6 +159,11 @@ class Linear4bit(DequantLinearModule):
         nested = dataclasses.replace(meta.state2, absmax=self.weight_nested_absmax.view(torch.float32))
         return dataclasses.replace(meta, absmax=absmax, state2=nested)
 
+    @property
+    def quant_state_exposed(self) -> bool:
+        """Whether :meth:`expose_quant_state` ran (the per-block state is held in parameters)."""
+        return "_exposed_state" in self.__dict__
+
     def expose_quant_state(self) -> None:
         """Hold the packed weight and the per-block quant state as plain frozen parameters, for FSDP.
 

@@ -261,6 +261,32 @@ class ShardedModel:
         if missing:
             raise ValueError(f"weights missing from the checkpoint in {path}: {missing[:8]}")
 
+    def after_init(self) -> None:
+        """Run ``after_init`` of the adapters whose init reads the base weight (DoRA's magnitude
+        ``m = ||W + s B A||_c``) on each sharded group's gathered parameters, then keep this process's rows of
+        what it wrote. Every process calls it, after `load`, for a new adapter (a saved one brings its values)."""
+        from lorakit.adapter import Adapter
+
+        layers = decoder_layers(self.peft.get_base_model())
+        in_layers = {id(m) for layer in layers for m in layer.modules()}
+        groups = [(layer, list(layer.modules())) for layer in layers]
+        groups.append((self.root, [m for m in self.root.modules() if id(m) not in in_layers]))
+        for group, members in groups:
+            targets = [(wrapper, adapter) for wrapper in members
+                       for adapter in getattr(wrapper, "adapters", {}).values()
+                       if type(adapter).after_init is not Adapter.after_init]
+            if not targets:  # the same on every process: the model is built the same way everywhere
+                continue
+            group.unshard()  # (FSDP2: not recursive; each decoder layer is its own group)
+            written = []
+            for wrapper, adapter in targets:
+                adapter.after_init(wrapper)
+                written.append((adapter, {n: p.detach().clone() for n, p in adapter.named_parameters()}))
+            group.reshard()
+            for adapter, full in written:
+                for name, param in adapter.named_parameters():
+                    _fill(param, full[name])
+
     def _load_4bit(self, module: nn.Module, key: str, weight: torch.Tensor | None, dtype: torch.dtype) -> None:
         from lorakit.quant.load import _release_free_memory
         from lorakit.quant.nf4 import quantize_4bit

@@ -353,10 +353,10 @@ def _check_fsdp(cfg: TrainConfig, plan: RunPlan) -> None:
         raise NotImplementedError(f"training.distributed=fsdp with quantization=int8 is not implemented (4-bit "
                                   f"bases shard: quantization=nf4 or fp4); or {fix}")
     lora = plan.lora  # model.adapter_name_or_path: its saved config (its tensors are loaded, not initialized)
-    if lora.use_dora or (plan.new_adapter is not None and lora.init_lora_weights not in (True, False, "gaussian")):
-        what = "use_dora=true" if lora.use_dora else f"init_lora_weights={lora.init_lora_weights!r}"
-        raise NotImplementedError(f"training.distributed=fsdp with lora.{what} is not implemented (adapters are "
-                                  f"built on the meta device: init_lora_weights true, false or gaussian); {fix}")
+    if plan.new_adapter is not None and lora.init_lora_weights not in (True, False, "gaussian"):
+        raise NotImplementedError(f"training.distributed=fsdp with lora.init_lora_weights="
+                                  f"{lora.init_lora_weights!r} is not implemented (adapters are built on the meta "
+                                  f"device: init_lora_weights true, false or gaussian); {fix}")
     if cfg.training.bf16:
         plan.notices.append("training.bf16 under FSDP: parameters are all-gathered in bf16 and gradients reduced "
                             "in fp32; the sharded adapters and their AdamW state stay fp32")

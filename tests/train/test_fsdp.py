@@ -289,6 +289,26 @@ def test_fsdp_modules_to_save_on_a_tied_head_matches_one_process_and_resumes(con
     _assert_same_adapter(tmp_path / "two", resumed, exact=True)
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["16-bit", "4-bit"])
+def test_fsdp_dora_matches_one_process(config_writer, tmp_path, tiny_model_dir, quantized):
+    """lora.use_dora under FSDP (B non-zero from the start): each decoder layer is gathered once after loading to
+    set DoRA's magnitude m = ||W + s B A||_c (a 4-bit base dequantized from its sharded state), each process keeps
+    its rows; same losses and adapter (magnitudes included) as one process."""
+    quant = {"method": "nf4", "bnb_4bit_use_double_quant": True, "bnb_4bit_quant_storage": "bfloat16"}
+    lora = {**NO_DROPOUT, "use_dora": True, "init_lora_weights": False}
+    one, two = tmp_path / "one", tmp_path / "two"
+    sections = {"quantization": quant} if quantized else {}
+    train(load_config(config_writer(tmp_path / "one.yaml", tiny_model_dir, one, lora=lora,
+                                    training={"max_steps": 3, "per_device_train_batch_size": 4}, **sections)))
+    cfg = config_writer(tmp_path / "two.yaml", tiny_model_dir, two, lora=lora, **sections,
+                        training={"max_steps": 3, "per_device_train_batch_size": 2, "distributed": "fsdp"})
+    _torchrun("-m", "lorakit.cli.main", "train", str(cfg))
+    for step, loss in _losses(one).items():
+        assert _losses(two)[step] == pytest.approx(loss, rel=1e-5)
+    _assert_same_adapter(one, two)
+    assert any(k.endswith("lora_magnitude_vector") for k in load_file(two / "adapter_model.safetensors"))
+
+
 def test_user_loop_recipe_and_sharded_load_memory(tmp_path, tiny_model_dir):
     """(1) README recipe: fully_shard on a get_peft_model model (16-bit and 4-bit base) in a plain AdamW loop ==
     one process (2 steps).
@@ -339,8 +359,7 @@ def test_fsdp_refusals(config_writer, tmp_path, tiny_model_dir, capsys):
     from lorakit.train.plan import prepare_run
 
     base = {"distributed": "fsdp"}
-    for extra, message in [({"lora": {"use_dora": True}}, "lora.use_dora=true is not implemented"),
-                           ({"lora": {"init_lora_weights": "pissa"}}, "init_lora_weights='pissa' is not"),
+    for extra, message in [({"lora": {"init_lora_weights": "pissa"}}, "init_lora_weights='pissa' is not"),
                            ({"quantization": {"method": "int8"}}, "quantization=int8 is not implemented")]:
         cfg = config_writer(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "run", training=base, **extra)
         with pytest.raises(NotImplementedError, match=message):

@@ -19,7 +19,13 @@ Loading (``load_sharded``): the model is built on the meta device, sharded, then
 reads only its rows of each tensor from the safetensors files (a 4-bit layer: the full-precision tensor is read
 and quantized one tensor at a time, and the process keeps its rows of the packed bytes and of the scales), so a
 node's host memory holds about one copy of the model, not one per process. Adapters get the values a one-process
-run would give them (PEFT's init drawn from the same seed, in the same order).
+run would give them (PEFT's init drawn from the same seed, in the same order; a saved adapter's tensors); an init
+that reads the base weight (DoRA's magnitude) runs once per decoder layer on its gathered parameters
+(``ShardedModel.after_init``). A ``modules_to_save`` copy and its frozen original read the original tensor.
+
+Calls that are not the root's ``forward`` (``generate`` for exact match, DPO's reference log-probs) go through the
+loss module, where they are registered as FSDP forward methods; work split over processes (each its share of
+prompts or rows, every process running the same number of collective forwards) is `map_in_lockstep`.
 
 Saving: the adapter's tensors are all-gathered (only those) and rank 0 writes PEFT's layout; checkpoints hold
 the sharded trainable tensors and optimizer state (``torch.distributed.checkpoint``, frozen base weights

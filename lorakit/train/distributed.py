@@ -15,7 +15,7 @@ reduce-scattered (averaged over the ``P`` processes, as DDP's all-reduce), so th
 unchanged. With ``training.bf16`` parameters are all-gathered in bf16 and gradients reduced in fp32
 (``MixedPrecisionPolicy``), on a GPU or on CPU (gloo); the sharded parameters and AdamW state stay fp32.
 
-Loading (``load_sharded``): the model is built on the meta device, sharded, then each process allocates and
+Loading (``ShardedModel.load``): the model is built on the meta device, sharded, then each process allocates and
 reads only its rows of each tensor from the safetensors files (a 4-bit layer: the full-precision tensor is read
 and quantized one tensor at a time, and the process keeps its rows of the packed bytes and of the scales), so a
 node's host memory holds about one copy of the model, not one per process. Adapters get the values a one-process

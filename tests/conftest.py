@@ -1,5 +1,8 @@
 """Shared fixtures: seeds, tiny models built from configs, and training-config writers (CPU, repeatable)."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,3 +85,24 @@ def write_config(path: Path, model_dir: Path, output_dir: Path, fmt: str = "prom
 def config_writer():
     """`write_config` as a fixture (test modules cannot import a conftest by name)."""
     return write_config
+
+
+def llama_cpp_module(tmp: Path):
+    """`llama_cpp`, installed or built now from the sdist (CPU, a few minutes); skip when that fails."""
+    try:
+        import llama_cpp
+
+        return llama_cpp
+    except ImportError:
+        pass
+    target = tmp / "llama_cpp_site"
+    env = dict(os.environ, CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF")
+    build = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-binary", "llama-cpp-python",
+                            "llama-cpp-python", "diskcache", "--target", str(target)],  # its one dep missing here
+                           capture_output=True, text=True, env=env)
+    if build.returncode != 0:
+        pytest.skip("could not build llama-cpp-python from its sdist: " + build.stderr.strip()[-300:])
+    sys.path.insert(0, str(target))
+    import llama_cpp
+
+    return llama_cpp

@@ -10,6 +10,8 @@ in llama.cpp and is written as is.
 
 from __future__ import annotations
 
+import copy
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -47,14 +49,72 @@ def head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+ROPE_FREQS = "rope_freqs.weight"
+"""llama.cpp's tensor of per-frequency RoPE divisors (head_dim / 2,), how Llama 3.1's RoPE scaling is stored."""
+
+
+def rope_freq_factors(config: Any) -> torch.Tensor | None:
+    """``rope_freqs.weight`` for a config with Llama 3.1's RoPE scaling (``rope_type="llama3"``), else None.
+
+    RoPE rotates pair i by ``pos * theta_i``, ``theta_i = base^(-2i/d)``; Llama 3.1 divides the low frequencies by
+    ``factor`` and blends the middle band (Meta's Llama 3.1 release; transformers' ``_compute_llama3_parameters``).
+    llama.cpp stores the divisor of each frequency as this tensor, so it is the default frequencies over
+    transformers' own Llama 3.1 frequencies (computed by transformers, not re-derived here).
+    """
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "llama3":
+        return None
+    dim = int(head_dim(config) * rope.get("partial_rotary_factor", 1.0))
+    default = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))  # (d/2,)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    return (default / scaled).float()
+
+
+def llama3_rope_from_factors(factors: torch.Tensor, theta: float, dim: int, config: Any) -> dict[str, Any]:
+    """transformers' ``rope_parameters`` for a GGUF's ``rope_freqs.weight`` (the inverse of `rope_freq_factors`).
+
+    In the middle band ``1 / f_i = (1 - s_i) / factor + s_i`` with ``s_i = O / (h - l) / lambda_i - l / (h - l)``
+    linear in ``1 / lambda_i`` (``lambda_i`` the wavelength): a line through the band's points gives
+    ``O / (h - l)`` and ``l / (h - l)``, which fix the factors (any ``(O, l, h)`` with those two values gives the
+    same ones; ``l = 1`` is taken). The result is checked by recomputing the factors with transformers.
+
+    Raises NotImplementedError when the file's factors are not of that form (or the band has < 2 points).
+    """
+    factors = factors.double()
+    factor = float(factors.max())
+    default = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).double() / dim))
+    x = default / (2 * math.pi)  # 1 / wavelength
+    band = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+    if factor <= 1 or int(band.sum()) < 2:
+        raise NotImplementedError(f"{ROPE_FREQS} with {int(band.sum())} frequencies between no scaling and the "
+                                  "largest factor: cannot rebuild Llama 3.1 RoPE parameters from it")
+    smooth = (1 / factors[band] - 1 / factor) / (1 - 1 / factor)  # s_i
+    design = torch.stack([x[band], -torch.ones_like(x[band])], 1)  # s = slope * x - offset
+    slope, offset = torch.linalg.lstsq(design, smooth[:, None]).solution[:, 0].tolist()
+    high = 1.0 + 1.0 / offset
+    fitted = (factor, high, slope * (high - 1.0))
+    rounded = (round(factor, 4), round(high, 4), int(round(slope * (high - 1.0))))  # the release's round values
+    for f, h, context in (rounded, fitted):
+        rope = {"rope_type": "llama3", "rope_theta": theta, "factor": f, "low_freq_factor": 1.0,
+                "high_freq_factor": h, "original_max_position_embeddings": context}
+        check = copy.deepcopy(config)
+        check.rope_parameters = rope
+        got = rope_freq_factors(check)
+        if got is not None and torch.allclose(got.double(), factors, rtol=1e-4, atol=0):
+            return rope
+    raise NotImplementedError(f"{ROPE_FREQS} is not Llama 3.1 RoPE scaling as transformers computes it")
+
+
 def hparams(config: Any) -> dict[str, int | float]:
     """``{key: value}`` of the architecture's hyperparameters (ints are written as uint32, floats as float32)."""
     spec = arch_spec(config)
     rope = getattr(config, "rope_parameters", None) or {}
     rope_type = rope.get("rope_type", "default")
-    if rope_type != "default":
-        raise NotImplementedError(f"GGUF export with RoPE scaling rope_type={rope_type!r} is not implemented "
-                                  "(only rope_type='default')")
+    if rope_type not in ("default", "llama3") or (rope_type == "llama3" and spec.gguf_arch != "llama"):
+        raise NotImplementedError(f"GGUF export of {config.model_type} with RoPE scaling rope_type={rope_type!r} is "
+                                  "not implemented (only rope_type='default', and 'llama3' for Llama)")
     theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     window = getattr(config, "sliding_window", None)
     if window is not None and window < config.max_position_embeddings and getattr(config, "use_sliding_window", True):
@@ -139,9 +199,11 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str]) -> Any:
+def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str],
+                     rope_factors: torch.Tensor | None = None) -> Any:
     """The transformers config of a ``llama`` / ``qwen2`` GGUF from its metadata (the inverse of :func:`hparams`;
-    ``general.name`` containing "mistral" gives a Mistral config, as transformers' GGUF loader decides)."""
+    ``general.name`` containing "mistral" gives a Mistral config, as transformers' GGUF loader decides); with
+    `rope_factors` (the file's ``rope_freqs.weight``) Llama 3.1's RoPE scaling rebuilt from them."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     a = metadata.get("general.architecture")
@@ -170,8 +232,13 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str]) -> Any:
     kwargs["head_dim"] = metadata.get(f"{a}.attention.key_length") or metadata.get(f"{a}.rope.dimension_count") \
         or hidden // n_head
     if "mistral" in str(metadata.get("general.name", "")).lower():
-        return MistralConfig(sliding_window=None, **kwargs)
-    return LlamaConfig(**kwargs)
+        config = MistralConfig(sliding_window=None, **kwargs)
+    else:
+        config = LlamaConfig(**kwargs)
+    if rope_factors is not None:
+        theta = kwargs["rope_parameters"]["rope_theta"]
+        config.rope_parameters = llama3_rope_from_factors(rope_factors, theta, 2 * rope_factors.numel(), config)
+    return config
 
 
 def parameter_names(config: Any) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.export.arch import TensorNames, hparams
+from lorakit.export.arch import ROPE_FREQS, TensorNames, hparams, rope_freq_factors
 from lorakit.export.source import AdapterMerge, ModelSource, open_source
 from lorakit.export.tokenizer import tokenizer_metadata
 from lorakit.export.writer import FILE_TYPES, OUTTYPES, check_output, ggml_type, report, write_gguf
@@ -69,7 +69,15 @@ def model_plan(source: ModelSource, outtype: str, name: str) -> tuple[dict[str, 
         gname = names.gguf_name(hf_name)
         if gname is not None:
             plan.append((gname, shape, ggml_type(outtype, gname, shape)))
+    for gname, tensor in extra_tensors(config).items():  # written after the model's own tensors
+        plan.append((gname, tuple(tensor.shape), ggml_type(outtype, gname, tuple(tensor.shape))))
     return metadata, plan, names
+
+
+def extra_tensors(config: Any) -> dict[str, torch.Tensor]:
+    """Tensors llama.cpp needs that are not model parameters: Llama 3.1's ``rope_freqs.weight``."""
+    factors = rope_freq_factors(config)
+    return {} if factors is None else {ROPE_FREQS: factors}
 
 
 def _stream(source: ModelSource, names: TensorNames, merge: AdapterMerge | None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -81,6 +89,7 @@ def _stream(source: ModelSource, names: TensorNames, merge: AdapterMerge | None)
             yield gname, names.to_gguf_layout(gname, tensor)
     if merge is not None:
         merge.check_all_used()
+    yield from extra_tensors(source.config).items()
 
 
 def _default_name(model: Any) -> str:

@@ -99,7 +99,7 @@ class GGUFSource(ModelSource):
     """
 
     def __init__(self, file: Path) -> None:
-        from lorakit.export.arch import TensorNames, config_from_gguf, parameter_names
+        from lorakit.export.arch import ROPE_FREQS, TensorNames, config_from_gguf, parameter_names
         from lorakit.export.gguf_read import GGUFFile
         from lorakit.quant.gguf_in import check_gguf
 
@@ -108,13 +108,17 @@ class GGUFSource(ModelSource):
         self.paths = (file,)
         self.gguf = GGUFFile(file)
         self.tokenizer_metadata = {k: v for k, v in self.gguf.metadata.items() if k.startswith("tokenizer.")}
-        self.config = config_from_gguf(self.gguf.metadata, {t.name for t in self.gguf.tensors})
+        rope = next((t for t in self.gguf.tensors if t.name == ROPE_FREQS), None)  # Llama 3.1 RoPE scaling
+        factors = None if rope is None else torch.from_numpy(self.gguf.dequantized(rope))
+        self.config = config_from_gguf(self.gguf.metadata, {t.name for t in self.gguf.tensors}, factors)
         self.names = TensorNames(self.config)
         to_hf = {self.names.gguf_name(n): n for n in parameter_names(self.config)}
         to_hf.pop(None, None)
         self._hf = {}
         self.shapes = {}
         for t in self.gguf.tensors:
+            if t.name == ROPE_FREQS:
+                continue  # in the config now; written again from it
             if t.name not in to_hf:
                 raise NotImplementedError(f"{file}: tensor {t.name!r} has no transformers counterpart in "
                                           f"{type(self.config).__name__}")
@@ -129,6 +133,8 @@ class GGUFSource(ModelSource):
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for t in self.gguf.tensors:
+            if t.name not in self._hf:
+                continue  # rope_freqs.weight
             tensor = torch.from_numpy(self.gguf.dequantized(t))  # (out, in) or (n,)
             yield self._hf[t.name], self.names.from_gguf_layout(t.name, tensor)
 

@@ -91,7 +91,8 @@ def supported_tensor_types() -> list[str]:
 def check_gguf(file: str | os.PathLike) -> dict[str, Any]:
     """Read the header of ``file`` (no tensor data); refuse an architecture or tensor type that cannot be loaded.
 
-    Returns ``{"architecture", "name", "tensor_types": {type: count}}``.
+    Returns ``{"architecture", "name", "tensor_types": {type: count}, "rope_factors"}`` (the
+    ``rope_freqs.weight`` of Llama 3.1's RoPE scaling, or None).
     """
     try:
         from gguf import GGUFReader
@@ -122,7 +123,9 @@ def check_gguf(file: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{os.fspath(file)!r} stores tensors of type {', '.join(bad)}, which cannot be dequantized "
                          f"here; supported: {', '.join(sorted(allowed))}")
     name = reader.fields.get("general.name")
-    return {"architecture": arch, "name": name.contents() if name is not None else None, "tensor_types": counts}
+    rope = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)  # Llama 3.1 RoPE scaling
+    return {"architecture": arch, "name": name.contents() if name is not None else None, "tensor_types": counts,
+            "rope_factors": None if rope is None else torch.from_numpy(rope.data.astype("float32").reshape(-1))}
 
 
 def load_gguf(
@@ -139,8 +142,18 @@ def load_gguf(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     file = Path(file)
-    check_gguf(file)
+    info = check_gguf(file)
     kwargs: dict[str, Any] = {"gguf_file": file.name, "dtype": torch_dtype or torch.float32}
+    if info["rope_factors"] is not None:  # transformers' loader skips the tensor: the scaling goes in the config
+        from transformers import AutoConfig
+
+        from lorakit.export.arch import llama3_rope_from_factors
+
+        config = AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
+        factors = info["rope_factors"]
+        config.rope_parameters = llama3_rope_from_factors(factors, config.rope_parameters["rope_theta"],
+                                                          2 * factors.numel(), config)
+        kwargs["config"] = config
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(file.parent, **kwargs)

@@ -6,14 +6,13 @@
 """
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from tests.conftest import llama_cpp_module
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -38,27 +37,6 @@ def test_smollm2_example_learns_iso_dates(smollm2, tmp_path, monkeypatch):
     result = train(cfg)
     before, after = result.summary["exact_match_before"], result.summary["exact_match_after"]
     assert before <= 0.2 and after >= before + 0.5, (before, after)
-
-
-def llama_cpp_module(tmp: Path):
-    """`llama_cpp`, installed or built now from the sdist (CPU, a few minutes); skip when that fails."""
-    try:
-        import llama_cpp
-
-        return llama_cpp
-    except ImportError:
-        pass
-    target = tmp / "llama_cpp_site"
-    env = dict(os.environ, CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF")
-    build = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-binary", "llama-cpp-python",
-                            "llama-cpp-python", "diskcache", "--target", str(target)],  # its one dep missing here
-                           capture_output=True, text=True, env=env)
-    if build.returncode != 0:
-        pytest.skip("could not build llama-cpp-python from its sdist: " + build.stderr.strip()[-300:])
-    sys.path.insert(0, str(target))
-    import llama_cpp
-
-    return llama_cpp
 
 
 def greedy_transformers(model, ids: list[int], n: int) -> list[int]:

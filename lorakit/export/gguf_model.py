@@ -63,7 +63,8 @@ def model_plan(source: ModelSource, outtype: str, name: str) -> tuple[dict[str, 
     metadata: dict[str, Any] = {"general.type": "model", "general.name": name,
                                 "general.file_type": FILE_TYPES[outtype], "general.quantization_version": 2}
     metadata |= hparams(config)
-    metadata |= source.tokenizer_metadata or tokenizer_metadata(source.tokenizer, config.vocab_size)
+    metadata |= source.tokenizer_metadata or tokenizer_metadata(source.tokenizer, config.vocab_size,
+                                                                 source.sentencepiece_file)
     plan = []
     for hf_name, shape in source.shapes.items():
         gname = names.gguf_name(hf_name)

@@ -32,6 +32,9 @@ class ModelSource:
     """Files this source reads (an export must not overwrite them)."""
     tokenizer_metadata: dict[str, Any] | None = None
     """``tokenizer.*`` keys to write as they are (a GGUF source's own), instead of converting ``tokenizer``."""
+    sentencepiece_file: Path | None = None
+    """The SentencePiece model (``tokenizer.model``) beside the tokenizer, when there is one: a SentencePiece
+    vocabulary is written from it (its pieces' scores are not in tokenizer.json)."""
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         raise NotImplementedError
@@ -49,6 +52,9 @@ class MemorySource(ModelSource):
                              "(lorakit.load_model without quantization_config) and the adapter")
         self.model, self.config, self.tokenizer = model, model.config, tokenizer
         self.shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+        vocab_file = getattr(tokenizer, "vocab_file", None)
+        if isinstance(vocab_file, str) and vocab_file.endswith(".model") and Path(vocab_file).is_file():
+            self.sentencepiece_file = Path(vocab_file)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in self.model.state_dict().items():
@@ -67,6 +73,8 @@ class FolderSource(ModelSource):
             raise ValueError(f"{path} holds a quantized model (quantization_config in config.json): export from the "
                              "full-precision base and the adapter")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if (path / "tokenizer.model").is_file():
+            self.sentencepiece_file = path / "tokenizer.model"
         self.shapes = {}
         index = path / "model.safetensors.index.json"
         files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [

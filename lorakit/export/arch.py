@@ -1,11 +1,11 @@
 """Which transformers models export to GGUF, their hyperparameter keys and tensor names (llama.cpp's layout).
 
-The layout is llama.cpp's ``convert_hf_to_gguf.py``: ``LlamaForCausalLM`` and ``MistralForCausalLM`` (and
-SmolLM, which is a Llama) become ``general.architecture = "llama"``; ``Qwen2ForCausalLM`` becomes ``"qwen2"``.
-Tensor names come from the gguf package's map (``model.layers.3.self_attn.q_proj.weight`` ->
-``blk.3.attn_q.weight``). For the ``llama`` architecture the rows of ``q_proj`` / ``k_proj`` are permuted from
-transformers' rotate-half RoPE order to llama.cpp's interleaved order (``permute_qk``); Qwen2 uses NeoX RoPE
-in llama.cpp and is written as is.
+The layout is llama.cpp's ``convert_hf_to_gguf.py``: ``LlamaForCausalLM`` and ``MistralForCausalLM`` (and SmolLM,
+which is a Llama) become ``general.architecture = "llama"``; ``Qwen2ForCausalLM`` and ``Qwen3ForCausalLM`` become
+``"qwen2"`` and ``"qwen3"``. Tensor names come from the gguf package's map
+(``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``). For the ``llama`` architecture the rows of
+``q_proj`` / ``k_proj`` are permuted from transformers' rotate-half RoPE order to llama.cpp's interleaved order
+(``permute_qk``); Qwen2 and Qwen3 use NeoX RoPE in llama.cpp and are written as they are.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ ARCHS: dict[str, ArchSpec] = {
     "llama": ArchSpec("llama", permute_qk=True),  # Llama 1-3, SmolLM / SmolLM2, TinyLlama
     "mistral": ArchSpec("llama", permute_qk=True),  # llama.cpp converts MistralForCausalLM as "llama"
     "qwen2": ArchSpec("qwen2", permute_qk=False),
+    "qwen3": ArchSpec("qwen3", permute_qk=False),  # Qwen2's layout without q/k/v biases, with q/k RMSNorms
 }
 
 
@@ -41,7 +42,7 @@ def arch_spec(config: Any) -> ArchSpec:
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHS:
         raise NotImplementedError(f"GGUF export of model_type {model_type!r} is not implemented; supported: "
-                                  f"{', '.join(sorted(ARCHS))} (Llama, SmolLM, Mistral, Qwen2)")
+                                  f"{', '.join(sorted(ARCHS))} (Llama, SmolLM, Mistral, Qwen2, Qwen3)")
     return ARCHS[model_type]
 
 
@@ -204,12 +205,12 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str],
     """The transformers config of a ``llama`` / ``qwen2`` GGUF from its metadata (the inverse of :func:`hparams`;
     ``general.name`` containing "mistral" gives a Mistral config, as transformers' GGUF loader decides); with
     `rope_factors` (the file's ``rope_freqs.weight``) Llama 3.1's RoPE scaling rebuilt from them."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     a = metadata.get("general.architecture")
-    if a not in ("llama", "qwen2"):
+    if a not in ("llama", "qwen2", "qwen3"):
         raise NotImplementedError(f"exporting from a GGUF of architecture {a!r} is not implemented; supported: llama, "
-                                  "qwen2 (give the model folder instead)")
+                                  "qwen2, qwen3 (give the model folder instead)")
     n_head = metadata[f"{a}.attention.head_count"]
     hidden = metadata[f"{a}.embedding_length"]
     kwargs: dict[str, Any] = {
@@ -231,6 +232,8 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str],
         return Qwen2Config(**kwargs)
     kwargs["head_dim"] = metadata.get(f"{a}.attention.key_length") or metadata.get(f"{a}.rope.dimension_count") \
         or hidden // n_head
+    if a == "qwen3":
+        return Qwen3Config(**kwargs)
     if "mistral" in str(metadata.get("general.name", "")).lower():
         config = MistralConfig(sliding_window=None, **kwargs)
     else:
@@ -249,6 +252,8 @@ def parameter_names(config: Any) -> list[str]:
              "mlp.up_proj.weight", "mlp.down_proj.weight"]
     if config.model_type == "qwen2":
         layer += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
+    if config.model_type == "qwen3":
+        layer += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
     names = ["model.embed_tokens.weight"]
     names += [f"model.layers.{i}.{n}" for i in range(config.num_hidden_layers) for n in layer]
     return [*names, "model.norm.weight", "lm_head.weight"]

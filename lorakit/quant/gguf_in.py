@@ -91,8 +91,8 @@ def supported_tensor_types() -> list[str]:
 def check_gguf(file: str | os.PathLike) -> dict[str, Any]:
     """Read the header of ``file`` (no tensor data); refuse an architecture or tensor type that cannot be loaded.
 
-    Returns ``{"architecture", "name", "tensor_types": {type: count}, "rope_factors"}`` (the
-    ``rope_freqs.weight`` of Llama 3.1's RoPE scaling, or None).
+    Returns ``{"architecture", "name", "tensor_types": {type: count}, "rope_factors", "head_dim"}``
+    (``rope_freqs.weight`` of Llama 3.1's RoPE scaling, and ``<arch>.attention.key_length``; None when absent).
     """
     try:
         from gguf import GGUFReader
@@ -124,8 +124,10 @@ def check_gguf(file: str | os.PathLike) -> dict[str, Any]:
                          f"here; supported: {', '.join(sorted(allowed))}")
     name = reader.fields.get("general.name")
     rope = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)  # Llama 3.1 RoPE scaling
+    key_length = reader.fields.get(f"{arch}.attention.key_length")
     return {"architecture": arch, "name": name.contents() if name is not None else None, "tensor_types": counts,
-            "rope_factors": None if rope is None else torch.from_numpy(rope.data.astype("float32").reshape(-1))}
+            "rope_factors": None if rope is None else torch.from_numpy(rope.data.astype("float32").reshape(-1)),
+            "head_dim": None if key_length is None else int(key_length.contents())}
 
 
 def load_gguf(
@@ -144,15 +146,8 @@ def load_gguf(
     file = Path(file)
     info = check_gguf(file)
     kwargs: dict[str, Any] = {"gguf_file": file.name, "dtype": torch_dtype or torch.float32}
-    if info["rope_factors"] is not None:  # transformers' loader skips the tensor: the scaling goes in the config
-        from transformers import AutoConfig
-
-        from lorakit.export.arch import llama3_rope_from_factors
-
-        config = AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
-        factors = info["rope_factors"]
-        config.rope_parameters = llama3_rope_from_factors(factors, config.rope_parameters["rope_theta"],
-                                                          2 * factors.numel(), config)
+    config = _config_fixed(file, info)
+    if config is not None:
         kwargs["config"] = config
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
@@ -166,6 +161,27 @@ def load_gguf(
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer
+
+
+def _config_fixed(file: Path, info: dict[str, Any]) -> Any:
+    """transformers' config of the GGUF with what its GGUF loader (5.x) leaves out put back, or None when nothing
+    is: Llama 3.1's RoPE scaling (the ``rope_freqs.weight`` tensor, skipped by the loader) and the head size
+    (``attention.key_length``, which its ``qwen3`` mapping does not read: it would take Qwen3Config's default)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
+    changed = False
+    if info["rope_factors"] is not None:
+        from lorakit.export.arch import llama3_rope_from_factors
+
+        factors = info["rope_factors"]
+        config.rope_parameters = llama3_rope_from_factors(factors, config.rope_parameters["rope_theta"],
+                                                          2 * factors.numel(), config)
+        changed = True
+    if info["head_dim"] is not None and getattr(config, "head_dim", info["head_dim"]) != info["head_dim"]:
+        config.head_dim = info["head_dim"]
+        changed = True
+    return config if changed else None
 
 
 def clear_gguf_marks(model: nn.Module) -> None:

@@ -274,9 +274,10 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
 
     # 7. exact match before training -------------------------------------------------------------------------
     gen_examples, before = None, None
-    if ev.path and (main or sharded):  # FSDP: every process generates its share with its shards
+    if ev.path and (main or sharded is not None):  # FSDP: every process generates its share with its shards
         gen_examples, before = _exact_match_before(cfg, model, tokenizer, data_stats.get("format"),
-                                                   resumed_from is None, say, loss_module if sharded else None)
+                                                   resumed_from is None, say,
+                                                   None if sharded is None else loss_module)
 
     def batches_of(step: int) -> list[tuple[dict[str, torch.Tensor], int]]:
         return [({k: v.to(accelerator.device) for k, v in method.collate(rows).items()}, method.tokens(rows))
@@ -536,8 +537,8 @@ def _exact_match_before(cfg: TrainConfig, model: nn.Module, tokenizer: Any, fmt:
     before = None
     if measure:
         with model.disable_adapter():
-            before, _ = exact_match(sharded_root or model, tokenizer, examples, ev.max_new_tokens, ev.batch_size,
-                                    sharded=sharded_root is not None)
+            before, _ = exact_match(model if sharded_root is None else sharded_root, tokenizer, examples,
+                                    ev.max_new_tokens, ev.batch_size, sharded=sharded_root is not None)
         say(f"[lorakit] exact match BEFORE training: {before:.1%} on {len(examples)} held-out prompts")
     return examples, before
 

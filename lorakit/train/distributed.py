@@ -20,8 +20,8 @@ reads only its rows of each tensor from the safetensors files (a 4-bit layer: th
 and quantized one tensor at a time, and the process keeps its rows of the packed bytes and of the scales), so a
 node's host memory holds about one copy of the model, not one per process. Adapters get the values a one-process
 run would give them (PEFT's init drawn from the same seed, in the same order; a saved adapter's tensors); an init
-that reads the base weight (DoRA's magnitude) runs once per decoder layer on its gathered parameters
-(``ShardedModel.after_init``). A ``modules_to_save`` copy and its frozen original read the original tensor.
+that reads the base weight (DoRA's magnitude, PiSSA / OLoRA) runs once per decoder layer on a copy of its gathered
+parameters (``ShardedModel.after_init``). A ``modules_to_save`` copy and its frozen original read the original tensor.
 
 Calls that are not the root's ``forward`` (``generate`` for exact match, DPO's reference log-probs) go through the
 loss module, where they are registered as FSDP forward methods; work split over processes (each its share of
@@ -35,6 +35,7 @@ skipped) and resume with the same number of processes (another is refused by ``l
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -159,9 +160,12 @@ def adapter_init_values(model: nn.Module, init_lora_weights: bool | str,
     base draws nothing); or, with `saved` (an adapter folder, ``model.adapter_name_or_path``), its tensors, copied
     by the same code as ``PeftModel.load_adapter``. Returns ``{id(adapter): {parameter name: value}}``; the
     adapters stay on meta."""
+    from lorakit.config import init_method
     from lorakit.io.adapter import load_adapter_weights, set_peft_model_state_dict
     from lorakit.layers import LoraAdapter, LoraEmbeddingAdapter
 
+    if init_method(init_lora_weights).function is not None:  # PiSSA, OLoRA: the adapter's own init first (True),
+        init_lora_weights = True  # as in a one-process injection; the method runs in ShardedModel.after_init
     adapters = []
     for module in model.modules():
         if isinstance(module, LoraEmbeddingAdapter):
@@ -267,30 +271,39 @@ class ShardedModel:
         if missing:
             raise ValueError(f"weights missing from the checkpoint in {path}: {missing[:8]}")
 
-    def after_init(self) -> None:
-        """Run ``after_init`` of the adapters whose init reads the base weight (DoRA's magnitude
-        ``m = ||W + s B A||_c``) on each sharded group's gathered parameters, then keep this process's rows of
-        what it wrote. Every process calls it, after `load`, for a new adapter (a saved one brings its values)."""
+    def after_init(self, config: Any) -> None:
+        """The parts of a new adapter's init that read the base weight, run on each sharded group's gathered
+        parameters: the ``INITS`` method of `config` (a ``LoraConfig``) when it has one (PiSSA, OLoRA: factors
+        from W, the base keeping ``W - s B A``) and the adapter's ``after_init`` (DoRA's magnitude
+        ``m = ||W + s B A||_c``). Each runs on a copy of its layer (FSDP's gathered tensors are not written), and
+        every process keeps its rows of what changed, base rows included. Every process calls it, after `load`."""
         from lorakit.adapter import Adapter
+        from lorakit.config import init_method
+        from lorakit.inject import run_init
 
+        has_method = init_method(config.init_lora_weights).function is not None
         layers = decoder_layers(self.peft.get_base_model())
         in_layers = {id(m) for layer in layers for m in layer.modules()}
-        groups = [(layer, list(layer.modules())) for layer in layers]
-        groups.append((self.root, [m for m in self.root.modules() if id(m) not in in_layers]))
+        groups = [(layer, list(layer.named_modules())) for layer in layers]
+        groups.append((self.root, [(n, m) for n, m in self.root.named_modules() if id(m) not in in_layers]))
         for group, members in groups:
-            targets = [(wrapper, adapter) for wrapper in members
-                       for adapter in getattr(wrapper, "adapters", {}).values()
-                       if type(adapter).after_init is not Adapter.after_init]
+            targets = [(path, wrapper, name) for path, wrapper in members
+                       for name, adapter in getattr(wrapper, "adapters", {}).items()
+                       if has_method or type(adapter).after_init is not Adapter.after_init]
             if not targets:  # the same on every process: the model is built the same way everywhere
                 continue
             group.unshard()  # (FSDP2: not recursive; each decoder layer is its own group)
             written = []
-            for wrapper, adapter in targets:
-                adapter.after_init(wrapper)
-                written.append((adapter, {n: p.detach().clone() for n, p in adapter.named_parameters()}))
+            for path, wrapper, name in targets:
+                layer = copy.deepcopy(wrapper)  # plain tensors holding the gathered values
+                if has_method:
+                    run_init(layer, layer.adapters[name], config, path)  # the method, then after_init
+                else:
+                    layer.adapters[name].after_init(layer)
+                written.append((wrapper, {n: t.detach() for n, t in layer.named_parameters()}))
             group.reshard()
-            for adapter, full in written:
-                for name, param in adapter.named_parameters():
+            for wrapper, full in written:
+                for name, param in wrapper.named_parameters():
                     _fill(param, full[name])
 
     def _load_4bit(self, module: nn.Module, key: str, weight: torch.Tensor | None, dtype: torch.dtype) -> None:

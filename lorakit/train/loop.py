@@ -244,7 +244,7 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
         sharded = fsdp.ShardedModel(loss_module, model, fsdp.mixed_precision_policy(t.bf16))
         sharded.load(model_path, load_dtype, adapter_values, accelerator.device)
         if plan.new_adapter is not None:
-            sharded.after_init()  # e.g. DoRA's magnitude, from the loaded base rows
+            sharded.after_init(plan.lora)  # e.g. PiSSA's factors, DoRA's magnitude: from the loaded base rows
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     method.precompute(loss_module, collective=sharded is not None)  # [method]: e.g. reference log-probs
     optimizer = build_optimizer(t.optim, param_groups(model, t.weight_decay), t.learning_rate,

@@ -289,13 +289,19 @@ def test_fsdp_modules_to_save_on_a_tied_head_matches_one_process_and_resumes(con
     _assert_same_adapter(tmp_path / "two", resumed, exact=True)
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["16-bit", "4-bit"])
-def test_fsdp_dora_matches_one_process(config_writer, tmp_path, tiny_model_dir, quantized):
-    """lora.use_dora under FSDP (B non-zero from the start): each decoder layer is gathered once after loading to
-    set DoRA's magnitude m = ||W + s B A||_c (a 4-bit base dequantized from its sharded state), each process keeps
+@pytest.mark.parametrize(("quantized", "lora"), [
+    (False, {"use_dora": True, "init_lora_weights": False}),
+    (True, {"use_dora": True, "init_lora_weights": False}),
+    (False, {"init_lora_weights": "pissa"}),
+    (False, {"use_dora": True, "init_lora_weights": "olora"}),
+], ids=["dora-16-bit", "dora-4-bit", "pissa", "olora-dora"])
+def test_fsdp_inits_that_read_the_base_match_one_process(config_writer, tmp_path, tiny_model_dir, quantized, lora):
+    """Inits that read the base weight under FSDP: each decoder layer is gathered once after loading and the init
+    runs on a copy of each layer -- DoRA's magnitude m = ||W + s B A||_c (B non-zero; a 4-bit base dequantized from
+    its sharded state), PiSSA's / OLoRA's factors from W and the residual base W - s B A -- and each process keeps
     its rows; same losses and adapter (magnitudes included) as one process."""
     quant = {"method": "nf4", "bnb_4bit_use_double_quant": True, "bnb_4bit_quant_storage": "bfloat16"}
-    lora = {**NO_DROPOUT, "use_dora": True, "init_lora_weights": False}
+    lora = {**NO_DROPOUT, **lora}
     one, two = tmp_path / "one", tmp_path / "two"
     sections = {"quantization": quant} if quantized else {}
     train(load_config(config_writer(tmp_path / "one.yaml", tiny_model_dir, one, lora=lora,
@@ -306,7 +312,8 @@ def test_fsdp_dora_matches_one_process(config_writer, tmp_path, tiny_model_dir, 
     for step, loss in _losses(one).items():
         assert _losses(two)[step] == pytest.approx(loss, rel=1e-5)
     _assert_same_adapter(one, two)
-    assert any(k.endswith("lora_magnitude_vector") for k in load_file(two / "adapter_model.safetensors"))
+    saved = load_file(two / "adapter_model.safetensors")
+    assert any(k.endswith("lora_magnitude_vector") for k in saved) == bool(lora.get("use_dora"))
 
 
 def test_user_loop_recipe_and_sharded_load_memory(tmp_path, tiny_model_dir):
@@ -359,7 +366,10 @@ def test_fsdp_refusals(config_writer, tmp_path, tiny_model_dir, capsys):
     from lorakit.train.plan import prepare_run
 
     base = {"distributed": "fsdp"}
-    for extra, message in [({"lora": {"init_lora_weights": "pissa"}}, "init_lora_weights='pissa' is not"),
+    quant = {"method": "nf4"}
+    for extra, message in [({"lora": {"init_lora_weights": "eva"}}, "init_lora_weights='eva' is not"),
+                           ({"lora": {"init_lora_weights": "pissa"}, "quantization": quant},
+                            "init_lora_weights='pissa' on a quantized base is not"),
                            ({"quantization": {"method": "int8"}}, "quantization=int8 is not implemented")]:
         cfg = config_writer(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "run", training=base, **extra)
         with pytest.raises(NotImplementedError, match=message):

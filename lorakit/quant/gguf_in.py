@@ -163,6 +163,14 @@ def load_gguf(
     return model.eval(), tokenizer
 
 
+def gguf_config(file: str | os.PathLike) -> Any:
+    """transformers' config of a GGUF model file, with what its GGUF loader leaves out put back (`_config_fixed`)."""
+    from transformers import AutoConfig
+
+    file = Path(file)
+    return _config_fixed(file, check_gguf(file)) or AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
+
+
 def _config_fixed(file: Path, info: dict[str, Any]) -> Any:
     """transformers' config of the GGUF with what its GGUF loader (5.x) leaves out put back, or None when nothing
     is: Llama 3.1's RoPE scaling (the ``rope_freqs.weight`` tensor, skipped by the loader) and the head size

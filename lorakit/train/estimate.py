@@ -43,12 +43,13 @@ def meta_model(name_or_path: str, trust_remote_code: bool = False) -> nn.Module:
     (no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lorakit.quant.gguf_in import pretrained_args
+    from lorakit.quant.gguf_in import find_gguf, gguf_config
     from lorakit.train.evaluate import model_path_errors
 
-    source, gguf = pretrained_args(name_or_path)  # a .gguf model: its config from the file's metadata
+    gguf_file = find_gguf(name_or_path)  # a .gguf model: its config from the file's metadata
     with model_path_errors(name_or_path), torch.device("meta"):
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf)
+        config = gguf_config(gguf_file) if gguf_file is not None else AutoConfig.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code)
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 

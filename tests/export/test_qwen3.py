@@ -48,6 +48,9 @@ def test_qwen3_with_another_head_size_loads_with_lorakit_and_re_exports(tmp_path
     out = export_gguf(model, tmp_path / "q3.gguf", tokenizer=tokenizer, outtype="f32", progress=False, echo=None)
     loaded = lorakit.load_model(out)[0]
     assert loaded.config.head_dim == 32
+    from lorakit.train.estimate import meta_model
+
+    assert meta_model(str(out)).config.head_dim == 32  # lorakit inspect / estimate read the same config
     torch.testing.assert_close(logits(loaded), logits(model), atol=1e-5, rtol=0)
     again = export_gguf(out, tmp_path / "again.gguf", outtype="f32", progress=False, echo=None)  # GGUF source
     torch.testing.assert_close(logits(lorakit.load_model(again)[0]), logits(model), atol=1e-5, rtol=0)

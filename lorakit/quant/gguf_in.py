@@ -177,6 +177,8 @@ def _config_fixed(file: Path, info: dict[str, Any]) -> Any:
     (``attention.key_length``, which its ``qwen3`` mapping does not read: it would take Qwen3Config's default)."""
     from transformers import AutoConfig
 
+    if info["rope_factors"] is None and info["head_dim"] is None:
+        return None  # nothing that could be missing: no second read of the file's metadata
     config = AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
     changed = False
     if info["rope_factors"] is not None:

@@ -57,16 +57,32 @@ def test_qwen3_with_another_head_size_loads_with_lorakit_and_re_exports(tmp_path
 
 
 @pytest.mark.slow
-def test_llama_cpp_runs_the_qwen3_export_to_transformers_logits(tmp_path):
-    """llama.cpp on the f32 export with an f32 KV cache: its logits are transformers' (measured 4e-7)."""
+def test_llama_cpp_runs_the_qwen3_exports_to_transformers_logits(tmp_path):
+    """llama.cpp with an f32 KV cache, on the f32 export (measured 4e-7 from transformers' logits) and on the base
+    export + the LoRA GGUF of a random adapter (measured 1.2e-6 from the merged model; the adapter moves the
+    logits by ~1.1)."""
     import numpy as np
 
+    from lorakit.export import export_gguf_lora
     from tests.conftest import llama_cpp_module
+    from tests.export.conftest import merged, save_adapter
 
     llama_cpp = llama_cpp_module(tmp_path)
     model, tokenizer = qwen3(head_dim=32)
+    f32_cache = dict(n_ctx=64, verbose=False, logits_all=True, type_k=llama_cpp.GGML_TYPE_F32,
+                     type_v=llama_cpp.GGML_TYPE_F32)
+
+    def llama_cpp_logits(**files) -> np.ndarray:
+        llama = llama_cpp.Llama(**files, **f32_cache)
+        llama.eval(IDS[0].tolist())
+        return np.asarray(llama.scores[: IDS.shape[1]])
+
     out = export_gguf(model, tmp_path / "q3.gguf", tokenizer=tokenizer, outtype="f32", progress=False, echo=None)
-    llama = llama_cpp.Llama(model_path=str(out), n_ctx=64, verbose=False, logits_all=True,
-                            type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    llama.eval(IDS[0].tolist())
-    assert np.abs(np.asarray(llama.scores[: IDS.shape[1]]) - logits(model)[0].numpy()).max() < 1e-4
+    assert np.abs(llama_cpp_logits(model_path=str(out)) - logits(model)[0].numpy()).max() < 1e-4
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    adapter = save_adapter(tmp_path / "base", tmp_path / "adapter")
+    lora = export_gguf_lora(adapter, tmp_path / "lora.gguf", base=tmp_path / "base", progress=False, echo=None)
+    want = logits(merged(tmp_path / "base", adapter))[0].numpy()
+    assert np.abs(want - logits(model)[0].numpy()).max() > 0.1  # the adapter changes the model
+    assert np.abs(llama_cpp_logits(model_path=str(out), lora_path=str(lora)) - want).max() < 1e-4

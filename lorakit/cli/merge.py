@@ -94,8 +94,9 @@ def merge_to_disk(base: str, adapter: str, out: str | os.PathLike, dtype: str = 
             model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, DTYPES[dtype]))
     with damaged_file_errors(adapter):
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    if (Path(adapter) / "tokenizer_config.json").is_file() or gguf_file is None:
-        tok_source = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
+    # the tokenizer: the adapter folder's (lorakit train saves it there), else the base's (a GGUF's: loaded above)
+    tok_source = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else None if gguf_file else base
+    if tok_source is not None:
         with model_path_errors(tok_source, "tokenizer"):
             tokenizer = AutoTokenizer.from_pretrained(tok_source)
 

@@ -142,13 +142,13 @@ def _vocab_resized(root: nn.Module, config: Any) -> bool:
     model_id = config.base_model_name_or_path
     if not vocab_size or not model_id:
         return False
-    from lorakit.quant.gguf_in import is_gguf, pretrained_args
+    from lorakit.quant.gguf_in import pretrained_args
 
-    if is_gguf(model_id):  # a GGUF base: its config is in the file's metadata
-        try:
-            source, gguf = pretrained_args(model_id)
-        except (OSError, ValueError, ImportError):  # moved or unreadable since it was loaded: as PEFT, unchanged
-            return False
+    try:
+        source, gguf = pretrained_args(model_id)  # a GGUF base: its config is in the file's metadata
+    except (OSError, ValueError, ImportError):  # a GGUF moved or unreadable since it was loaded: as PEFT, unchanged
+        return False
+    if gguf:
         return vocab_size != type(model_config).from_pretrained(source, **gguf).vocab_size
     exists = os.path.exists(os.path.join(model_id, "config.json"))
     if not exists and os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes", "on"):

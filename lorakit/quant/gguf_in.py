@@ -59,13 +59,6 @@ def pretrained_args(name_or_path: str | os.PathLike) -> tuple[str, dict[str, str
     return str(file.parent), {"gguf_file": file.name}
 
 
-def is_gguf(name_or_path: str | os.PathLike) -> bool:
-    """Whether ``name_or_path`` names a GGUF model (a ``.gguf`` path, or a folder of one without config.json)."""
-    path = Path(os.path.expanduser(os.fspath(name_or_path)))
-    return path.suffix.lower() == GGUF_SUFFIX or (
-        path.is_dir() and not (path / "config.json").is_file() and any(path.glob("*" + GGUF_SUFFIX)))
-
-
 def supported_architectures() -> list[str]:
     """GGUF ``general.architecture`` values transformers' loader reads (legacy table plus the newer path)."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES

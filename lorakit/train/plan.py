@@ -340,10 +340,10 @@ def _check_fsdp(cfg: TrainConfig, plan: RunPlan) -> None:
         plan.notices.append("training.distributed=fsdp with one process: nothing to shard, it trains as one "
                             "process (launch with torchrun --nproc_per_node N or accelerate launch to shard)")
         return
-    from lorakit.quant.gguf_in import is_gguf
+    from lorakit.quant.gguf_in import find_gguf
 
     fix = "use training.distributed=ddp for it"
-    if is_gguf(cfg.model.name_or_path):
+    if find_gguf(cfg.model.name_or_path) is not None:
         raise NotImplementedError(
             f"training.distributed=fsdp with a GGUF model ({cfg.model.name_or_path}) is not implemented (each process "
             "reads its rows from safetensors files). Save it once as a model folder -- model, tokenizer = "

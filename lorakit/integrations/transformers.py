@@ -15,6 +15,14 @@ Why a subclass (transformers 5.x, ``transformers/trainer.py``):
 The three methods are overridden for lorakit models only, and do what transformers does for PEFT models: save
 ``adapter_config.json`` + ``adapter_model.safetensors`` (+ the tokenizer and ``training_args.bin``; the Trainer
 adds its optimizer / scheduler / RNG / state files) and reload with ``PeftModel.load_adapter``.
+
+Under accelerate's FSDP (``Trainer.is_fsdp_enabled``): a 4-bit base's layers are put in the form FSDP shards
+(``Linear4bit.expose_quant_state``) when the Trainer builds its accelerator; ``save_model`` all-gathers the
+adapter's tensors only (the base is never gathered whole, whatever ``fsdp_state_dict_type`` is: transformers' own
+``save_model`` writes nothing under ``SHARDED_STATE_DICT`` and gathers the whole model under ``FULL_STATE_DICT``)
+and rank 0 writes PEFT's layout; resuming and ``load_best_model_at_end`` are transformers' FSDP paths
+(accelerate's sharded checkpoint of the model and optimizer, ``pytorch_model_fsdp_0/`` and ``optimizer_0/``), which
+checkpoints hold beside the adapter.
 """
 
 from __future__ import annotations
@@ -70,8 +78,8 @@ def load_adapter_checkpoint(model: PeftModel, folder: str) -> None:
 
 
 class LorakitTrainerMixin:
-    """``_save`` / ``_load_from_checkpoint`` / ``_load_best_model`` for a lorakit ``self.model``; put it first in
-    the bases of a ``transformers.Trainer`` subclass. Other models go to the parent's methods."""
+    """``_save`` / ``save_model`` / ``_load_from_checkpoint`` / ``_load_best_model`` for a lorakit ``self.model``;
+    put it first in the bases of a ``transformers.Trainer`` subclass. Other models go to the parent's methods."""
 
     model: nn.Module
     args: Any
@@ -79,9 +87,29 @@ class LorakitTrainerMixin:
     processing_class: Any
     accelerator: Any
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()  # type: ignore[misc]
+        if self._fsdp():  # lorakit 4-bit layers: their scales shard with the packed weight (idempotent)
+            for module in self.model.modules():
+                if hasattr(module, "expose_quant_state"):
+                    module.expose_quant_state()
+
     def _lorakit_model(self, model: nn.Module | None = None) -> PeftModel | None:
         model = self.model if model is None else self.accelerator.unwrap_model(model)
         return model if is_lorakit_model(model) else None
+
+    def _fsdp(self) -> bool:
+        return bool(getattr(self, "is_fsdp_enabled", False))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        model = self._lorakit_model()
+        if model is None or not self._fsdp():
+            return super().save_model(output_dir, _internal_call)  # type: ignore[misc]
+        from lorakit.train.distributed import gather_adapter_state
+
+        self._save(output_dir, state_dict=gather_adapter_state(model))  # every process gathers; rank 0 writes
+        if self.args.push_to_hub and not _internal_call:  # as transformers' save_model
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)  # type: ignore[attr-defined]
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         model = self._lorakit_model()
@@ -98,13 +126,13 @@ class LorakitTrainerMixin:
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         peft_model = self._lorakit_model(model)
-        if peft_model is None:
+        if peft_model is None or self._fsdp():
             return super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
         load_adapter_checkpoint(peft_model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         model = self._lorakit_model()
-        if model is None:
+        if model is None or self._fsdp():
             return super()._load_best_model()  # type: ignore[misc]
         best = self.state.best_model_checkpoint
         if not _has_adapter(best):

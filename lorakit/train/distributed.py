@@ -350,21 +350,9 @@ class ShardedModel:
         return norm
 
     # ---- saving --------------------------------------------------------------------------------------------
-    def adapter_state(self) -> dict[str, torch.Tensor]:
-        """The full tensors the PEFT adapter files hold, keyed as in `peft`'s state dict (all processes call
-        this: each tensor is all-gathered; the base weights are not)."""
-        from lorakit.io.adapter import adapter_key_map, saved_embedding_keys
-
-        keys: set[str] = set()
-        for name, config in self.peft.peft_config.items():
-            keys |= set(adapter_key_map(self.peft, name, config.bias).values())
-            keys |= set(saved_embedding_keys(self.peft, config, "auto").values())
-        state = self.peft.state_dict(keep_vars=True)
-        return {k: _full(state[k]).detach().cpu() for k in sorted(keys)}
-
     def save_adapter(self, folder: str | Path) -> None:
         """Write the adapter in PEFT's layout into `folder` (rank 0 writes; every process must call)."""
-        state = self.adapter_state()
+        state = gather_adapter_state(self.peft)
         if self.rank == 0:
             self.peft.save_pretrained(folder, state_dict=state)
 
@@ -395,6 +383,21 @@ class ShardedModel:
         set_state_dict(self.root, _unwrap(optimizer), model_state_dict=state["model"],
                        optim_state_dict=state["optim"],
                        options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+
+def gather_adapter_state(peft: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole tensors a lorakit ``PeftModel``'s adapter files hold, keyed as in its state dict, for
+    ``peft.save_pretrained(folder, state_dict=...)``. Under FSDP every process must call this: each adapter tensor
+    is all-gathered (``DTensor.full_tensor``), the frozen base weights are not; unsharded tensors are returned as
+    they are (on CPU)."""
+    from lorakit.io.adapter import adapter_key_map, saved_embedding_keys
+
+    keys: set[str] = set()
+    for name, config in peft.peft_config.items():
+        keys |= set(adapter_key_map(peft, name, config.bias).values())
+        keys |= set(saved_embedding_keys(peft, config, "auto").values())
+    state = peft.state_dict(keep_vars=True)
+    return {k: _full(state[k]).detach().cpu() for k in sorted(keys)}
 
 
 def _tied_head_key(base: nn.Module) -> dict[str, str]:

@@ -4,10 +4,10 @@ Two processes with 2+ GPUs; with one GPU, one FSDP process (accelerate still lau
 the model with `fully_shard`: the code path without the sharding).
 
 accelerate turns FSDP on for accelerator devices only (accelerate 1.16 `state.py` leaves MULTI_CPU out of the
-FSDP switch), so this cannot run on the CPU machines of CI; the CPU reference of the same sharding is the
-`fully_shard` user-loop test in tests/train/test_fsdp.py, and the same worker under DDP on CPU is
-tests/integration/test_trainer_ddp.py. Status: written against transformers 5.25 / accelerate
-1.16 and not yet run -- no GPU machine was lent to the sessions that wrote it.
+FSDP switch), so the CPU test of the same Trainer path, tests/integration/test_trainer_fsdp.py, sets accelerate's
+distributed type itself; this test runs it as users do, under `accelerate launch` on GPUs (NCCL). Status: written
+against transformers 5.25 / accelerate 1.16 and not yet run -- no GPU machine was lent to the sessions that wrote
+it.
 
 Tolerance 1e-5 / 1e-4 (fp32, TF32 off): the sharded run sums the same gradients in another order (reduce-scatter).
 """

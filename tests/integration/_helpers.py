@@ -53,3 +53,13 @@ def adapter_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def trainable_count(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def run_process(cmd: list[str], timeout: int = 300, **env: str) -> None:
+    """Run `cmd` from the repository root (one thread per process, the repo on the path); fail the test with the
+    end of its output if it exits non-zero."""
+    import subprocess
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

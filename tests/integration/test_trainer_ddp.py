@@ -6,8 +6,6 @@ without it each torchrun process trained alone on the whole dataset (checked: ep
 0.25). Tolerance 1e-6 (fp32): the two runs differ by the order of one all-reduce (measured 1.9e-7).
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,14 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.integration._helpers import run_process as _run
+
 WORKER = str(Path(__file__).resolve().parent / "trainer_worker.py")
-
-
-def _run(cmd: list[str], **env: str) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def test_trainer_under_ddp_matches_one_process(tmp_path, tiny_model_dir):

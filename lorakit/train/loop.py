@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,11 +180,23 @@ def train(cfg: TrainConfig, resume: bool | None = None) -> TrainResult:
         plan.release()
 
 
+ENGINES_OF_ACCELERATE = {"FSDP": "ACCELERATE_USE_FSDP", "DeepSpeed": "ACCELERATE_USE_DEEPSPEED",
+                         "Megatron-LM": "ACCELERATE_USE_MEGATRON_LM"}
+"""accelerate's own sharding engines and the variables `accelerate launch` sets for them (refused by `train`)."""
+
+
 def _accelerator(t: Any) -> Any:
     """accelerate's `Accelerator` for training.bf16 / fp16; a clear error when this process already made one with
     another precision (accelerate keeps the first run's settings for the life of the process: a notebook)."""
     from accelerate import Accelerator
 
+    for engine, flag in ENGINES_OF_ACCELERATE.items():
+        if os.environ.get(flag, "false").lower() in ("1", "true"):
+            raise ValueError(
+                f"`accelerate launch` was given a config that turns on accelerate's {engine} ({flag}=true), which "
+                f"lorakit train does not use: it runs DDP, or shards the model itself with `training.distributed: "
+                f"fsdp` in the YAML. Launch with a config whose distributed_type is MULTI_GPU (or MULTI_CPU), or with "
+                f"torchrun, and set training.distributed in the YAML")
     # cpu=True on a machine without CUDA: accelerate only enters MULTI_CPU (gloo) mode under torchrun with it
     try:
         return Accelerator(mixed_precision=mixed_precision(t), cpu=not torch.cuda.is_available())

@@ -271,3 +271,15 @@ def test_a_second_run_with_another_precision_in_one_process_is_refused_clearly(c
     with pytest.raises(ValueError, match=r"already trained with another precision .* `lorakit train CONFIG`"):
         train(load_config(cfg))
     assert not (tmp_path / "b" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("flag", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_accelerates_own_sharding_engines_are_refused_by_name(config_writer, tmp_path, tiny_model_dir, monkeypatch,
+                                                              flag):
+    """`accelerate launch` with an FSDP / DeepSpeed config sets these variables; on CPU accelerate then silently
+    stays DDP and on GPUs it would wrap the model a second way: train says which YAML key shards instead."""
+    monkeypatch.setenv(flag, "true")
+    cfg = config_writer(tmp_path / "a.yaml", tiny_model_dir, tmp_path / "a", training={"max_steps": 1})
+    with pytest.raises(ValueError, match=r"accelerate's (FSDP|DeepSpeed) .*training.distributed: fsdp"):
+        train(load_config(cfg))
+    assert not (tmp_path / "a").exists()

@@ -41,6 +41,10 @@ def _train(args: argparse.Namespace) -> int:
             f"no checkpoint was written yet (training.save_steps={cfg.training.save_steps}), so there is "
             "nothing to resume: run it again from the start"), file=sys.stderr)
         return 128 + signum
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # under torchrun: a rank exiting with it alive can abort
+        dist.destroy_process_group()
     return 0
 
 

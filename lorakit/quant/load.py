@@ -76,16 +76,7 @@ def load_model(
         return (model if quantization_config is None else quantize_model(model, quantization_config)), tokenizer
     path = _resolve(name_or_path, revision)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    stored = getattr(config, "quantization_config", None)
-    if stored is not None:
-        stored_cfg = BitsAndBytesConfig.from_dict(stored if isinstance(stored, dict) else stored.to_dict())
-        if quantization_config is not None and _as_config(quantization_config) != stored_cfg:
-            warnings.warn(
-                f"{path} is already quantized; its quantization_config is used, not the one passed", stacklevel=2
-            )
-        qconfig, prequantized = stored_cfg, True
-    else:
-        qconfig, prequantized = _as_config(quantization_config), False
+    qconfig, prequantized = stored_quantization(config, quantization_config, path)
     dtype = _resolve_dtype(torch_dtype, config)
 
     model = _empty_model(config, dtype, attn_implementation, trust_remote_code)
@@ -117,6 +108,22 @@ def load_model(
     if device is not None:
         model.to(device)
     return model.eval(), _load_tokenizer(path, trust_remote_code)
+
+
+def stored_quantization(
+    config: Any, requested: BitsAndBytesConfig | dict[str, Any] | None, path: str | os.PathLike
+) -> tuple[BitsAndBytesConfig | None, bool]:
+    """``(quantization to load with, whether the folder is already quantized)`` for a model folder's `config`: a
+    folder quantized by transformers + bitsandbytes (or by us) is loaded as stored, so its own
+    ``quantization_config`` wins over `requested` (with a warning when they differ)."""
+    stored = getattr(config, "quantization_config", None)
+    if stored is None:
+        return _as_config(requested), False
+    stored_cfg = BitsAndBytesConfig.from_dict(stored if isinstance(stored, dict) else stored.to_dict())
+    if requested is not None and _as_config(requested) != stored_cfg:
+        warnings.warn(f"{path} is already quantized; its quantization_config is used, not the one passed",
+                      stacklevel=3)
+    return stored_cfg, True
 
 
 def quantize_model(model: nn.Module, config: BitsAndBytesConfig | dict[str, Any]) -> nn.Module:

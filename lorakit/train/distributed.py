@@ -17,7 +17,8 @@ unchanged. With ``training.bf16`` parameters are all-gathered in bf16 and gradie
 
 Loading (``ShardedModel.load``): the model is built on the meta device, sharded, then each process allocates and
 reads only its rows of each tensor from the safetensors files (a 4-bit layer: the full-precision tensor is read
-and quantized one tensor at a time, and the process keeps its rows of the packed bytes and of the scales), so a
+and quantized one tensor at a time, or a 4-bit folder's stored bytes and scales are read as they are, and the
+process keeps its rows of the packed bytes and of the scales), so a
 node's host memory holds about one copy of the model, not one per process. Adapters get the values a one-process
 run would give them (PEFT's init drawn from the same seed, in the same order; a saved adapter's tensors); an init
 that reads the base weight (DoRA's magnitude, PiSSA / OLoRA) runs once per decoder layer on a copy of its gathered
@@ -126,7 +127,7 @@ def empty_base_model(name_or_path: str, torch_dtype: str, quantization: Any, att
     quantized run; returns ``(model, tokenizer, local folder, the dtype tensors are loaded in)``."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from lorakit.quant.load import _empty_model, _replace_linears, _resolve, _resolve_dtype
+    from lorakit.quant.load import _empty_model, _replace_linears, _resolve, _resolve_dtype, stored_quantization
     from lorakit.train.evaluate import DTYPES, bnb_config, model_path_errors
 
     with model_path_errors(name_or_path):
@@ -135,18 +136,21 @@ def empty_base_model(name_or_path: str, torch_dtype: str, quantization: Any, att
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:  # as load_base_model: pad with EOS (padding never takes loss)
         tokenizer.pad_token = tokenizer.eos_token
-    if getattr(config, "quantization_config", None) is not None:
-        raise NotImplementedError(f"training.distributed=fsdp with an already quantized model ({name_or_path}): "
-                                  "give the full-precision model and quantization=nf4, or use "
-                                  "training.distributed=ddp")
+    requested = bnb_config(quantization) if quantization.method != "none" else None
+    qconfig, prequantized = stored_quantization(config, requested, path)  # a quantized folder: as stored
     dtype = _resolve_dtype(None if torch_dtype == "auto" else DTYPES[torch_dtype], config)
     model = _empty_model(config, dtype, attn_implementation, trust_remote_code)
     model.tie_weights()  # a tied LM head is the input embeddings' parameter (read once from the file)
-    if quantization.method != "none":
-        qconfig = bnb_config(quantization)
+    if qconfig is not None and (qconfig.load_in_4bit or qconfig.load_in_8bit):
         if qconfig.load_in_8bit:
-            raise NotImplementedError("training.distributed=fsdp with quantization=int8 (8-bit bases are not "
-                                      "sharded); use quantization=nf4 / fp4, or training.distributed=ddp")
+            what = "an 8-bit model folder" if prequantized else "quantization=int8"
+            raise NotImplementedError(f"training.distributed=fsdp with {what} (8-bit bases are not sharded); use "
+                                      "quantization=nf4 / fp4 on a full-precision model, or "
+                                      "training.distributed=ddp")
+        if prequantized and requested is None:  # the loop prepares a quantized base only when asked to
+            raise ValueError(f"{name_or_path} is already quantized ({qconfig.bnb_4bit_quant_type}): set "
+                             f"quantization.method: {qconfig.bnb_4bit_quant_type} in the config (the folder's own "
+                             "quantization settings are used)")
         _replace_linears(model, qconfig, device="meta")
         model.config.quantization_config = qconfig.to_dict()
         model.is_loaded_in_4bit = model.is_quantized = True
@@ -250,8 +254,8 @@ class ShardedModel:
             module, pname = owners[id(param)]
             key = checkpoint_key(fqn[len(prefix):]) if fqn.startswith(prefix) else fqn
             if hasattr(module, "expose_quant_state"):
-                if pname == "weight":  # quantize the whole tensor, keep this process's rows
-                    self._load_4bit(module, key, files.read(key), dtype)
+                if pname == "weight":  # the whole tensor quantized (or as stored), this process's rows kept
+                    self._load_4bit(module, key, files, dtype)
                     done |= {id(p) for p in module.parameters(recurse=False) if p is not module.bias}
                 if pname != "bias":
                     continue  # weight_absmax / weight_nested_absmax: filled with the weight
@@ -306,14 +310,27 @@ class ShardedModel:
                 for name, param in wrapper.named_parameters():
                     _fill(param, full[name])
 
-    def _load_4bit(self, module: nn.Module, key: str, weight: torch.Tensor | None, dtype: torch.dtype) -> None:
+    def _load_4bit(self, module: nn.Module, key: str, files: SafetensorsRows, dtype: torch.dtype) -> None:
+        """Fill `module`'s shards of the packed weight and scales: the weight `key` quantized, or, in a folder
+        already quantized, its packed bytes (viewed as the module's storage dtype) and stored quant state."""
         from lorakit.quant.load import _release_free_memory
-        from lorakit.quant.nf4 import quantize_4bit
+        from lorakit.quant.nf4 import QuantState, quantize_4bit
 
+        weight = files.read(key)
         if weight is None:
             raise ValueError(f"weights missing from the checkpoint: {key}")
-        packed, state = quantize_4bit(weight.to(dtype), module.blocksize, module.quant_type,
-                                      module.compress_statistics, module.quant_storage)
+        pieces = {name: files.read(name) for name in files.tensors if name.startswith(f"{key}.")}
+        if pieces:  # already quantized: weight.absmax, weight.quant_map, weight.quant_state.bitsandbytes__*, ...
+            state = QuantState.from_dict(pieces)
+            stored = (state.quant_type, state.blocksize, state.nested)
+            if stored != (module.quant_type, module.blocksize, module.compress_statistics):
+                raise ValueError(f"{key}: quantized as {stored} (quant_type, blocksize, double quantization), but "
+                                 "the folder's quantization_config says "
+                                 f"{(module.quant_type, module.blocksize, module.compress_statistics)}")
+            packed = weight.reshape(-1).view(torch.uint8).view(module.quant_storage).reshape(-1, 1)
+        else:
+            packed, state = quantize_4bit(weight.to(dtype), module.blocksize, module.quant_type,
+                                          module.compress_statistics, module.quant_storage)
         del weight
         _release_free_memory()  # the full-precision tensor and quantization temporaries (lorakit.quant.load)
         _fill(module.weight, packed)

@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         engine = "fsdp2" if isinstance(wrapped, FSDPModule) else type(wrapped).__name__
         Path(opts.out, "engine.txt").write_text(f"{engine} world_size={trainer.args.world_size}")
     trainer.save_model(f"{opts.out}/adapter")
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()  # destroys the process group: a rank exiting with it alive can abort
 
 
 if __name__ == "__main__":

@@ -128,6 +128,42 @@ def test_fsdp_qlora_matches_one_process(config_writer, tmp_path, tiny_model_dir)
     _assert_same_adapter(one, two)
 
 
+@pytest.fixture
+def quantized_folder(tmp_path, tiny_model_dir) -> Path:
+    """The tiny model saved 4-bit (NF4, double quantization, uint8 storage: bitsandbytes' default, the layout of
+    pre-quantized Hub models), as lorakit and transformers + bitsandbytes write it (tests/quant/test_quant_load)."""
+    from transformers import AutoTokenizer
+
+    from lorakit import BitsAndBytesConfig
+    from lorakit.quant.load import load_model
+
+    model, _ = load_model(tiny_model_dir, BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                             bnb_4bit_use_double_quant=True,
+                                                             bnb_4bit_compute_dtype=torch.float32))
+    model.save_pretrained(tmp_path / "quantized")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "quantized")
+    return tmp_path / "quantized"
+
+
+def test_fsdp_trains_an_already_quantized_folder_as_one_process(config_writer, tmp_path, quantized_folder):
+    """A 4-bit model folder is loaded as stored under FSDP (each process keeps its rows of the stored packed
+    bytes and scales; nothing is re-quantized) and trains the same adapter as one process loading it whole."""
+    assert "model.layers.0.mlp.up_proj.weight.absmax" in load_file(quantized_folder / "model.safetensors")
+    quant = {"method": "nf4", "bnb_4bit_use_double_quant": True}
+    one, two = _one_and_two(config_writer, tmp_path, quantized_folder, {"max_steps": 3}, quant)
+    for step, loss in _losses(one).items():
+        assert _losses(two)[step] == pytest.approx(loss, rel=1e-5)
+    _assert_same_adapter(one, two)
+
+
+def test_fsdp_asks_for_the_quantization_method_of_an_already_quantized_folder(quantized_folder):
+    from lorakit.train.config import QuantizationConfig
+    from lorakit.train.distributed import empty_base_model
+
+    with pytest.raises(ValueError, match="already quantized .* set quantization.method: nf4"):
+        empty_base_model(str(quantized_folder), "float32", QuantizationConfig(), None, None, False)
+
+
 def test_fsdp_exact_match_generates_what_one_process_does(config_writer, tmp_path, tiny_model_dir, capsys):
     """evaluation.path under FSDP: each process generates its share of the prompts with its shards (synced
     generate), before and after training; the printed generations and both scores are those of one process."""

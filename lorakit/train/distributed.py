@@ -18,8 +18,8 @@ unchanged. With ``training.bf16`` parameters are all-gathered in bf16 and gradie
 Loading (``ShardedModel.load``): the model is built on the meta device, sharded, then each process allocates and
 reads only its rows of each tensor from the safetensors files (a 4-bit layer: the full-precision tensor is read
 and quantized one tensor at a time, or a 4-bit folder's stored bytes and scales are read as they are, and the
-process keeps its rows of the packed bytes and of the scales), so a
-node's host memory holds about one copy of the model, not one per process. Adapters get the values a one-process
+process keeps its rows of the packed bytes and of the scales), so a node's host memory holds about one copy of
+the model, not one per process. Adapters get the values a one-process
 run would give them (PEFT's init drawn from the same seed, in the same order; a saved adapter's tensors); an init
 that reads the base weight (DoRA's magnitude, PiSSA / OLoRA) runs once per decoder layer on a copy of its gathered
 parameters (``ShardedModel.after_init``). A ``modules_to_save`` copy and its frozen original read the original tensor.

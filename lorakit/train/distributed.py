@@ -9,8 +9,9 @@ https://arxiv.org/abs/1910.02054) shards every parameter on dim 0 across the pro
     + one decoder layer's unsharded weights at a time (all-gathered before its forward / backward, freed after)
 
 Each decoder layer (found from the model: the classes transformers names in ``_no_split_modules``) is one
-``fully_shard`` group, untied input embeddings another, and the root module holds the rest (final norm, LM
-head; all-gathered for the whole step, as the chunked loss reads the head's weight directly). Gradients are
+``fully_shard`` group, untied input embeddings another (with their adapters; in the root's group when a DoRA
+adapter on them needs the gathered matrix at init), and the root module holds the rest (final norm, LM head;
+all-gathered for the whole step, as the chunked loss reads the head's weight directly). Gradients are
 reduce-scattered (averaged over the ``P`` processes, as DDP's all-reduce), so the loop's loss normalization is
 unchanged. With ``training.bf16`` parameters are all-gathered in bf16 and gradients reduced in fp32
 (``MixedPrecisionPolicy``), on a GPU or on CPU (gloo); the sharded parameters and AdamW state stay fp32.
@@ -172,11 +173,7 @@ def adapter_init_values(model: nn.Module, init_lora_weights: bool | str,
         init_lora_weights = True  # as in a one-process injection; the method runs in ShardedModel.after_init
     adapters = []
     for module in model.modules():
-        if isinstance(module, LoraEmbeddingAdapter):
-            raise NotImplementedError("training.distributed=fsdp with an adapter on an embedding layer is not "
-                                      "implemented; leave embeddings out of lora.target_modules or use "
-                                      "training.distributed=ddp")
-        if isinstance(module, LoraAdapter):
+        if isinstance(module, (LoraAdapter, LoraEmbeddingAdapter)):
             module.to_empty(device="cpu")
             if saved is None:
                 module.reset_parameters(init_lora_weights)
@@ -216,7 +213,11 @@ class ShardedModel:
             fully_shard(layer, mp_policy=mp_policy)
         embed = base.get_input_embeddings()
         uses = sum(p is embed.weight for _, p in root.named_parameters(remove_duplicate=False))
-        if uses == 1:  # untied (also from a modules_to_save head's frozen original): the embeddings gather alone
+        # untied (also from a modules_to_save head's frozen original): the embeddings gather alone -- unless an
+        # adapter on them has an init that reads the base (DoRA): `after_init` copies its wrapper, and FSDP2
+        # cannot deep-copy a module that is a sharded group itself, so they stay in the root's group
+        has_method = any(_init_has_method(c) for c in peft.peft_config.values())
+        if uses == 1 and not _init_reads_base(embed, has_method):
             fully_shard(embed, mp_policy=mp_policy)
         fully_shard(root, mp_policy=mp_policy)  # the rest: final norm, LM head (the chunked loss reads its weight)
         for name in FORWARD_METHODS:  # model calls made through the root run under its hooks, as forward does
@@ -281,22 +282,23 @@ class ShardedModel:
         from W, the base keeping ``W - s B A``) and the adapter's ``after_init`` (DoRA's magnitude
         ``m = ||W + s B A||_c``). Each runs on a copy of its layer (FSDP's gathered tensors are not written), and
         every process keeps its rows of what changed, base rows included. Every process calls it, after `load`."""
-        from lorakit.adapter import Adapter
-        from lorakit.config import init_method
+        from torch.distributed.fsdp import FSDPModule
+
         from lorakit.inject import run_init
 
-        has_method = init_method(config.init_lora_weights).function is not None
-        layers = decoder_layers(self.peft.get_base_model())
-        in_layers = {id(m) for layer in layers for m in layer.modules()}
-        groups = [(layer, list(layer.named_modules())) for layer in layers]
-        groups.append((self.root, [(n, m) for n, m in self.root.named_modules() if id(m) not in in_layers]))
+        has_method = _init_has_method(config)
+        # the sharded groups: each decoder layer, untied input embeddings, and the root holding the rest
+        inner = [m for m in self.root.modules() if isinstance(m, FSDPModule) and m is not self.root]
+        in_inner = {id(m) for group in inner for m in group.modules()}
+        groups = [(group, list(group.named_modules())) for group in inner]
+        groups.append((self.root, [(n, m) for n, m in self.root.named_modules() if id(m) not in in_inner]))
         for group, members in groups:
             targets = [(path, wrapper, name) for path, wrapper in members
                        for name, adapter in getattr(wrapper, "adapters", {}).items()
-                       if has_method or type(adapter).after_init is not Adapter.after_init]
+                       if has_method or _reads_base(adapter)]
             if not targets:  # the same on every process: the model is built the same way everywhere
                 continue
-            group.unshard()  # (FSDP2: not recursive; each decoder layer is its own group)
+            group.unshard()  # (FSDP2: not recursive; each group gathers its own parameters)
             written = []
             for path, wrapper, name in targets:
                 layer = copy.deepcopy(wrapper)  # plain tensors holding the gathered values
@@ -400,6 +402,26 @@ class ShardedModel:
         set_state_dict(self.root, _unwrap(optimizer), model_state_dict=state["model"],
                        optim_state_dict=state["optim"],
                        options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+
+def _init_has_method(config: Any) -> bool:
+    """Whether a ``LoraConfig``'s ``init_lora_weights`` names an init method (PiSSA, OLoRA: factors from W)."""
+    from lorakit.config import init_method
+
+    return init_method(config.init_lora_weights).function is not None
+
+
+def _reads_base(adapter: nn.Module) -> bool:
+    """Whether the adapter's own ``after_init`` reads its base weight (DoRA's magnitude)."""
+    from lorakit.adapter import Adapter
+
+    return type(adapter).after_init is not Adapter.after_init
+
+
+def _init_reads_base(wrapper: nn.Module, has_method: bool) -> bool:
+    """Whether a new adapter of `wrapper` runs an init on the base weight (``ShardedModel.after_init``)."""
+    adapters = getattr(wrapper, "adapters", {})
+    return bool(adapters) and (has_method or any(_reads_base(a) for a in adapters.values()))
 
 
 def gather_adapter_state(peft: nn.Module) -> dict[str, torch.Tensor]:

@@ -308,19 +308,25 @@ def run_init(wrapper: _LoraWrapper, adapter: Adapter, config: LoraConfig, module
     adapter's own init, then ``adapter.after_init``. An embedding adapter keeps its default init (A = 0,
     B ~ N(0, 1)), as in PEFT: the methods decompose linear weights; a ``linear_only`` method (LoftQ, which
     quantizes every target's base) refuses it."""
+    if run_init_method(wrapper, adapter, config, module_name):
+        adapter.after_init(wrapper)
+
+
+def run_init_method(wrapper: _LoraWrapper, adapter: Adapter, config: LoraConfig, module_name: str) -> bool:
+    """The method part of `run_init` (without ``after_init``); returns whether a method ran."""
     method = init_method(config.init_lora_weights)
     if method.function is None:
-        return
+        return False
     if not isinstance(wrapper, LoraLinear):
         if method.linear_only:
             raise ValueError(
                 f"init_lora_weights={config.init_lora_weights!r} applies to linear layers only; {module_name!r} is "
                 f"{type(wrapper.base_layer).__name__}: exclude it (exclude_modules) or use init_lora_weights=True."
             )
-        return
+        return False
     module, _, function = method.function.partition(":")
     getattr(importlib.import_module(module), function)(wrapper, adapter, config)
-    adapter.after_init(wrapper)
+    return True
 
 
 def add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str, trainable: bool) -> list[str]:

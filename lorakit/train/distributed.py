@@ -158,26 +158,33 @@ def empty_base_model(name_or_path: str, torch_dtype: str, quantization: Any, att
     return model, tokenizer, path, dtype
 
 
-def adapter_init_values(model: nn.Module, init_lora_weights: bool | str,
+def adapter_init_values(model: nn.Module, config: Any,
                         saved: str | Path | None = None) -> dict[int, dict[str, torch.Tensor]]:
-    """Initial values of every adapter of `model` (created on meta): drawn as a one-process run draws them,
-    ``reset_parameters(init_lora_weights)`` of each adapter in module order from the current RNG (loading the
-    base draws nothing); or, with `saved` (an adapter folder, ``model.adapter_name_or_path``), its tensors, copied
-    by the same code as ``PeftModel.load_adapter``. Returns ``{id(adapter): {parameter name: value}}``; the
-    adapters stay on meta."""
+    """Initial values of every adapter of `model` (created on meta) for `config` (its ``LoraConfig``): drawn as a
+    one-process run draws them, ``reset_parameters(init_lora_weights)`` of each adapter in module order from the
+    current RNG (loading the base draws nothing), each followed by its init method when that only draws (orthogonal;
+    one that reads the base, PiSSA / OLoRA, runs later in ``ShardedModel.after_init``); or, with `saved` (an adapter
+    folder, ``model.adapter_name_or_path``), its tensors, copied by the same code as ``PeftModel.load_adapter``.
+    Returns ``{id(adapter): {parameter name: value}}``; the adapters stay on meta."""
     from lorakit.config import init_method
+    from lorakit.inject import run_init_method
     from lorakit.io.adapter import load_adapter_weights, set_peft_model_state_dict
     from lorakit.layers import LoraAdapter, LoraEmbeddingAdapter
 
-    if init_method(init_lora_weights).function is not None:  # PiSSA, OLoRA: the adapter's own init first (True),
-        init_lora_weights = True  # as in a one-process injection; the method runs in ShardedModel.after_init
+    init_lora_weights = config.init_lora_weights
+    if init_method(init_lora_weights).function is not None:  # a method: the adapter's own init first (True), as
+        init_lora_weights = True  # in a one-process injection
     adapters = []
-    for module in model.modules():
-        if isinstance(module, (LoraAdapter, LoraEmbeddingAdapter)):
-            module.to_empty(device="cpu")
+    for path, wrapper in model.named_modules():
+        for adapter in getattr(wrapper, "adapters", {}).values():
+            if not isinstance(adapter, (LoraAdapter, LoraEmbeddingAdapter)):
+                continue
+            adapter.to_empty(device="cpu")
             if saved is None:
-                module.reset_parameters(init_lora_weights)
-            adapters.append(module)
+                adapter.reset_parameters(init_lora_weights)
+                if not _init_changes_base(config):
+                    run_init_method(wrapper, adapter, config, path)  # its draws right after the adapter's own
+            adapters.append(adapter)
     if saved is not None:
         set_peft_model_state_dict(model, load_adapter_weights(str(saved)), model.active_adapter)
     values = {id(m): {n: p.detach().clone() for n, p in m.named_parameters()} for m in adapters}
@@ -216,7 +223,7 @@ class ShardedModel:
         # untied (also from a modules_to_save head's frozen original): the embeddings gather alone -- unless an
         # adapter on them has an init that reads the base (DoRA): `after_init` copies its wrapper, and FSDP2
         # cannot deep-copy a module that is a sharded group itself, so they stay in the root's group
-        has_method = any(_init_has_method(c) for c in peft.peft_config.values())
+        has_method = any(_init_changes_base(c) for c in peft.peft_config.values())
         if uses == 1 and not _init_reads_base(embed, has_method):
             fully_shard(embed, mp_policy=mp_policy)
         fully_shard(root, mp_policy=mp_policy)  # the rest: final norm, LM head (the chunked loss reads its weight)
@@ -286,7 +293,7 @@ class ShardedModel:
 
         from lorakit.inject import run_init
 
-        has_method = _init_has_method(config)
+        has_method = _init_changes_base(config)
         # the sharded groups: each decoder layer, untied input embeddings, and the root holding the rest
         inner = [m for m in self.root.modules() if isinstance(m, FSDPModule) and m is not self.root]
         in_inner = {id(m) for group in inner for m in group.modules()}
@@ -404,11 +411,13 @@ class ShardedModel:
                        options=StateDictOptions(ignore_frozen_params=True, strict=False))
 
 
-def _init_has_method(config: Any) -> bool:
-    """Whether a ``LoraConfig``'s ``init_lora_weights`` names an init method (PiSSA, OLoRA: factors from W)."""
+def _init_changes_base(config: Any) -> bool:
+    """Whether a ``LoraConfig``'s ``init_lora_weights`` is a method that reads and changes the base weight (PiSSA,
+    OLoRA: factors from W, the base keeping W - s B A)."""
     from lorakit.config import init_method
 
-    return init_method(config.init_lora_weights).function is not None
+    method = init_method(config.init_lora_weights)
+    return method.function is not None and method.changes_base
 
 
 def _reads_base(adapter: nn.Module) -> bool:

@@ -242,9 +242,12 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
     _say_notices(plan, say)
 
     # 4. adapter ----------------------------------------------------------------------------------------------
+    rng = torch.random.get_rng_state()  # [distributed]: an init method may draw on the meta model; drawn again
     model = _attach_adapter(model, plan)
-    adapter_values = fsdp.adapter_init_values(model, plan.lora.init_lora_weights,
-                                              m.adapter_name_or_path) if plan.fsdp else {}
+    adapter_values = {}
+    if plan.fsdp:
+        torch.random.set_rng_state(rng)
+        adapter_values = fsdp.adapter_init_values(model, plan.lora, m.adapter_name_or_path)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     n_trainable = sum(p.numel() for p in trainable.values())
     n_all = sum(p.numel() for p in model.parameters())

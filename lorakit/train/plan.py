@@ -354,7 +354,7 @@ def _check_fsdp(cfg: TrainConfig, plan: RunPlan) -> None:
                                   f"bases shard: quantization=nf4 or fp4); or {fix}")
     lora = plan.lora  # model.adapter_name_or_path: its saved config (its tensors are loaded, not initialized)
     quantized = cfg.quantization.method != "none"
-    allowed = (True, False, "gaussian") if quantized else (True, False, "gaussian", "pissa", "olora")
+    allowed = (True, False, "gaussian", "orthogonal", *(() if quantized else ("pissa", "olora")))
     if plan.new_adapter is not None and lora.init_lora_weights not in allowed:
         raise NotImplementedError(
             f"training.distributed=fsdp with lora.init_lora_weights={lora.init_lora_weights!r}"

@@ -77,8 +77,9 @@ def _sharded_load(model_dir: Path) -> torch.nn.Module:
     from lorakit.train.distributed import ShardedModel, adapter_init_values, empty_base_model, mixed_precision_policy
 
     base, _, path, dtype = empty_base_model(str(model_dir), "float32", QuantizationConfig(), None, None, False)
-    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
-    adapters = adapter_init_values(model, True)
+    config = LoraConfig(r=4, target_modules="all-linear")
+    model = get_peft_model(base, config)
+    adapters = adapter_init_values(model, config)
     ShardedModel(model, model, mixed_precision_policy(False)).load(path, dtype, adapters, torch.device("cpu"))
     return model
 

@@ -332,13 +332,15 @@ def test_fsdp_modules_to_save_on_a_tied_head_matches_one_process_and_resumes(con
     (False, {"use_dora": True, "init_lora_weights": "olora"}),
     (False, {"init_lora_weights": False, "target_modules": ["q_proj", "v_proj", "embed_tokens"]}),
     (False, {"use_dora": True, "init_lora_weights": False, "target_modules": ["q_proj", "embed_tokens"]}),
-], ids=["dora-16-bit", "dora-4-bit", "pissa", "olora-dora", "embedding", "dora-embedding"])
+    (True, {"init_lora_weights": "orthogonal"}),
+], ids=["dora-16-bit", "dora-4-bit", "pissa", "olora-dora", "embedding", "dora-embedding", "orthogonal-4-bit"])
 def test_fsdp_inits_that_read_the_base_match_one_process(config_writer, tmp_path, tiny_model_dir, quantized, lora):
     """Inits that read the base weight under FSDP: each decoder layer is gathered once after loading and the init
     runs on a copy of each layer -- DoRA's magnitude m = ||W + s B A||_c (B non-zero; a 4-bit base dequantized from
     its sharded state), PiSSA's / OLoRA's factors from W and the residual base W - s B A -- and each process keeps
     its rows; same losses and adapter (magnitudes included) as one process. Adapters on the input embeddings
-    (their own sharded group; DoRA's magnitude from the gathered embedding matrix) too."""
+    (their own sharded group; DoRA's magnitude from the gathered embedding matrix) too; orthogonal init (drawn
+    from the RNG in a one-process run's order, the base untouched: a 4-bit base too)."""
     quant = {"method": "nf4", "bnb_4bit_use_double_quant": True, "bnb_4bit_quant_storage": "bfloat16"}
     lora = {**NO_DROPOUT, **lora}
     one, two = tmp_path / "one", tmp_path / "two"

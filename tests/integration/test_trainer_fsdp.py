@@ -1,7 +1,7 @@
 """transformers' `Trainer` (lorakit's subclass) with accelerate's FSDP2 on a lorakit model, 2 CPU processes over
 gloo: the same adapter as one process with the same global batch (16-bit and 4-bit NF4 bases), adapter-only
 saving in PEFT's layout under ``SHARDED_STATE_DICT``, and resuming from a sharded checkpoint equal to the
-uninterrupted run.
+uninterrupted run. TRL's SFTTrainer (lorakit's subclass) too.
 
 accelerate 1.16 runs FSDP only where its state names accelerator devices, so the worker
 (`trainer_worker.cpu_fsdp2_accelerator`) sets that one field of accelerate's state before the Trainer uses it
@@ -74,3 +74,15 @@ def test_trainer_under_accelerate_fsdp2_resumes_and_saves_for_peft(tmp_path, tin
     loaded = model.state_dict()  # PEFT holds exactly the saved tensors (its names add the adapter name)
     for key, value in whole.items():
         torch.testing.assert_close(loaded[key.replace(".weight", ".default.weight")], value, atol=0, rtol=0)
+
+
+def test_trl_sft_trainer_under_accelerate_fsdp2_matches_one_process(tmp_path, tiny_model_dir):
+    """TRL's SFTTrainer (lorakit's subclass: the same saving methods) under the same FSDP2 set-up: the adapter of 2
+    sharded processes equals one process's, and it is saved in PEFT's layout."""
+    run_process([sys.executable, WORKER, str(tiny_model_dir), str(tmp_path / "one"), "4", "--trl-sft"])
+    run_process([*TORCHRUN, str(tiny_model_dir), str(tmp_path / "two"), "2", "--trl-sft", "--cpu-fsdp2"])
+
+    assert (tmp_path / "two" / "engine.txt").read_text() == "fsdp2 world_size=2"
+    one, start = _adapter(tmp_path / "one" / "adapter"), _adapter(tmp_path / "one" / "adapter-start")
+    assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-3
+    _assert_same(_adapter(tmp_path / "two" / "adapter"), one, atol=1e-5)

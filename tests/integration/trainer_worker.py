@@ -8,7 +8,8 @@ tests/gpu/test_trainer_fsdp.py (GPUs, accelerate's FSDP2):
     accelerate launch --config_file FSDP2.yaml trainer_worker.py ...                 # FSDP2 on GPUs
 
 Options: ``--steps N`` (default 3), ``--save-steps K`` (checkpoints every K steps), ``--resume CHECKPOINT``,
-``--nf4`` (a 4-bit NF4 base, packed bytes stored as bf16, as FSDP-QLoRA needs).
+``--nf4`` (a 4-bit NF4 base, packed bytes stored as bf16, as FSDP-QLoRA needs), ``--trl-sft`` (TRL's
+``SFTTrainer``, lorakit's subclass, instead of transformers' ``Trainer``).
 
 Fixed-length random sequences (every row has the same number of label tokens, so a mean over 2 ranks of 2 rows is
 the mean over 4 rows), dropout 0, TF32 off: the multi-process and one-process runs do the same arithmetic up to
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--cpu-fsdp2", action="store_true")
     parser.add_argument("--nf4", action="store_true")
+    parser.add_argument("--trl-sft", action="store_true")
     opts = parser.parse_args(argv)
     if opts.cpu_fsdp2:
         cpu_fsdp2_accelerator()
@@ -78,12 +80,22 @@ def main(argv: list[str] | None = None) -> None:
                                              init_lora_weights=False))
     ids = torch.randint(3, 400, (16, 24), generator=torch.Generator().manual_seed(1))  # (rows, tokens)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    args = TrainingArguments(
-        opts.out, per_device_train_batch_size=opts.per_device, max_steps=opts.steps, learning_rate=1e-2,
-        logging_steps=1, save_strategy="steps" if opts.save_steps else "no", save_steps=opts.save_steps or 500,
-        report_to="none", seed=0, dataloader_drop_last=True, remove_unused_columns=False,
+    settings = dict(
+        per_device_train_batch_size=opts.per_device, max_steps=opts.steps, learning_rate=1e-2, logging_steps=1,
+        save_strategy="steps" if opts.save_steps else "no", save_steps=opts.save_steps or 500, report_to="none",
+        seed=0, dataloader_drop_last=True,
         accelerator_config={"use_configured_state": True} if opts.cpu_fsdp2 else None)
-    trainer = Trainer(model=model, args=args, train_dataset=data)
+    if opts.trl_sft:  # TRL's SFTTrainer (lorakit's subclass) on the same tokenized rows: loss on every token
+        from trl import SFTConfig
+
+        from lorakit.integrations.trl import SFTTrainer
+
+        data = data.remove_columns("labels")
+        config = SFTConfig(opts.out, bf16=False, max_length=None, packing=False, **settings)
+        trainer = SFTTrainer(model=model, args=config, train_dataset=data)
+    else:
+        args = TrainingArguments(opts.out, remove_unused_columns=False, **settings)
+        trainer = Trainer(model=model, args=args, train_dataset=data)
     if trainer.args.process_index == 0 and opts.resume is None:
         model.save_pretrained(f"{opts.out}/adapter-start")  # before training (B non-zero: init_lora_weights=False)
     trainer.train(resume_from_checkpoint=opts.resume)

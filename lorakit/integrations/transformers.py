@@ -20,9 +20,10 @@ Under accelerate's FSDP (``Trainer.is_fsdp_enabled``): a 4-bit base's layers are
 (``Linear4bit.expose_quant_state``) when the Trainer builds its accelerator; ``save_model`` all-gathers the
 adapter's tensors only (the base is never gathered whole, whatever ``fsdp_state_dict_type`` is: transformers' own
 ``save_model`` writes nothing under ``SHARDED_STATE_DICT`` and gathers the whole model under ``FULL_STATE_DICT``)
-and rank 0 writes PEFT's layout; resuming and ``load_best_model_at_end`` are transformers' FSDP paths
-(accelerate's sharded checkpoint of the model and optimizer, ``pytorch_model_fsdp_0/`` and ``optimizer_0/``), which
-checkpoints hold beside the adapter.
+and rank 0 writes PEFT's layout. Checkpoints hold that adapter, the shards of the trainable tensors
+(``pytorch_model_fsdp_0/``, ``torch.distributed.checkpoint``; the frozen base is not written, as accelerate does for
+PEFT models) and accelerate's optimizer shards (``optimizer_0/``); resuming and ``load_best_model_at_end`` read
+them back.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from lorakit.io.adapter import WEIGHTS_NAME, WEIGHTS_NAME_BIN
 from lorakit.model import PeftModel
 
 TRAINING_ARGS_NAME = "training_args.bin"  # transformers.trainer.TRAINING_ARGS_NAME
+SCHEDULER_NAME = "scheduler.pt"  # transformers.trainer.SCHEDULER_NAME
+FSDP_MODEL_DIR = "pytorch_model_fsdp_0"  # accelerate's FSDP_MODEL_NAME + "_0": what transformers' resume looks for
 
 __all__ = ["LorakitTrainerMixin", "Trainer", "is_lorakit_model"]
 
@@ -124,17 +127,45 @@ class LorakitTrainerMixin:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self._lorakit_model() is None or not self._fsdp():
+            return super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
+        # FSDP: the trainable tensors' shards only (accelerate's sharded save of a non-PEFT model holds the whole
+        # base in every checkpoint), then accelerate's optimizer shards and the scheduler, as transformers does
+        from accelerate.utils import save_fsdp_optimizer
+
+        from lorakit.train.distributed import save_trainable_state
+
+        save_trainable_state(self.model, os.path.join(output_dir, FSDP_MODEL_DIR))
+        save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model,
+                            output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))  # type: ignore
+
+    def _load_sharded(self, model: nn.Module, folder: str) -> None:
+        from lorakit.train.distributed import load_trainable_state
+
+        if not os.path.isdir(os.path.join(folder, FSDP_MODEL_DIR)):
+            raise ValueError(f"{folder} has no {FSDP_MODEL_DIR}/ (it was not written by a Trainer under FSDP): "
+                             "resume it without FSDP, or start a new run with its adapter "
+                             "(PeftModel.from_pretrained(base, folder, is_trainable=True))")
+        load_trainable_state(model, os.path.join(folder, FSDP_MODEL_DIR))
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         peft_model = self._lorakit_model(model)
-        if peft_model is None or self._fsdp():
+        if peft_model is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
+        if self._fsdp():
+            return self._load_sharded(model if model is not None else self.model, resume_from_checkpoint)
         load_adapter_checkpoint(peft_model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         model = self._lorakit_model()
-        if model is None or self._fsdp():
+        if model is None:
             return super()._load_best_model()  # type: ignore[misc]
         best = self.state.best_model_checkpoint
+        if self._fsdp():
+            return self._load_sharded(self.model, best)
         if not _has_adapter(best):
             raise ValueError(f"load_best_model_at_end: {best} has no adapter ({CONFIG_NAME} + {WEIGHTS_NAME}).")
         model.load_adapter(best, model.active_adapter)  # requires_grad left as it was (PEFT and transformers)

@@ -411,6 +411,28 @@ class ShardedModel:
                        options=StateDictOptions(ignore_frozen_params=True, strict=False))
 
 
+def save_trainable_state(module: nn.Module, folder: str | Path) -> None:
+    """This process's shards of `module`'s trainable tensors into `folder` (``torch.distributed.checkpoint``, under
+    the key ``"model"`` as accelerate writes it); the frozen base is skipped. Every process calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(module, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": state}, checkpoint_id=folder)
+
+
+def load_trainable_state(module: nn.Module, folder: str | Path) -> None:
+    """Inverse of `save_trainable_state` (the same number of processes); a checkpoint that holds the frozen tensors
+    too (accelerate's whole-model format) loads as well: only the trainable ones are read."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    state = {"model": get_model_state_dict(module, options=options)}
+    dcp.load(state, checkpoint_id=folder)
+    set_model_state_dict(module, state["model"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+
 def _init_changes_base(config: Any) -> bool:
     """Whether a ``LoraConfig``'s ``init_lora_weights`` is a method that reads and changes the base weight (PiSSA,
     OLoRA: factors from W, the base keeping W - s B A)."""

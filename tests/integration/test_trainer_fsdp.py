@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
 
 from tests.integration._helpers import run_process
 
@@ -50,9 +51,12 @@ def test_trainer_under_accelerate_fsdp2_matches_one_process(tmp_path, tiny_model
     one, two = _adapter(tmp_path / "one" / "adapter"), _adapter(tmp_path / "two" / "adapter")
     assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-3  # training moved the adapter
     _assert_same(two, one, atol=1e-5)
-    # a checkpoint: the adapter (gathered) beside accelerate's sharded model and optimizer state
+    # a checkpoint: the adapter (gathered) beside the shards of the trainable tensors (not the frozen base) and
+    # accelerate's optimizer shards
     ckpt = tmp_path / "two" / "checkpoint-2"
-    assert (ckpt / "pytorch_model_fsdp_0").is_dir() and (ckpt / "optimizer_0").is_dir()
+    saved = FileSystemReader(ckpt / "pytorch_model_fsdp_0").read_metadata().state_dict_metadata
+    assert saved and all("lora_" in key for key in saved), sorted(saved)[:4]
+    assert (ckpt / "optimizer_0").is_dir()
     _assert_same(_adapter(ckpt), _adapter(tmp_path / "one" / "checkpoint-2"), atol=1e-5)
 
 

@@ -65,7 +65,7 @@ def requantize_weight_(module: nn.Module, weight: torch.Tensor) -> None:
     if kind is None:
         raise TypeError(f"{type(module).__name__} is not a quantized linear layer (see is_quantized_linear)")
     if isinstance(module, (Linear4bit, Linear8bitLt)):
-        module.set_weight(weight.to(module.weight.quant_state.dtype) if kind == "4bit" else weight)
+        module.set_weight(weight.to(module.weight_quant_state().dtype) if kind == "4bit" else weight)
         return
     param = module.weight
     if kind == "4bit":  # bitsandbytes' Linear4bit: build a state of its own QuantState class

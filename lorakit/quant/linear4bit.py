@@ -131,7 +131,9 @@ class Linear4bit(DequantLinearModule):
         return layer
 
     def set_weight(self, weight: torch.Tensor) -> None:
-        """Replace the weight by ``weight`` (out, in) quantized with this layer's settings."""
+        """Replace the weight by ``weight`` (out, in) quantized with this layer's settings. In the exposed form
+        (:meth:`expose_quant_state`) the packed bytes and scales are new parameters of that form (so not on a layer
+        FSDP already shards: there the caller copies them into the shards)."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(
                 f"weight shape {tuple(weight.shape)} does not match (out_features, in_features) = "
@@ -140,7 +142,13 @@ class Linear4bit(DequantLinearModule):
         packed, state = quantize_4bit(
             weight, self.blocksize, self.quant_type, self.compress_statistics, self.quant_storage
         )
+        exposed = self.__dict__.pop("_exposed_state", None) is not None
+        if exposed:
+            for name in ("weight_absmax", "weight_nested_absmax"):
+                self._parameters.pop(name, None)
         self.weight = Params4bit(packed, False, state, self.quant_storage)
+        if exposed:
+            self.expose_quant_state()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dequantized weight ``(out_features, in_features)``."""

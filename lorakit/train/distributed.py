@@ -313,11 +313,16 @@ class ShardedModel:
                     run_init(layer, layer.adapters[name], config, path)  # the method, then after_init
                 else:
                     layer.adapters[name].after_init(layer)
-                written.append((wrapper, {n: t.detach() for n, t in layer.named_parameters()}))
+                states = {n: m.weight_quant_state() for n, m in layer.named_modules()
+                          if getattr(m, "quant_state_exposed", False)}
+                written.append((wrapper, {n: t.detach() for n, t in layer.named_parameters()}, states))
             group.reshard()
-            for wrapper, full in written:
+            for wrapper, full, copies in written:
                 for name, param in wrapper.named_parameters():
                     _fill(param, full[name])
+                for name, module in wrapper.named_modules():  # a re-quantized 4-bit residual (PiSSA / OLoRA):
+                    if name in copies:  # its new constants (the nested offset) go with its new scales
+                        module.set_exposed_quant_state(copies[name])
 
     def _load_4bit(self, module: nn.Module, key: str, files: SafetensorsRows, dtype: torch.dtype) -> None:
         """Fill `module`'s shards of the packed weight and scales: the weight `key` quantized, or, in a folder

@@ -353,14 +353,12 @@ def _check_fsdp(cfg: TrainConfig, plan: RunPlan) -> None:
         raise NotImplementedError(f"training.distributed=fsdp with quantization=int8 is not implemented (4-bit "
                                   f"bases shard: quantization=nf4 or fp4); or {fix}")
     lora = plan.lora  # model.adapter_name_or_path: its saved config (its tensors are loaded, not initialized)
-    quantized = cfg.quantization.method != "none"
-    allowed = (True, False, "gaussian", "orthogonal", *(() if quantized else ("pissa", "olora")))
+    allowed = (True, False, "gaussian", "orthogonal", "pissa", "olora")
     if plan.new_adapter is not None and lora.init_lora_weights not in allowed:
         raise NotImplementedError(
-            f"training.distributed=fsdp with lora.init_lora_weights={lora.init_lora_weights!r}"
-            f"{' on a quantized base' if quantized else ''} is not implemented (adapters are built on the meta "
-            f"device, and each decoder layer is gathered once after loading: init_lora_weights "
-            f"{', '.join(repr(a) for a in allowed)}); {fix}")
+            f"training.distributed=fsdp with lora.init_lora_weights={lora.init_lora_weights!r} is not implemented "
+            f"(adapters are built on the meta device, and each decoder layer is gathered once after loading: "
+            f"init_lora_weights {', '.join(repr(a) for a in allowed)}); {fix}")
     if cfg.training.bf16:
         plan.notices.append("training.bf16 under FSDP: parameters are all-gathered in bf16 and gradients reduced "
                             "in fp32; the sharded adapters and their AdamW state stay fp32")

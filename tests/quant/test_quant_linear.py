@@ -193,3 +193,22 @@ def _linear_with(weight: torch.Tensor) -> nn.Linear:
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     linear.weight.data = weight
     return linear
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_set_weight_keeps_the_exposed_form(nested):
+    """set_weight on a layer after expose_quant_state (PiSSA's residual on a copy of an FSDP-gathered layer): the
+    layer stays exposed and holds exactly what set_weight gives an unexposed layer, nested constants included."""
+    torch.manual_seed(0)
+    plain = Linear4bit.from_linear(nn.Linear(128, 64), compute_dtype=torch.float32, compress_statistics=nested,
+                                   quant_storage=torch.bfloat16)
+    exposed = copy.deepcopy(plain)
+    exposed.expose_quant_state()
+    new = torch.randn(64, 128) * 3
+    plain.set_weight(new)
+    exposed.set_weight(new)
+    assert exposed.quant_state_exposed and type(exposed.weight) is nn.Parameter
+    assert torch.equal(exposed.dequantize(), plain.dequantize())
+    assert not torch.equal(exposed.dequantize(), Linear4bit.from_linear(nn.Linear(128, 64)).dequantize())
+    if nested:
+        assert exposed.weight_quant_state().offset == plain.weight.quant_state.offset

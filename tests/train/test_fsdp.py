@@ -333,7 +333,10 @@ def test_fsdp_modules_to_save_on_a_tied_head_matches_one_process_and_resumes(con
     (False, {"init_lora_weights": False, "target_modules": ["q_proj", "v_proj", "embed_tokens"]}),
     (False, {"use_dora": True, "init_lora_weights": False, "target_modules": ["q_proj", "embed_tokens"]}),
     (True, {"init_lora_weights": "orthogonal"}),
-], ids=["dora-16-bit", "dora-4-bit", "pissa", "olora-dora", "embedding", "dora-embedding", "orthogonal-4-bit"])
+    (True, {"init_lora_weights": "pissa"}),
+    (True, {"use_dora": True, "init_lora_weights": "olora"}),
+], ids=["dora-16-bit", "dora-4-bit", "pissa", "olora-dora", "embedding", "dora-embedding", "orthogonal-4-bit",
+        "pissa-4-bit", "olora-dora-4-bit"])
 def test_fsdp_inits_that_read_the_base_match_one_process(config_writer, tmp_path, tiny_model_dir, quantized, lora):
     """Inits that read the base weight under FSDP: each decoder layer is gathered once after loading and the init
     runs on a copy of each layer -- DoRA's magnitude m = ||W + s B A||_c (B non-zero; a 4-bit base dequantized from
@@ -410,8 +413,8 @@ def test_fsdp_refusals(config_writer, tmp_path, tiny_model_dir, capsys):
     base = {"distributed": "fsdp"}
     quant = {"method": "nf4"}
     for extra, message in [({"lora": {"init_lora_weights": "eva"}}, "init_lora_weights='eva' is not"),
-                           ({"lora": {"init_lora_weights": "pissa"}, "quantization": quant},
-                            "init_lora_weights='pissa' on a quantized base is not"),
+                           ({"lora": {"init_lora_weights": "pissa_niter_4"}, "quantization": quant},
+                            "init_lora_weights='pissa_niter_4' is not"),
                            ({"quantization": {"method": "int8"}}, "quantization=int8 is not implemented")]:
         cfg = config_writer(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "run", training=base, **extra)
         with pytest.raises(NotImplementedError, match=message):

@@ -1,7 +1,7 @@
 """transformers' `Trainer` (lorakit's subclass) with accelerate's FSDP2 on a lorakit model, 2 CPU processes over
-gloo: the same adapter as one process with the same global batch (16-bit and 4-bit NF4 bases), adapter-only
-saving in PEFT's layout under ``SHARDED_STATE_DICT``, and resuming from a sharded checkpoint equal to the
-uninterrupted run. TRL's SFTTrainer (lorakit's subclass) too.
+gloo: the same adapter as one process with the same global batch (16-bit; a 4-bit NF4 base with ``-m slow``),
+adapter-only saving in PEFT's layout under ``SHARDED_STATE_DICT``, and resuming from a sharded checkpoint equal to
+the uninterrupted run. TRL's SFTTrainer (lorakit's subclass) too.
 
 accelerate 1.16 runs FSDP only where its state names accelerator devices, so the worker
 (`trainer_worker.cpu_fsdp2_accelerator`) sets that one field of accelerate's state before the Trainer uses it
@@ -38,7 +38,7 @@ def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], at
         torch.testing.assert_close(got[key], want[key], atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("nf4", [False, True], ids=["16bit", "nf4"])
+@pytest.mark.parametrize("nf4", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["16bit", "nf4"])
 def test_trainer_under_accelerate_fsdp2_matches_one_process(tmp_path, tiny_model_dir, nf4):
     quant = ["--nf4"] if nf4 else []
     run_process([sys.executable, WORKER, str(tiny_model_dir), str(tmp_path / "one"), "4", "--steps", "4",

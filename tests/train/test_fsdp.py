@@ -334,7 +334,7 @@ def test_fsdp_modules_to_save_on_a_tied_head_matches_one_process_and_resumes(con
     (False, {"use_dora": True, "init_lora_weights": False, "target_modules": ["q_proj", "embed_tokens"]}),
     (True, {"init_lora_weights": "orthogonal"}),
     (True, {"init_lora_weights": "pissa"}),
-    (True, {"use_dora": True, "init_lora_weights": "olora"}),
+    pytest.param(True, {"use_dora": True, "init_lora_weights": "olora"}, marks=pytest.mark.slow),
 ], ids=["dora-16-bit", "dora-4-bit", "pissa", "olora-dora", "embedding", "dora-embedding", "orthogonal-4-bit",
         "pissa-4-bit", "olora-dora-4-bit"])
 def test_fsdp_inits_that_read_the_base_match_one_process(config_writer, tmp_path, tiny_model_dir, quantized, lora):

@@ -222,8 +222,9 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
     _say_notices(plan, say)
 
     # 2. base model, 3. data ----------------------------------------------------------------------------------
-    if plan.fsdp:  # parameters on meta: each process reads its shards after sharding (step 5)
-        model, tokenizer, model_path, load_dtype = fsdp.empty_base_model(
+    source = None  # [distributed]: the (folder, dtype) each process reads its shards from after sharding (step 5)
+    if plan.fsdp:  # parameters on meta
+        model, tokenizer, *source = fsdp.empty_base_model(
             m.name_or_path, m.torch_dtype, cfg.quantization, m.attn_implementation, m.revision, m.trust_remote_code)
     else:
         model, tokenizer = load_base_model(m.name_or_path, m.torch_dtype, cfg.quantization, m.attn_implementation,
@@ -241,27 +242,9 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
                            finished.get("final_eval_loss"), finished)
     _say_notices(plan, say)
 
-    # 4. adapter ----------------------------------------------------------------------------------------------
-    rng = torch.random.get_rng_state()  # [distributed]: an init method may draw on the meta model; drawn again
-    model = _attach_adapter(model, plan)
-    adapter_values = {}
-    if plan.fsdp:
-        torch.random.set_rng_state(rng)
-        adapter_values = fsdp.adapter_init_values(model, plan.lora, m.adapter_name_or_path)
+    # 4. adapter, 5. optimizer and schedule ----------------------------------------------------------------------
+    model, loss_module, sharded, n_trainable = _adapted_model(model, plan, method, say, accelerator.device, source)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    n_trainable = sum(p.numel() for p in trainable.values())
-    n_all = sum(p.numel() for p in model.parameters())
-    say(f"[lorakit] trainable params: {n_trainable:,} || all params: {n_all:,} || "
-        f"trainable%: {100 * n_trainable / n_all:.4f}")
-
-    # 5. optimizer and schedule -------------------------------------------------------------------------------
-    loss_module, sharded = method.loss_module(model), None
-    if plan.fsdp:  # [distributed]: shard each decoder layer and the rest, then read this process's rows
-        sharded = fsdp.ShardedModel(loss_module, model, fsdp.mixed_precision_policy(t.bf16))
-        sharded.load(model_path, load_dtype, adapter_values, accelerator.device)
-        if plan.new_adapter is not None:
-            sharded.after_init(plan.lora)  # e.g. PiSSA's factors, DoRA's magnitude: from the loaded base rows
-        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     method.precompute(loss_module, collective=sharded is not None)  # [method]: e.g. reference log-probs
     optimizer = build_optimizer(t.optim, param_groups(model, t.weight_decay), t.learning_rate,
                                 (t.adam_beta1, t.adam_beta2), t.adam_epsilon)
@@ -426,6 +409,32 @@ def _run(plan: RunPlan, accelerator: Any, stop: StopOnSignal) -> TrainResult:
             f"eval loss {eval_loss if eval_loss is None else round(eval_loss, 4)}; adapter in {out_dir}")
     accelerator.wait_for_everyone()
     return TrainResult(out_dir, sched.total_steps, last_train_loss, eval_loss, summary)
+
+
+def _adapted_model(model: nn.Module, plan: RunPlan, method: TrainingMethod, say: Any, device: torch.device,
+                   source: list[Any] | None) -> tuple[nn.Module, nn.Module, Any, int]:
+    """Steps 4-5 before the optimizer: the adapter attached (`_attach_adapter`; its parameter counts printed), the
+    method's loss module around the model, and [distributed] under FSDP the model sharded -- each decoder layer and
+    the rest -- with this process's rows read from `source` (folder and dtype, from `fsdp.empty_base_model`) and
+    the adapter's values drawn as one process draws them. Returns ``(model, loss module, ShardedModel or None,
+    trainable parameter count)``."""
+    rng = torch.random.get_rng_state()  # an init method may draw on the meta model: drawn again below
+    model = _attach_adapter(model, plan)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    say(f"[lorakit] trainable params: {n_trainable:,} || all params: {n_all:,} || "
+        f"trainable%: {100 * n_trainable / n_all:.4f}")
+    if source is None:
+        return model, method.loss_module(model), None, n_trainable
+    torch.random.set_rng_state(rng)
+    values = fsdp.adapter_init_values(model, plan.lora, plan.cfg.model.adapter_name_or_path)
+    loss_module = method.loss_module(model)
+    sharded = fsdp.ShardedModel(loss_module, model, fsdp.mixed_precision_policy(plan.cfg.training.bf16))
+    path, dtype = source
+    sharded.load(path, dtype, values, device)
+    if plan.new_adapter is not None:
+        sharded.after_init(plan.lora)  # e.g. PiSSA's factors, DoRA's magnitude: from the loaded base rows
+    return model, loss_module, sharded, n_trainable
 
 
 def _nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor | float | None) -> tuple[str, float] | None:

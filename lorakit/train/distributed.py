@@ -20,10 +20,10 @@ Loading (``ShardedModel.load``): the model is built on the meta device, sharded,
 reads only its rows of each tensor from the safetensors files (a 4-bit layer: the full-precision tensor is read
 and quantized one tensor at a time, or a 4-bit folder's stored bytes and scales are read as they are, and the
 process keeps its rows of the packed bytes and of the scales), so a node's host memory holds about one copy of
-the model, not one per process. Adapters get the values a one-process
-run would give them (PEFT's init drawn from the same seed, in the same order; a saved adapter's tensors); an init
-that reads the base weight (DoRA's magnitude, PiSSA / OLoRA) runs once per decoder layer on a copy of its gathered
-parameters (``ShardedModel.after_init``). A ``modules_to_save`` copy and its frozen original read the original tensor.
+the model, not one per process. Adapters get the values a one-process run would give them (PEFT's init drawn
+from the same seed, in the same order; a saved adapter's tensors); an init that reads the base weight (DoRA's
+magnitude, PiSSA / OLoRA) runs once per sharded group on a copy of its gathered parameters
+(``ShardedModel.after_init``). A ``modules_to_save`` copy and its frozen original read the original tensor.
 
 Calls that are not the root's ``forward`` (``generate`` for exact match, DPO's reference log-probs) go through the
 loss module, where they are registered as FSDP forward methods; work split over processes (each its share of
@@ -223,8 +223,8 @@ class ShardedModel:
         # untied (also from a modules_to_save head's frozen original): the embeddings gather alone -- unless an
         # adapter on them has an init that reads the base (DoRA): `after_init` copies its wrapper, and FSDP2
         # cannot deep-copy a module that is a sharded group itself, so they stay in the root's group
-        has_method = any(_init_changes_base(c) for c in peft.peft_config.values())
-        if uses == 1 and not _init_reads_base(embed, has_method):
+        changes_base = any(_init_changes_base(c) for c in peft.peft_config.values())
+        if uses == 1 and not _init_reads_base(embed, changes_base):
             fully_shard(embed, mp_policy=mp_policy)
         fully_shard(root, mp_policy=mp_policy)  # the rest: final norm, LM head (the chunked loss reads its weight)
         for name in FORWARD_METHODS:  # model calls made through the root run under its hooks, as forward does
@@ -293,7 +293,7 @@ class ShardedModel:
 
         from lorakit.inject import run_init
 
-        has_method = _init_changes_base(config)
+        changes_base = _init_changes_base(config)
         # the sharded groups: each decoder layer, untied input embeddings, and the root holding the rest
         inner = [m for m in self.root.modules() if isinstance(m, FSDPModule) and m is not self.root]
         in_inner = {id(m) for group in inner for m in group.modules()}
@@ -302,14 +302,14 @@ class ShardedModel:
         for group, members in groups:
             targets = [(path, wrapper, name) for path, wrapper in members
                        for name, adapter in getattr(wrapper, "adapters", {}).items()
-                       if has_method or _reads_base(adapter)]
+                       if changes_base or _reads_base(adapter)]
             if not targets:  # the same on every process: the model is built the same way everywhere
                 continue
             group.unshard()  # (FSDP2: not recursive; each group gathers its own parameters)
             written = []
             for path, wrapper, name in targets:
                 layer = copy.deepcopy(wrapper)  # plain tensors holding the gathered values
-                if has_method:
+                if changes_base:
                     run_init(layer, layer.adapters[name], config, path)  # the method, then after_init
                 else:
                     layer.adapters[name].after_init(layer)
@@ -454,10 +454,11 @@ def _reads_base(adapter: nn.Module) -> bool:
     return type(adapter).after_init is not Adapter.after_init
 
 
-def _init_reads_base(wrapper: nn.Module, has_method: bool) -> bool:
-    """Whether a new adapter of `wrapper` runs an init on the base weight (``ShardedModel.after_init``)."""
+def _init_reads_base(wrapper: nn.Module, changes_base: bool) -> bool:
+    """Whether a new adapter of `wrapper` runs an init on the base weight (``ShardedModel.after_init``);
+    `changes_base`: the config's init method is one that does (`_init_changes_base`)."""
     adapters = getattr(wrapper, "adapters", {})
-    return bool(adapters) and (has_method or any(_reads_base(a) for a in adapters.values()))
+    return bool(adapters) and (changes_base or any(_reads_base(a) for a in adapters.values()))
 
 
 def gather_adapter_state(peft: nn.Module) -> dict[str, torch.Tensor]:

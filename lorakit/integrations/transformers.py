@@ -81,7 +81,8 @@ def load_adapter_checkpoint(model: PeftModel, folder: str) -> None:
 
 
 class LorakitTrainerMixin:
-    """``_save`` / ``save_model`` / ``_load_from_checkpoint`` / ``_load_best_model`` for a lorakit ``self.model``;
+    """``_save`` / ``_load_from_checkpoint`` / ``_load_best_model`` for a lorakit ``self.model``, and under FSDP
+    ``save_model`` / ``_save_optimizer_and_scheduler`` / ``create_accelerator_and_postprocess`` (module docstring);
     put it first in the bases of a ``transformers.Trainer`` subclass. Other models go to the parent's methods."""
 
     model: nn.Module
